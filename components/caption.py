@@ -146,13 +146,21 @@ def run_caption(
         intro=f"Captioner {report.esc(key)} = {report.esc(models.blip)}.",
     )
     summary = CaptionSummary(
-        len(accepted), len(todo) - len(failures), len(accepted) - len(todo), len(failures),
-        out_dir / "captions.parquet", report_path,
+        len(accepted),
+        len(todo) - len(failures),
+        len(accepted) - len(todo),
+        len(failures),
+        out_dir / "captions.parquet",
+        report_path,
     )
     if metrics_path is not None:
         words = captioned["caption"].str.split().str.len()
         atomic_write_json(
             metrics_path,
-            {"captioned": len(captioned), "failed": len(failures), "mean_words": round(float(words.mean()), 2)},
+            {
+                "captioned": len(captioned),
+                "failed": len(failures),
+                "mean_words": round(float(words.mean()), 2),
+            },
         )
     return summary

@@ -18,6 +18,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from components.errors import ConfigError
 
 DEFAULT_PARAMS = Path("params.yaml")
+# dvc.yaml tracks profiles.<profile>.<section> for these, so every profile must set them.
+PROFILE_SECTIONS = ("models", "train", "evaluate", "promote")
 
 
 class Section(BaseModel):
@@ -73,11 +75,17 @@ class DownloadParams(Section):
     sources: list[SourceParams] = Field(min_length=1)
     out_dir: str = "data/download"
     concurrency: int = Field(16, ge=1, le=1024)
+    per_host_concurrency: int = Field(8, ge=1, le=1024)
+    per_host_rate: float = Field(0.0, ge=0)  # requests per second per host; 0 = no limit
     connect_timeout_s: float = Field(5.0, gt=0)
     read_timeout_s: float = Field(20.0, gt=0)
+    total_timeout_s: float = Field(60.0, gt=0)  # per request: a slow drip cannot hold a worker forever
+    retries: int = Field(2, ge=0, le=10)
+    max_redirects: int = Field(5, ge=0, le=20)
     max_bytes: int = Field(25_000_000, gt=0)
     verify_tls: bool = True
     allow_networks: list[str] = []
+    robots_optout: list[str] = ["noai", "noimageai"]
     user_agent: str = "Easel/0.1"
 
     @field_validator("allow_networks")
@@ -138,9 +146,7 @@ class TrainParams(Section):
     learning_rate: float = Field(1e-6, gt=0)
     adam_weight_decay: float = Field(1e-2, ge=0)
     max_grad_norm: float = Field(1.0, gt=0)
-    lr_scheduler: Literal[
-        "constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts"
-    ] = "constant"
+    lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts"] = "constant"
     lr_warmup_steps: int = Field(0, ge=0)
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     gradient_checkpointing: bool = False
@@ -159,6 +165,7 @@ class EvaluateParams(Section):
     out_dir: str = "data/evaluate"
     prompts: str = "data/prompts/eval_prompts.csv"
     seeds: list[int] = Field([0, 1], min_length=1)
+    negative_prompt: str | None = "basic"  # for prompts with none: a preset name or literal text
     guidance_scale: float = Field(5.0, ge=0)
     num_inference_steps: int = Field(30, ge=1)
     height: int = Field(1024, ge=8)
@@ -217,6 +224,11 @@ def resolve_profile(raw: dict[str, Any], source: str = "params.yaml") -> dict[st
     for section in overlay:
         if section in ("profile", "profiles") or section not in raw:
             raise ConfigError(f"{source}: profiles.{profile}.{section} overrides no section of params")
+    missing = [s for s in PROFILE_SECTIONS if not isinstance(overlay.get(s), dict)]
+    if missing:
+        raise ConfigError(
+            f"{source}: profiles.{profile} must set {', '.join(missing)} (dvc.yaml tracks them; use {{}} for none)"
+        )
     return deep_merge(raw, overlay)
 
 

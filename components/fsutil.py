@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -92,3 +93,28 @@ def clean_stale_temps(folder: Path | str) -> int:
                 entry.unlink(missing_ok=True)
             removed += 1
     return removed
+
+
+def sha256_file(path: Path | str, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def dir_manifest(root: Path | str) -> list[dict]:
+    """Every file under root (sorted, relative POSIX paths) with its size and sha256."""
+    root = Path(root)
+    files = sorted(p for p in root.rglob("*") if p.is_file())
+    return [
+        {"path": p.relative_to(root).as_posix(), "bytes": p.stat().st_size, "sha256": sha256_file(p)} for p in files
+    ]
+
+
+def manifest_digest(manifest: list[dict]) -> str:
+    """One hash for a folder's content: changes when any file's path or bytes change."""
+    digest = hashlib.sha256()
+    for entry in sorted(manifest, key=lambda e: e["path"]):
+        digest.update(f"{entry['path']}\0{entry['sha256']}\n".encode())
+    return digest.hexdigest()

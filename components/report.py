@@ -77,9 +77,7 @@ def table_html(headers: Sequence[str], rows: Iterable[Sequence[object]], raw_col
     head = "".join(f"<th>{esc(h)}</th>" for h in headers)
     body = []
     for row in rows:
-        cells = "".join(
-            f"<td>{cell if i in raw_cols else esc(cell)}</td>" for i, cell in enumerate(row)
-        )
+        cells = "".join(f"<td>{cell if i in raw_cols else esc(cell)}</td>" for i, cell in enumerate(row))
         body.append(f"<tr>{cells}</tr>")
     return f"<table><tr>{head}</tr>{''.join(body)}</table>"
 

@@ -144,7 +144,7 @@ def build_site(site_dir: Path | str, force: bool = False) -> Path:
 
 
 class _QuietHandler(SimpleHTTPRequestHandler):
-    def log_message(self, format: str, *args) -> None:  # noqa: A002 (http.server's signature)
+    def log_message(self, format: str, *args) -> None:
         pass
 
 

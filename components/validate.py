@@ -62,6 +62,7 @@ def _metadata_row(sha: str, path: Path, size: int, max_pixels: int) -> dict:
         "dpi": header.dpi,
         "bytes": size,
         "kb_per_pixel": (size / 1024 / pixels) if pixels else None,
+        "header_read": header.error is None,
         "decodable": decode_error is None,
         "decode_error": decode_error,
     }
@@ -112,11 +113,12 @@ def build_suite(params: ValidateParams):
         elif rule.name == "dpi":
             exp = E.ExpectColumnValuesToBeBetween(column="dpi", min_value=params.min_dpi, meta=meta)
         elif rule.name == "dpi_missing":
-            exp = E.ExpectColumnValuesToNotBeNull(column="dpi", meta=meta)
-        else:
-            exp = E.ExpectColumnValuesToBeBetween(
-                column="kb_per_pixel", min_value=params.min_kb_per_pixel, meta=meta
+            # Only where the header was read: an unreadable file already fails `decodable`.
+            exp = E.ExpectColumnValuesToNotBeNull(
+                column="dpi", row_condition="header_read==True", condition_parser="pandas", meta=meta
             )
+        else:
+            exp = E.ExpectColumnValuesToBeBetween(column="kb_per_pixel", min_value=params.min_kb_per_pixel, meta=meta)
         suite.add_expectation(exp)
     return suite
 

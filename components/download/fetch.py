@@ -30,7 +30,15 @@ from aiohttp.abc import AbstractResolver
 
 TRANSIENT_HTTP = {429, 500, 502, 503, 504}
 # Error classes a later run should try again; all others are final for the same input.
-TRANSIENT_STATUSES = {"timeout", "connection_error", "http_429", "http_500", "http_502", "http_503", "http_504"}
+TRANSIENT_STATUSES = {
+    "timeout",
+    "connection_error",
+    "http_429",
+    "http_500",
+    "http_502",
+    "http_503",
+    "http_504",
+}
 
 
 @dataclass(frozen=True)

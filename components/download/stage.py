@@ -90,21 +90,26 @@ class Journal:
 def settings_from_params(params: DownloadParams) -> FetchSettings:
     return FetchSettings(
         concurrency=params.concurrency,
-        per_host_concurrency=min(params.concurrency, 8),
+        per_host_concurrency=min(params.concurrency, params.per_host_concurrency),
+        per_host_rate=params.per_host_rate,
         connect_timeout_s=params.connect_timeout_s,
         read_timeout_s=params.read_timeout_s,
+        total_timeout_s=params.total_timeout_s,
         max_bytes=params.max_bytes,
+        max_redirects=params.max_redirects,
+        retries=params.retries,
         verify_tls=params.verify_tls,
         allow_networks=tuple(params.allow_networks),
+        robots_optout=tuple(t.lower() for t in params.robots_optout),
         user_agent=params.user_agent,
     )
 
 
-def is_done(record: dict | None, store: ImageStore) -> bool:
+def is_done(record: dict | None, out_dir: Path) -> bool:
     """A journal record settles its URL unless it failed transiently or its file went missing."""
     if record is None or record.get("status") in TRANSIENT_STATUSES:
         return False
-    return record["status"] != "ok" or store.has(record["path"])
+    return record["status"] != "ok" or (out_dir / record["path"]).is_file()
 
 
 def record_for(result: FetchResult, store: ImageStore) -> dict:
@@ -174,7 +179,10 @@ def build_manifest(inputs: pd.DataFrame, records: dict[str, dict]) -> pd.DataFra
         if pd.isna(url):
             record = {f: None for f in RECORD_FIELDS} | {"status": "missing_url", "error": "empty URL cell"}
         else:
-            record = records.get(url) or {f: None for f in RECORD_FIELDS} | {"url": url, "status": "not_fetched"}
+            record = records.get(url) or {f: None for f in RECORD_FIELDS} | {
+                "url": url,
+                "status": "not_fetched",
+            }
         rows.append({f: record.get(f) for f in RECORD_FIELDS if f != "url"})
     fetched = pd.DataFrame(rows, index=inputs.index)
     manifest = pd.concat([inputs, fetched], axis=1)
@@ -191,7 +199,7 @@ def run_download(params: DownloadParams, metrics_path: Path | None = None, progr
     journal = Journal(out_dir / "journal.jsonl")
     records = journal.load()
     wanted = list(dict.fromkeys(u for u in inputs["url"] if pd.notna(u)))
-    todo = [u for u in wanted if not is_done(records.get(u), store)]
+    todo = [u for u in wanted if not is_done(records.get(u), out_dir)]
     log.info("%d rows, %d distinct URLs, %d to fetch", len(inputs), len(wanted), len(todo))
     if todo:
         asyncio.run(_fetch_missing(todo, settings_from_params(params), store, journal, progress))

@@ -12,7 +12,15 @@ import os
 import tempfile
 from pathlib import Path
 
-EXTENSIONS = {"jpeg": "jpg", "png": "png", "gif": "gif", "webp": "webp", "tiff": "tif", "bmp": "bmp", "avif": "avif"}
+EXTENSIONS = {
+    "jpeg": "jpg",
+    "png": "png",
+    "gif": "gif",
+    "webp": "webp",
+    "tiff": "tif",
+    "bmp": "bmp",
+    "avif": "avif",
+}
 
 
 class ImageStore:
@@ -39,9 +47,6 @@ class ImageStore:
             Path(tmp).unlink(missing_ok=True)
             raise
         return sha, rel
-
-    def has(self, rel: str) -> bool:
-        return (self.root / rel).is_file()
 
     def remove_partials(self) -> int:
         """Delete temp files left by a killed run."""

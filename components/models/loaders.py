@@ -114,11 +114,11 @@ def load_sdxl_pipeline(path_or_id: str, models: ModelsParams | None = None, dtyp
     """A StableDiffusionXLPipeline from a folder (a trained model) or a hub id (the base)."""
     from diffusers import AutoencoderKL, StableDiffusionXLPipeline
 
-    kw: dict[str, Any] = {"torch_dtype": dtype}
+    kw: dict[str, Any] = {"dtype": dtype}
     if models is not None:
         kw.update(hub_kwargs(models))
         if models.vae and not Path(path_or_id).is_dir():
-            kw["vae"] = AutoencoderKL.from_pretrained(resolve_ref(models.vae, "vae"), torch_dtype=dtype)
+            kw["vae"] = AutoencoderKL.from_pretrained(resolve_ref(models.vae, "vae"), dtype=dtype)
     try:
         pipe = StableDiffusionXLPipeline.from_pretrained(resolve_ref(path_or_id, "sdxl"), **kw)
     except OSError as exc:
@@ -170,14 +170,14 @@ def fetch_to_cache(url: str, expected_sha256: str | None = None) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_suffix(target.suffix + ".part")
     try:
-        with urllib.request.urlopen(url, timeout=60) as resp, open(tmp, "wb") as out:  # noqa: S310 (https only)
+        with urllib.request.urlopen(url, timeout=60) as resp, open(tmp, "wb") as out:
             while chunk := resp.read(1 << 20):
                 out.write(chunk)
     except OSError as exc:
         tmp.unlink(missing_ok=True)
         raise EaselError(f"cannot download {url}: {exc}") from None
     if expected_sha256:
-        from components.storage import sha256_file
+        from components.fsutil import sha256_file
 
         if sha256_file(tmp) != expected_sha256:
             tmp.unlink(missing_ok=True)

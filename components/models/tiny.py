@@ -57,7 +57,12 @@ def _text_encoder_config(projection: bool):
 
 
 def build_tiny_sdxl(out_dir: Path, seed: int = 0) -> None:
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from diffusers import (
+        AutoencoderKL,
+        EulerDiscreteScheduler,
+        StableDiffusionXLPipeline,
+        UNet2DConditionModel,
+    )
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     torch.manual_seed(seed)
@@ -128,7 +133,13 @@ def build_tiny_sdxl(out_dir: Path, seed: int = 0) -> None:
 
 
 def build_tiny_blip(out_dir: Path, seed: int = 0) -> None:
-    from transformers import BertTokenizer, BlipConfig, BlipForConditionalGeneration, BlipImageProcessor, BlipProcessor
+    from transformers import (
+        BertTokenizer,
+        BlipConfig,
+        BlipForConditionalGeneration,
+        BlipImageProcessor,
+        BlipProcessor,
+    )
 
     out_dir.mkdir(parents=True, exist_ok=True)
     vocab_file = out_dir / "_vocab.txt"

@@ -24,7 +24,8 @@ def _bpe_file() -> Path:
 
 
 def _bpe_merges() -> list[str]:
-    lines = gzip.open(_bpe_file()).read().decode("utf-8").split("\n")
+    with gzip.open(_bpe_file()) as fh:
+        lines = fh.read().decode("utf-8").split("\n")
     return lines[1 : _NUM_MERGES + 1]
 
 

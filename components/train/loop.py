@@ -147,9 +147,7 @@ def run_train(
         generator=torch.Generator().manual_seed(params.seed),
         drop_last=len(dataset) >= params.train_batch_size,
     )
-    optimizer = torch.optim.AdamW(
-        unet.parameters(), lr=params.learning_rate, weight_decay=params.adam_weight_decay
-    )
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=params.learning_rate, weight_decay=params.adam_weight_decay)
     lr_scheduler = get_scheduler(
         params.lr_scheduler,
         optimizer=optimizer,
@@ -178,10 +176,16 @@ def run_train(
                     latents = parts.vae.encode(pixels).latent_dist.sample() * parts.vae.config.scaling_factor
                     latents = latents.to(weight_dtype)
                     prompt_embeds, pooled = encode_prompts(
-                        [parts.text_encoder, parts.text_encoder_2], [parts.tokenizer, parts.tokenizer_2], batch["captions"]
+                        [parts.text_encoder, parts.text_encoder_2],
+                        [parts.tokenizer, parts.tokenizer_2],
+                        batch["captions"],
                     )
                 add_time_ids = time_ids(
-                    batch["original_sizes"], batch["crop_top_lefts"], target_size, accelerator.device, weight_dtype
+                    batch["original_sizes"],
+                    batch["crop_top_lefts"],
+                    target_size,
+                    accelerator.device,
+                    weight_dtype,
                 )
                 loss = diffusion_loss(unet, parts.noise_scheduler, latents, prompt_embeds, pooled, add_time_ids)
                 if not math.isfinite(loss.item()):
@@ -243,5 +247,10 @@ def run_train(
         if live is not None:
             live.end()
     return TrainSummary(
-        step, summary["final_loss"], summary["mean_loss_last_10"], seconds, summary["images_per_second"], model_dir
+        step,
+        summary["final_loss"],
+        summary["mean_loss_last_10"],
+        seconds,
+        summary["images_per_second"],
+        model_dir,
     )

@@ -1,0 +1,333 @@
+"""`easel`: one subcommand per pipeline stage, plus storage, models, registry and the demo.
+
+Every stage reads params.yaml (`--params`), works relative to the project root (the current
+directory, as under `dvc repro`), and exits non-zero with one clear message on bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from components.errors import EaselError, GateRejected
+from components.pipeline import METRICS_DIR, STAGES
+
+PLOTS_DIR = Path("data/plots")
+
+log = logging.getLogger("easel")
+
+
+def _quiet_libraries() -> None:
+    """Keep library chatter (weights-loading bars, telemetry) out of stage logs."""
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
+    os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=".*upcast_vae.*")
+
+
+def _load(args):
+    from components.config import load_params
+
+    return load_params(args.params)
+
+
+def _progress(args) -> bool:
+    """Progress bars unless --no-progress or EASEL_NO_PROGRESS=1 (set by the Prefect flow)."""
+    return not args.no_progress and os.environ.get("EASEL_NO_PROGRESS") != "1"
+
+
+def _metrics(stage: str) -> Path:
+    return METRICS_DIR / f"{stage}.json"
+
+
+# -- stages --------------------------------------------------------------------------------------
+
+
+def cmd_download(args) -> int:
+    from components.download import run_download
+
+    params = _load(args)
+    summary = run_download(params.download, _metrics("download"), progress=_progress(args))
+    print(summary.table())
+    print(f"manifest: {summary.manifest}")
+    return 0
+
+
+def cmd_validate(args) -> int:
+    from components.validate import run_validate
+
+    params = _load(args)
+    summary = run_validate(
+        params.validate_, Path(params.download.out_dir), _metrics("validate"), progress=_progress(args)
+    )
+    print(f"validate: {summary.accepted} accepted, {summary.rejected} rejected of {summary.images} images")
+    for rule, count in sorted(summary.per_rule.items()):
+        print(f"  rejected by {rule}: {count}")
+    print(f"report: {summary.report}")
+    return 0
+
+
+def cmd_caption(args) -> int:
+    from components.caption import run_caption
+
+    params = _load(args)
+    summary = run_caption(
+        params.caption,
+        params.models,
+        Path(params.validate_.out_dir),
+        Path(params.download.out_dir),
+        _metrics("caption"),
+        progress=_progress(args),
+    )
+    print(f"caption: {summary.computed} captioned now, {summary.cached} from cache, {summary.failed} failed")
+    print(f"captions: {summary.table}\nreport: {summary.report}")
+    return 0
+
+
+def cmd_train(args) -> int:
+    from components.train import run_train
+
+    params = _load(args)
+    summary = run_train(
+        params.train,
+        params.models,
+        Path(params.caption.out_dir),
+        Path(params.download.out_dir),
+        _metrics("train"),
+        PLOTS_DIR / "train",
+        progress=_progress(args),
+    )
+    print(f"train: {summary.steps} steps, final loss {summary.final_loss:.4f}, {summary.images_per_second:.2f} img/s")
+    print(f"model: {summary.model_dir}")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from components.evaluate import run_evaluate
+
+    params = _load(args)
+    model_dir = Path(args.model) if args.model else Path(params.train.out_dir) / "model"
+    summary = run_evaluate(
+        params.evaluate,
+        params.models,
+        model_dir,
+        _metrics("evaluate"),
+        PLOTS_DIR / "evaluate" / "scores.csv",
+        progress=_progress(args),
+    )
+    a, c = summary.summary["aesthetic"], summary.summary["clip_score"]
+    print(
+        f"evaluate: {summary.images} images; aesthetic mean {a['mean']:.4f} (std {a['std']:.4f}); "
+        f"CLIP score mean {c['mean']:.4f} (std {c['std']:.4f})"
+    )
+    print(f"report: {summary.report}")
+    return 0
+
+
+def cmd_promote(args) -> int:
+    from components.promote import run_promote
+
+    params = _load(args)
+    model_dir = Path(params.train.out_dir) / "model"
+    eval_dir = Path(params.evaluate.out_dir)
+    decision = run_promote(
+        params.promote,
+        params.storage,
+        model_dir,
+        eval_dir / "summary.json",
+        extras={"evaluation_report.html": eval_dir / "report.html", "model_card.md": model_dir / "README.md"},
+    )
+    reg = decision["registry"]
+    print(f"promote: {params.promote.model_name} {reg['version']} is now {reg['alias']}")
+    print(f"registry: {reg['uri']}\ndecision: {Path(params.promote.out_dir) / 'decision.md'}")
+    return 0
+
+
+# -- tools ---------------------------------------------------------------------------------------
+
+
+def cmd_s3(args) -> int:
+    from components.storage import ENDPOINT_ENV, EmbeddedS3, configure_dvc_remote, ready_client
+
+    params = _load(args)
+    server = EmbeddedS3.from_params(params.storage)
+    if args.action == "start":
+        if os.environ.get(ENDPOINT_ENV):
+            print(f"{ENDPOINT_ENV} is set: using that endpoint, not starting the embedded server")
+        else:
+            started = server.start()
+            print(f"embedded S3 {'started' if started else 'already running'} at {server.endpoint_url}")
+        settings, _ = ready_client(params.storage)
+        configure_dvc_remote(Path.cwd(), params.storage, settings)
+        print(
+            f"bucket s3://{params.storage.bucket} ready; DVC remote 'easel' -> "
+            f"s3://{params.storage.bucket}/{params.storage.dvc_prefix}"
+        )
+    elif args.action == "stop":
+        print("stopped" if server.stop() else "not running")
+    else:
+        print(f"embedded S3 at {server.endpoint_url}: {'running' if server.is_running() else 'not running'}")
+    return 0
+
+
+def cmd_models(args) -> int:
+    from components.models.loaders import TINY_ROOT
+    from components.models.tiny import build_tiny_models
+
+    root = build_tiny_models(Path(args.out) if args.out else TINY_ROOT, force=args.force)
+    print(f"tiny models: {root}")
+    return 0
+
+
+def cmd_sample_source(args) -> int:
+    from components.sample_source import SampleSite, build_site
+
+    params = _load(args)
+    site_dir = build_site(Path(params.sample_source.dir) / "site")
+    if args.action == "build":
+        print(f"sample site built in {site_dir}")
+        return 0
+    site = SampleSite(site_dir, params.sample_source.host, params.sample_source.port)
+    print(f"serving {site_dir} at {site.base_url} (Ctrl+C to stop)")
+    with contextlib.suppress(KeyboardInterrupt):
+        site.server.serve_forever()
+    return 0
+
+
+def cmd_registry(args) -> int:
+    import json
+
+    from components.registry import Registry
+    from components.storage import ready_client
+
+    params = _load(args)
+    settings, client = ready_client(params.storage)
+    registry = Registry(client, settings, params.storage.bucket, params.storage.registry_prefix)
+    name = args.name or params.promote.model_name
+    if args.action == "list":
+        aliases = {}
+        for alias_name in ("production", "staging", params.promote.alias):
+            record = registry.alias(name, alias_name)
+            if record:
+                aliases.setdefault(record["version"], []).append(alias_name)
+        for manifest in registry.list_versions(name):
+            tags = ", ".join(aliases.get(manifest["version"], []))
+            print(
+                f"{manifest['version']}  {manifest['created_at']}  {len(manifest['files'])} files"
+                + (f"  [{tags}]" if tags else "")
+            )
+    elif args.action == "show":
+        ref = args.ref or params.promote.alias
+        record = registry.manifest(name, ref) or registry.alias(name, ref)
+        if record is None:
+            raise EaselError(f"registry: {name} has no version or alias {ref!r}")
+        print(json.dumps({k: v for k, v in record.items() if k != "files"}, indent=2))
+    elif args.action == "download":
+        manifest = registry.download(name, args.ref or params.promote.alias, Path(args.dest))
+        print(f"downloaded {name} {manifest['version']} to {args.dest} ({len(manifest['files'])} files verified)")
+    return 0
+
+
+def cmd_config(args) -> int:
+    from components.config import effective_params_yaml
+
+    print(effective_params_yaml(_load(args)), end="")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from components.demo import run_demo
+
+    return run_demo(Path(args.params), stages=args.stages)
+
+
+# -- parser --------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="easel", description="Fine-tune SDXL on curated images; promote only models that pass the gate."
+    )
+    parser.add_argument("--params", default="params.yaml", help="parameters file (default: params.yaml)")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, func: Callable, help_text: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(func=func)
+        return p
+
+    descriptions = {
+        "download": "Fetch the images of the URL lists in params.yaml into a content-addressed store + manifest.",
+        "validate": "Check every image with the Great Expectations suite; write accepted/rejected sets and a report.",
+        "caption": "Caption each accepted image with BLIP.",
+        "train": "Fine-tune the SDXL U-Net on the captioned images and save a diffusers pipeline.",
+        "evaluate": "Generate the prompt set with fixed seeds; score CLIP and aesthetic; summarise and report.",
+        "promote": "Gate the evaluation; if it passes, publish to the S3 registry and move the alias.",
+    }
+    funcs = {
+        "download": cmd_download,
+        "validate": cmd_validate,
+        "caption": cmd_caption,
+        "train": cmd_train,
+        "evaluate": cmd_evaluate,
+        "promote": cmd_promote,
+    }
+    for stage in STAGES:
+        p = add(stage, funcs[stage], descriptions[stage])
+        p.add_argument("--no-progress", action="store_true", help="no progress bars")
+        if stage == "evaluate":
+            p.add_argument("--model", help="pipeline folder to evaluate (default: the train stage's model)")
+
+    p = add("s3", cmd_s3, "Start, stop or check the embedded S3 server (SeaweedFS on 127.0.0.1).")
+    p.add_argument("action", choices=["start", "stop", "status"])
+    p = add("models", cmd_models, "Build the tiny offline model set (random weights, real formats).")
+    p.add_argument("action", choices=["build-tiny"])
+    p.add_argument("--out", help="folder (default: .easel/models/tiny)")
+    p.add_argument("--force", action="store_true", help="rebuild even if present")
+    p = add("sample-source", cmd_sample_source, "Build or serve the bundled sample image site.")
+    p.add_argument("action", choices=["build", "serve"])
+    p = add("registry", cmd_registry, "List, show or download models in the S3 registry.")
+    p.add_argument("action", choices=["list", "show", "download"])
+    p.add_argument("ref", nargs="?", help="version or alias (show, download)")
+    p.add_argument("--name", help="model name (default: promote.model_name)")
+    p.add_argument("--dest", default="downloaded-model", help="download folder")
+    add("config", cmd_config, "Print the effective parameters (profile applied).").add_argument(
+        "action", choices=["show"]
+    )
+    p = add("demo", cmd_demo, "Run the whole pipeline offline on the embedded defaults (tiny models, local S3).")
+    p.add_argument("--stages", nargs="*", help="only these stages (default: all six)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    _quiet_libraries()
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
+    )
+    for noisy in ("httpx", "botocore", "urllib3", "great_expectations", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        return args.func(args)
+    except GateRejected as exc:
+        print(f"easel {args.command}: {exc}", file=sys.stderr)
+        return 3
+    except EaselError as exc:
+        print(f"easel {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

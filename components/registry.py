@@ -1,0 +1,199 @@
+"""The model registry in S3.
+
+Layout under s3://<bucket>/<registry_prefix>/models/<name>/:
+  versions/<version>/files/...      the diffusers pipeline files
+  versions/<version>/<extra>        model card, evaluation summary, decision record
+  versions/<version>/manifest.json  sha256 and size of every file, written LAST
+  aliases/<alias>.json              {"version": ..., "history": [...]}, one PUT
+
+A version exists only once its manifest does, and the manifest is written after every file was
+uploaded and verified, so a reader never sees a half-written version. An alias is one small
+object replaced in a single PUT after the version is complete, so it never points at a
+half-written model; earlier targets are kept in its history.
+The version id is derived from the content (the hash of the file manifest): promoting the same
+model twice reuses the version.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from components.errors import EaselError
+from components.fsutil import atomic_dir, dir_manifest, manifest_digest, sha256_file
+from components.storage import S3Settings, storage_errors
+
+ALIAS_HISTORY = 20
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+
+
+@dataclass
+class Registry:
+    client: object
+    settings: S3Settings
+    bucket: str
+    prefix: str
+
+    def model_prefix(self, name: str) -> str:
+        return f"{self.prefix.strip('/')}/models/{name}"
+
+    def version_prefix(self, name: str, version: str) -> str:
+        return f"{self.model_prefix(name)}/versions/{version}"
+
+    def alias_key(self, name: str, alias: str) -> str:
+        return f"{self.model_prefix(name)}/aliases/{alias}.json"
+
+    def uri(self, key: str) -> str:
+        return f"s3://{self.bucket}/{key}"
+
+    # -- reading -------------------------------------------------------------------------------
+
+    def _get_json(self, key: str) -> dict | None:
+        from botocore.exceptions import ClientError
+
+        with storage_errors(self.settings, f"registry read {key}"):
+            try:
+                body = self.client.get_object(Bucket=self.bucket, Key=key)["Body"].read()
+            except ClientError as exc:
+                if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404", "NotFound"):
+                    return None
+                raise
+        try:
+            return json.loads(body)
+        except json.JSONDecodeError:
+            raise EaselError(f"registry: {self.uri(key)} is not valid JSON") from None
+
+    def manifest(self, name: str, version: str) -> dict | None:
+        return self._get_json(f"{self.version_prefix(name, version)}/manifest.json")
+
+    def alias(self, name: str, alias: str) -> dict | None:
+        return self._get_json(self.alias_key(name, alias))
+
+    def list_versions(self, name: str) -> list[dict]:
+        """Complete versions (those with a manifest), oldest first."""
+        prefix = f"{self.model_prefix(name)}/versions/"
+        versions = []
+        with storage_errors(self.settings, "registry list"):
+            paginator = self.client.get_paginator("list_objects_v2")
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=prefix):
+                for obj in page.get("Contents", []):
+                    if obj["Key"].endswith("/manifest.json") and obj["Key"].count("/") == prefix.count("/") + 1:
+                        version = obj["Key"][len(prefix) :].split("/")[0]
+                        manifest = self.manifest(name, version)
+                        if manifest:
+                            versions.append(manifest)
+        return sorted(versions, key=lambda m: m.get("created_at", ""))
+
+    # -- writing -------------------------------------------------------------------------------
+
+    def _upload_verified(self, path: Path, key: str, sha256: str, size: int) -> None:
+        from boto3.s3.transfer import TransferConfig
+
+        # Multipart above 64 MiB; each part carries a SHA-256 checksum that the server checks.
+        config = TransferConfig(multipart_threshold=64 * 1024 * 1024, multipart_chunksize=64 * 1024 * 1024)
+        self.client.upload_file(
+            str(path),
+            self.bucket,
+            key,
+            ExtraArgs={"ChecksumAlgorithm": "SHA256", "Metadata": {"sha256": sha256}},
+            Config=config,
+        )
+        head = self.client.head_object(Bucket=self.bucket, Key=key)
+        if head["ContentLength"] != size or head.get("Metadata", {}).get("sha256") != sha256:
+            raise EaselError(f"registry: upload of {path} to {self.uri(key)} did not verify")
+
+    def publish(self, name: str, model_dir: Path, extras: dict[str, Path], metadata: dict) -> dict:
+        """Upload a model folder plus extra files as a complete version; returns its manifest.
+
+        Idempotent: an existing complete version with the same content is returned as is. A run
+        killed part-way leaves no manifest, so the version does not exist until a retry finishes.
+        """
+        files = dir_manifest(model_dir)
+        if not files:
+            raise EaselError(f"registry: {model_dir} holds no files to publish")
+        version = "v-" + manifest_digest(files)[:16]
+        existing = self.manifest(name, version)
+        if existing:
+            return existing
+        base = self.version_prefix(name, version)
+        with storage_errors(self.settings, f"registry publish {name}/{version}"):
+            for entry in files:
+                self._upload_verified(
+                    model_dir / entry["path"],
+                    f"{base}/files/{entry['path']}",
+                    entry["sha256"],
+                    entry["bytes"],
+                )
+            extra_entries = []
+            for rel, path in sorted(extras.items()):
+                entry = {"path": rel, "bytes": path.stat().st_size, "sha256": sha256_file(path)}
+                self._upload_verified(path, f"{base}/{rel}", entry["sha256"], entry["bytes"])
+                extra_entries.append(entry)
+            manifest = {
+                "name": name,
+                "version": version,
+                "created_at": _now(),
+                "files": files,
+                "extras": extra_entries,
+                **metadata,
+            }
+            self.client.put_object(
+                Bucket=self.bucket,
+                Key=f"{base}/manifest.json",
+                Body=json.dumps(manifest, indent=2).encode(),
+                ContentType="application/json",
+            )
+        return manifest
+
+    def set_alias(self, name: str, alias: str, version: str, reason: str) -> dict:
+        """Point an alias at a complete version in one PUT; the previous target goes to history."""
+        if self.manifest(name, version) is None:
+            raise EaselError(f"registry: {name} has no complete version {version}; refusing to point {alias} at it")
+        current = self.alias(name, alias) or {"history": []}
+        history = list(current.get("history", []))
+        if current.get("version"):
+            history.insert(0, {k: current[k] for k in ("version", "updated_at", "reason") if k in current})
+        record = {
+            "name": name,
+            "alias": alias,
+            "version": version,
+            "updated_at": _now(),
+            "reason": reason,
+            "history": history[:ALIAS_HISTORY],
+        }
+        with storage_errors(self.settings, f"registry alias {name}@{alias}"):
+            self.client.put_object(
+                Bucket=self.bucket,
+                Key=self.alias_key(name, alias),
+                Body=json.dumps(record, indent=2).encode(),
+                ContentType="application/json",
+            )
+        return record
+
+    def download(self, name: str, version_or_alias: str, dest: Path) -> dict:
+        """Download a version (or an alias's version) into dest, verifying every sha256."""
+        manifest = self.manifest(name, version_or_alias)
+        if manifest is None:
+            alias = self.alias(name, version_or_alias)
+            if alias is None:
+                raise EaselError(f"registry: {name} has no version or alias {version_or_alias!r}")
+            manifest = self.manifest(name, alias["version"])
+            if manifest is None:
+                raise EaselError(f"registry: alias {version_or_alias} points at missing version {alias['version']}")
+        base = self.version_prefix(name, manifest["version"])
+        with atomic_dir(dest) as tmp, storage_errors(self.settings, f"registry download {name}"):
+            for entry in manifest["files"]:
+                target = tmp / entry["path"]
+                target.parent.mkdir(parents=True, exist_ok=True)
+                self.client.download_file(self.bucket, f"{base}/files/{entry['path']}", str(target))
+                if sha256_file(target) != entry["sha256"]:
+                    raise EaselError(
+                        f"registry: {name}/{manifest['version']} file {entry['path']} does not match its "
+                        "manifest sha256 (corrupted in storage); refusing it"
+                    )
+        return manifest

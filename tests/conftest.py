@@ -1,0 +1,144 @@
+"""Shared fixtures: real servers on 127.0.0.1 (SeaweedFS S3, the sample image site), tiny models,
+and throwaway copies of the project for pipeline runs."""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import socket
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+
+os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
+os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing in the tests may reach a model hub
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("EASEL_NO_PROGRESS", "1")
+
+
+def _free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+            return True
+        except OSError:
+            return False
+
+
+def free_port_block(size: int = 7, grpc_offset: int = 10000) -> int:
+    """A base port p with p..p+size-1 and their gRPC twins (+10000) all free (for `weed mini`)."""
+    rng = random.Random()
+    for _ in range(200):
+        base = rng.randrange(20000, 45000)
+        ports = [base + i for i in range(size)] + [base + grpc_offset + i for i in range(size)]
+        if all(_free(p) for p in ports):
+            return base
+    raise RuntimeError("no free port block")
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> Path:
+    from components.models.tiny import build_tiny_models
+
+    return build_tiny_models(tmp_path_factory.mktemp("tiny") / "tiny")
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """A real SeaweedFS S3 server on loopback with credentials, for the whole session."""
+    from components.storage import EmbeddedS3
+
+    server = EmbeddedS3(data_dir=tmp_path_factory.mktemp("s3"), port=free_port_block())
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture()
+def s3_client(s3_server):
+    from components.storage import ensure_bucket, make_client
+
+    client = make_client(s3_server.settings())
+    bucket = "test-" + os.urandom(4).hex()
+    ensure_bucket(client, bucket)
+    client.bucket_name = bucket  # type: ignore[attr-defined]
+    return client
+
+
+@pytest.fixture(scope="session")
+def sample_site_dir(tmp_path_factory) -> Path:
+    from components.sample_source import build_site
+
+    return build_site(tmp_path_factory.mktemp("site") / "site")
+
+
+@pytest.fixture(scope="session")
+def sample_site(sample_site_dir):
+    from components.sample_source import SampleSite
+
+    with SampleSite(sample_site_dir, "127.0.0.1", free_port()) as site:
+        yield site
+
+
+def make_project(dest: Path, site_url: str, s3_server, tiny_models: Path, overrides: dict | None = None) -> Path:
+    """A copy of the project's pipeline (dvc.yaml, params, sources, prompts, code deps) in `dest`,
+    as its own git + DVC repo, pointed at the test S3 server and the test sample site."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in ("dvc.yaml", ".dvcignore"):
+        shutil.copy(REPO / name, dest / name)
+    shutil.copytree(REPO / "components", dest / "components", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(REPO / "data" / "prompts", dest / "data" / "prompts")
+    sources = dest / "data" / "sources"
+    sources.mkdir(parents=True)
+    for csv in (REPO / "data" / "sources").glob("*.csv"):
+        (sources / csv.name).write_text(csv.read_text().replace("http://127.0.0.1:8765", site_url))
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    for source in params["download"]["sources"]:
+        if source.get("url_prefix"):
+            source["url_prefix"] = source["url_prefix"].replace("http://127.0.0.1:8765", site_url)
+    params["storage"]["embedded"] = {"port": s3_server.port, "data_dir": str(s3_server.data_dir)}
+    params["storage"]["bucket"] = "proj-" + os.urandom(4).hex()
+    for key, value in (overrides or {}).items():
+        section, _, name = key.rpartition(".")
+        target = params
+        for part in section.split("."):
+            target = target.setdefault(part, {})
+        target[name] = value
+    (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    (dest / ".easel" / "models").mkdir(parents=True)
+    (dest / ".easel" / "models" / "tiny").symlink_to(tiny_models)
+    (dest / ".gitignore").write_text("/.easel/\n")
+    env = {
+        **os.environ,
+        "GIT_AUTHOR_NAME": "t",
+        "GIT_AUTHOR_EMAIL": "t@t",
+        "GIT_COMMITTER_NAME": "t",
+        "GIT_COMMITTER_EMAIL": "t@t",
+    }
+    subprocess.run(["git", "init", "-q"], cwd=dest, check=True)
+    subprocess.run(["dvc", "init", "-q"], cwd=dest, check=True, env=env)
+    subprocess.run(["dvc", "config", "core.analytics", "false"], cwd=dest, check=True, env=env)
+    subprocess.run(["git", "add", "-A"], cwd=dest, check=True)
+    subprocess.run(["git", "commit", "-qm", "project"], cwd=dest, check=True, env=env)
+    return dest
+
+
+@pytest.fixture()
+def project_factory(tmp_path, sample_site, s3_server, tiny_models):
+    def factory(name: str = "project", overrides: dict | None = None) -> Path:
+        return make_project(tmp_path / name, sample_site.base_url, s3_server, tiny_models, overrides)
+
+    return factory

@@ -1,0 +1,106 @@
+"""params.yaml loading: the profile switch, and one clear message per bad key."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from components.config import load_params
+from components.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write(tmp_path: Path, data) -> Path:
+    path = tmp_path / "params.yaml"
+    path.write_text(data if isinstance(data, str) else yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def repo_params() -> dict:
+    return yaml.safe_load((REPO / "params.yaml").read_text())
+
+
+def test_repo_params_load_with_tiny_profile():
+    params = load_params(REPO / "params.yaml")
+    assert params.profile == "tiny"
+    assert params.models.sdxl == ".easel/models/tiny/sdxl"
+    assert params.train.resolution == 64  # from the profile, over the section's 1024
+    assert params.validate_.min_width == 512 and params.validate_.min_dpi == 96
+    assert params.validate_.min_kb_per_pixel == 0.0005
+
+
+def test_switching_to_real_sdxl_is_one_line(tmp_path):
+    text = (REPO / "params.yaml").read_text().replace("profile: tiny", "profile: sdxl", 1)
+    params = load_params(write(tmp_path, text))
+    assert params.models.sdxl == "stabilityai/stable-diffusion-xl-base-1.0"
+    assert params.models.vae == "madebyollin/sdxl-vae-fp16-fix"
+    assert params.models.blip == "Salesforce/blip-image-captioning-large"
+    assert (params.models.clip_model, params.models.clip_pretrained) == ("ViT-L-14-quickgelu", "openai")
+    assert params.train.resolution == 1024 and params.train.mixed_precision == "bf16"
+
+
+def test_missing_key_is_named(tmp_path):
+    data = repo_params()
+    del data["promote"]["model_name"]
+    with pytest.raises(ConfigError, match=r"promote\.model_name: required key is missing"):
+        load_params(write(tmp_path, data))
+
+
+def test_wrong_type_is_named_with_the_value(tmp_path):
+    data = repo_params()
+    data["validate"]["min_dpi"] = "ninety-six"
+    with pytest.raises(ConfigError, match=r"validate\.min_dpi: .*ninety-six"):
+        load_params(write(tmp_path, data))
+
+
+def test_unknown_key_is_a_typo(tmp_path):
+    data = repo_params()
+    data["train"]["learnig_rate"] = 1e-5
+    with pytest.raises(ConfigError, match=r"train\.learnig_rate: unknown key"):
+        load_params(write(tmp_path, data))
+
+
+def test_bad_source_entry_names_its_index(tmp_path):
+    data = repo_params()
+    del data["download"]["sources"][1]["path"]
+    with pytest.raises(ConfigError, match=r"download\.sources\[1\]\.path: required key is missing"):
+        load_params(write(tmp_path, data))
+
+
+def test_malformed_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_params(write(tmp_path, "profile: tiny\n  bad: [unclosed\n"))
+
+
+def test_missing_file():
+    with pytest.raises(ConfigError, match="not found"):
+        load_params("/nonexistent/params.yaml")
+
+
+def test_unknown_profile(tmp_path):
+    data = repo_params()
+    data["profile"] = "huge"
+    with pytest.raises(ConfigError, match=r"profile: 'huge' is not defined .*known: sdxl, tiny"):
+        load_params(write(tmp_path, data))
+
+
+def test_profile_must_set_every_tracked_section(tmp_path):
+    data = repo_params()
+    del data["profiles"]["tiny"]["evaluate"]
+    with pytest.raises(ConfigError, match=r"profiles\.tiny must set evaluate"):
+        load_params(write(tmp_path, data))
+
+
+def test_inverted_range_is_refused(tmp_path):
+    data = repo_params()
+    data["validate"]["min_width"] = 2000
+    with pytest.raises(ConfigError, match=r"min_width .* is above max_width"):
+        load_params(write(tmp_path, data))
+
+
+def test_bad_network_in_allow_list(tmp_path):
+    data = repo_params()
+    data["download"]["allow_networks"] = ["not-a-network"]
+    with pytest.raises(ConfigError, match=r"download\.allow_networks: .*not an IP network"):
+        load_params(write(tmp_path, data))

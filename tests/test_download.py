@@ -1,0 +1,202 @@
+"""The download stage against real HTTP servers on 127.0.0.1 that misbehave in every usual way."""
+
+import gzip
+import json
+
+import pandas as pd
+import pytest
+
+from components.config import DownloadParams
+from components.download import run_download
+from components.download.fetch import parse_retry_after, sniff_image_type
+from components.download.sources import join_url, read_source
+from components.errors import EaselError
+from tests.http_fixtures import RED, MisbehavingServer
+
+
+@pytest.fixture()
+def server():
+    with MisbehavingServer() as srv:
+        yield srv
+
+
+def params_for(tmp_path, urls, allow=("127.0.0.0/8",), **kw) -> DownloadParams:
+    csv = tmp_path / "urls.csv"
+    pd.DataFrame({"url": urls, "title": [f"t{i}" for i in range(len(urls))]}).to_csv(csv, index=False)
+    base = {
+        "sources": [{"name": "test", "path": str(csv)}],
+        "out_dir": str(tmp_path / "out"),
+        "allow_networks": list(allow),
+        "read_timeout_s": 1.0,
+        "total_timeout_s": 4.0,
+        "connect_timeout_s": 1.0,
+        "max_bytes": 1_000_000,
+        "retries": 1,
+    }
+    return DownloadParams(**(base | kw))
+
+
+def outcomes(tmp_path) -> dict[str, str]:
+    manifest = pd.read_parquet(tmp_path / "out" / "manifest.parquet")
+    return {url.rsplit("/", 1)[-1]: status for url, status in zip(manifest["url"], manifest["status"], strict=True)}
+
+
+def stray_files(tmp_path) -> list[str]:
+    return [
+        p.name for p in (tmp_path / "out").rglob("*") if p.is_file() and (p.name.startswith(".") or p.suffix == ".part")
+    ]
+
+
+def test_every_misbehaviour_ends_with_its_outcome(server, tmp_path):
+    names = [
+        "red.png",
+        "blue.png",
+        "html.jpg",
+        "gone.png",
+        "error.png",
+        "hop1",
+        "loop-a",
+        "to-private",
+        "busy.png",
+        "optout.png",
+        "huge.png",
+        "endless.png",
+        "truncated.png",
+        "stall.png",
+        "drip.png",
+    ]
+    params = params_for(tmp_path, [f"{server.url}/{n}" for n in names], max_redirects=3)
+    summary = run_download(params, tmp_path / "metrics.json", progress=False)
+    got = outcomes(tmp_path)
+    assert got == {
+        "red.png": "ok",
+        "blue.png": "ok",  # served as text/plain, but the bytes are a PNG
+        "html.jpg": "not_image",  # served as image/jpeg, but the bytes are HTML
+        "gone.png": "http_404",
+        "error.png": "http_500",
+        "hop1": "ok",  # two redirects, followed
+        "loop-a": "too_many_redirects",
+        "to-private": "private_address",
+        "busy.png": "ok",  # 429 + Retry-After: 1, then served on the retry
+        "optout.png": "robots_optout",
+        "huge.png": "too_large",  # refused on Content-Length, before reading
+        "endless.png": "too_large",  # chunked with no length: cut off while streaming
+        "truncated.png": "truncated",
+        "stall.png": "timeout",  # silent longer than the read timeout
+        "drip.png": "timeout",  # never silent, but slower than the total timeout
+    }
+    assert summary.unique_images == 2  # red (also behind the redirect chain) and blue
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["outcomes"]["ok"] == 4 and metrics["rows"] == len(names)
+    assert stray_files(tmp_path) == []
+    assert all(ua.startswith("Easel/") for ua in server.server.RequestHandlerClass.user_agents)
+
+
+def test_manifest_keeps_every_row_and_errors_have_messages(server, tmp_path):
+    params = params_for(tmp_path, [f"{server.url}/red.png", "", f"{server.url}/gone.png", "ftp://x/y.png"])
+    run_download(params, progress=False)
+    manifest = pd.read_parquet(tmp_path / "out" / "manifest.parquet")
+    assert list(manifest["row"]) == [0, 1, 2, 3]
+    assert list(manifest["status"]) == ["ok", "missing_url", "http_404", "invalid_url"]
+    assert list(manifest["src_title"]) == ["t0", "t1", "t2", "t3"]  # extra columns travel
+    assert manifest.loc[manifest["status"] != "ok", "error"].notna().all()
+
+
+def test_private_addresses_refused_unless_allowed(server, tmp_path):
+    port = server.server.server_address[1]
+    urls = [f"{server.url}/red.png", f"http://localhost:{port}/red.png"]
+    run_download(params_for(tmp_path, urls, allow=()), progress=False)
+    assert set(outcomes(tmp_path).values()) == {"private_address"}
+    assert server.server.RequestHandlerClass.counters == {}  # refused before connecting
+
+
+def test_same_image_at_two_urls_is_stored_once(server, tmp_path):
+    urls = [f"{server.url}/dup/a.png", f"{server.url}/dup/b.png", f"{server.url}/dup/a.png"]
+    run_download(params_for(tmp_path, urls), progress=False)
+    manifest = pd.read_parquet(tmp_path / "out" / "manifest.parquet")
+    assert manifest["sha256"].nunique() == 1 and len(manifest) == 3
+    stored = [p for p in (tmp_path / "out" / "images").rglob("*") if p.is_file()]
+    assert len(stored) == 1 and stored[0].read_bytes() == RED
+    assert stored[0].name == f"{manifest['sha256'][0]}.png"  # named by content, not by URL
+    assert server.server.RequestHandlerClass.counters["/dup/a.png"] == 1  # a repeated URL is fetched once
+
+
+def test_rerun_fetches_only_what_is_missing_and_gives_the_same_manifest(server, tmp_path):
+    urls = [f"{server.url}/red.png", f"{server.url}/gone.png", f"{server.url}/blue.png"]
+    params = params_for(tmp_path, urls)
+    run_download(params, progress=False)
+    first = pd.read_parquet(tmp_path / "out" / "manifest.parquet")
+    stored = next((tmp_path / "out" / "images").rglob("*.png"))
+    stored.unlink()  # lose one file: only that URL is fetched again
+    counts = dict(server.server.RequestHandlerClass.counters)
+    summary = run_download(params, progress=False)
+    assert summary.fetched_now == 1
+    fetched_again = {k: v - counts.get(k, 0) for k, v in server.server.RequestHandlerClass.counters.items()}
+    assert sum(fetched_again.values()) == 1
+    pd.testing.assert_frame_equal(first, pd.read_parquet(tmp_path / "out" / "manifest.parquet"))
+
+
+def test_torn_journal_line_is_ignored(server, tmp_path):
+    params = params_for(tmp_path, [f"{server.url}/red.png"])
+    run_download(params, progress=False)
+    with open(tmp_path / "out" / "journal.jsonl", "a") as fh:
+        fh.write('{"url": "http://half-writ')  # what kill -9 mid-write leaves
+    summary = run_download(params, progress=False)
+    assert summary.statuses == {"ok": 1} and summary.fetched_now == 0
+
+
+def test_source_formats_and_prefix(tmp_path):
+    rows = [
+        {"poster_path": "/a.jpg", "name": "A"},
+        {"poster_path": "https://cdn.example/b.jpg", "name": "B"},
+        {"poster_path": "", "name": "C"},
+    ]
+    frame = pd.DataFrame(rows)
+    frame.to_csv(tmp_path / "s.csv", index=False)
+    frame.to_csv(tmp_path / "s.tsv", sep="\t", index=False)
+    frame.to_json(tmp_path / "s.json", orient="records")
+    frame.to_parquet(tmp_path / "s.parquet")
+    with gzip.open(tmp_path / "s.jsonl.gz", "wt") as fh:
+        for row in rows:
+            fh.write(json.dumps(row) + "\n")
+    prefix = "https://www.themoviedb.org/t/p/w600_and_h900_bestv2"
+    for name in ("s.csv", "s.tsv", "s.json", "s.parquet", "s.jsonl.gz"):
+        from components.config import SourceParams
+
+        table = read_source(
+            SourceParams(name="kaggle", path=str(tmp_path / name), url_column="poster_path", url_prefix=prefix)
+        )
+        assert table["url"].tolist()[:2] == [f"{prefix}/a.jpg", "https://cdn.example/b.jpg"], name
+        assert pd.isna(table["url"].tolist()[2]), name
+        assert table["src_name"].tolist() == ["A", "B", "C"], name
+
+
+def test_missing_url_column_names_the_columns(tmp_path):
+    from components.config import SourceParams
+
+    (tmp_path / "s.csv").write_text("link,title\nhttp://x/a.png,A\n")
+    with pytest.raises(EaselError, match=r"s\.csv: no column 'url' .*columns are: link, title"):
+        read_source(SourceParams(name="s", path=str(tmp_path / "s.csv")))
+
+
+def test_unreadable_url_list(tmp_path):
+    from components.config import SourceParams
+
+    (tmp_path / "s.parquet").write_bytes(b"this is not parquet")
+    with pytest.raises(EaselError, match=r"s\.parquet: cannot be read as parquet"):
+        read_source(SourceParams(name="s", path=str(tmp_path / "s.parquet")))
+    with pytest.raises(EaselError, match="URL list not found"):
+        read_source(SourceParams(name="s", path=str(tmp_path / "absent.csv")))
+    with pytest.raises(EaselError, match="unknown URL list format"):
+        read_source(SourceParams(name="s", path=str(tmp_path / "list.xlsx")))
+
+
+def test_helpers():
+    assert join_url("/x.jpg", "http://h/p/") == "http://h/p/x.jpg"
+    assert join_url("  ", "http://h") is None
+    assert sniff_image_type(RED[:16]) == "png"
+    assert sniff_image_type(b"\xff\xd8\xff\xe0rest") == "jpeg"
+    assert sniff_image_type(b"<html>") is None
+    assert parse_retry_after("7") == 7.0
+    assert parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT", now=1445412480.0) == 0.0
+    assert parse_retry_after("soon") is None

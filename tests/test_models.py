@@ -1,0 +1,85 @@
+"""The tiny offline models load through the same code as the real ones."""
+
+import open_clip
+import pytest
+import torch
+
+from components.config import ModelsParams
+from components.errors import EaselError
+from components.models.aesthetic import AestheticMLP, load_aesthetic_mlp
+from components.models.loaders import load_blip, load_open_clip, load_sdxl_parts, load_sdxl_pipeline, resolve_ref
+
+
+def tiny_params(root) -> ModelsParams:
+    return ModelsParams(
+        sdxl=str(root / "sdxl"),
+        blip=str(root / "blip"),
+        clip_model=f"local-dir:{root / 'open_clip'}",
+        aesthetic=str(root / "aesthetic" / "aesthetic_mlp.pth"),
+    )
+
+
+def test_clip_tokenizer_matches_open_clip(tiny_models):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_models / "sdxl" / "tokenizer"))
+    text = "A feline peering out from a striped transparent travel bag, sunset ambiance!"
+    reference = [t for t in open_clip.get_tokenizer("ViT-L-14")([text])[0].tolist() if t]
+    assert tok(text).input_ids == reference
+    assert tok.model_max_length == 77
+
+
+def test_tiny_sdxl_generates_with_a_negative_prompt(tiny_models):
+    pipe = load_sdxl_pipeline(str(tiny_models / "sdxl"))
+    image = pipe(
+        prompt="a poster of a rocket",
+        negative_prompt="blurry",
+        num_inference_steps=2,
+        height=64,
+        width=64,
+        generator=torch.Generator("cpu").manual_seed(0),
+    ).images[0]
+    assert image.size == (64, 64)
+    assert pipe.vae_scale_factor == 8  # the same downsampling as the real SDXL VAE
+
+
+def test_sdxl_parts_and_blip_and_clip_load(tiny_models):
+    params = tiny_params(tiny_models)
+    parts = load_sdxl_parts(params)
+    assert parts.unet.config.addition_embed_type == "text_time"
+    assert parts.noise_scheduler.config.num_train_timesteps == 1000
+    model, processor = load_blip(params, device=torch.device("cpu"))
+    ids = model.generate(
+        **processor(images=[torch.zeros(3, 64, 64)], return_tensors="pt", do_rescale=False), max_new_tokens=5
+    )
+    assert ids.shape[0] == 1
+    clip, _, tokenizer = load_open_clip(params, torch.device("cpu"))
+    assert clip.encode_text(tokenizer(["hello"])).shape[-1] == 32
+
+
+def test_aesthetic_loader_checks_width_and_architecture(tiny_models, tmp_path):
+    path = tiny_models / "aesthetic" / "aesthetic_mlp.pth"
+    assert isinstance(load_aesthetic_mlp(path, expected_input=32), AestheticMLP)
+    with pytest.raises(EaselError, match="expect 32-d CLIP embeddings but the CLIP model gives 768-d"):
+        load_aesthetic_mlp(path, expected_input=768)
+    state = torch.load(path, weights_only=True)
+    state["layers.2.weight"] = torch.zeros(64, 1024)
+    torch.save(state, tmp_path / "wrong.pth")
+    with pytest.raises(EaselError, match="architecture mismatch"):
+        load_aesthetic_mlp(tmp_path / "wrong.pth")
+
+
+def test_pickled_code_is_refused(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    torch.save({"layers.0.weight": Evil()}, tmp_path / "evil.pth")
+    with pytest.raises(EaselError, match="cannot be loaded safely"):
+        load_aesthetic_mlp(tmp_path / "evil.pth")
+
+
+def test_bad_model_reference_is_named():
+    with pytest.raises(EaselError, match=r"models\.sdxl: './nowhere/sdxl' is neither an existing path nor a hub id"):
+        resolve_ref("./nowhere/sdxl", "sdxl")
+    assert resolve_ref("stabilityai/stable-diffusion-xl-base-1.0", "sdxl") == "stabilityai/stable-diffusion-xl-base-1.0"

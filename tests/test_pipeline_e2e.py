@@ -1,0 +1,87 @@
+"""The whole pipeline as users run it: `dvc repro` in a project on the tiny models, real S3."""
+
+import itertools
+import json
+import subprocess
+
+import pandas as pd
+import pytest
+
+from components.registry import Registry
+from components.storage import make_client
+
+pytestmark = pytest.mark.slow
+
+
+def sh(args, cwd, check=True):
+    proc = subprocess.run(args, cwd=cwd, capture_output=True, text=True)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{args} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def test_dvc_repro_runs_all_six_stages_then_nothing(project_factory, s3_server):
+    project = project_factory()
+    sh(["easel", "s3", "start"], project)  # reuses the running server, points DVC at it
+
+    first = sh(["dvc", "repro"], project)
+    for stage in ("download", "validate", "caption", "train", "evaluate", "promote"):
+        assert f"Running stage '{stage}'" in first.stdout
+
+    manifest = pd.read_parquet(project / "data/download/manifest.parquet")
+    assert len(manifest) == 20  # every input row of both sources, whatever happened to it
+    assert manifest["status"].value_counts().to_dict() == {"ok": 17, "not_image": 1, "http_404": 1, "missing_url": 1}
+    validate = json.loads((project / "data/metrics/validate.json").read_text())
+    assert (validate["accepted"], validate["rejected"]) == (9, 6)
+    assert validate["rejected_by_rule"] == {
+        "decodable": 1,
+        "width": 2,
+        "height": 2,
+        "dpi": 1,
+        "dpi_missing": 1,
+        "kb_per_pixel": 1,
+    }
+    assert len(pd.read_parquet(project / "data/caption/captions.parquet")) == 9
+    assert (project / "data/train/model/unet/diffusion_pytorch_model.safetensors").is_file()
+    evaluate = json.loads((project / "data/metrics/evaluate.json").read_text())
+    assert evaluate["aesthetic"]["count"] == 12  # 6 prompts x 2 seeds
+    decision = json.loads((project / "data/promote/decision.json").read_text())
+    assert decision["promote"] is True
+
+    params = __import__("yaml").safe_load((project / "params.yaml").read_text())
+    registry = Registry(
+        make_client(s3_server.settings()), s3_server.settings(), params["storage"]["bucket"], "registry"
+    )
+    production = registry.alias("sdxl-posters", "production")
+    assert production["version"] == decision["registry"]["version"]
+
+    second = sh(["dvc", "repro"], project)
+    assert "Running stage" not in second.stdout
+    assert "Data and pipelines are up to date" in second.stdout
+
+    dag = sh(["dvc", "dag", "--dot"], project).stdout
+    chain = ["download", "validate", "caption", "train", "evaluate", "promote"]
+    for upstream, downstream in itertools.pairwise(chain):
+        assert f'"{upstream}" -> "{downstream}"' in dag
+    metrics = json.loads(sh(["dvc", "metrics", "show", "--json"], project).stdout)
+    assert metrics[""]["data"]["data/metrics/validate.json"]["data"]["accepted"] == 9
+    pushed = sh(["dvc", "push"], project)
+    assert "pushed" in pushed.stdout or "up to date" in pushed.stdout
+
+
+def test_a_stage_that_fails_says_why_through_dvc(project_factory):
+    project = project_factory("strict", {"validate.min_accepted": 100})
+    proc = sh(["dvc", "repro", "validate"], project, check=False)
+    assert proc.returncode != 0
+    assert "only 9 of 15 images passed (validate.min_accepted is 100)" in proc.stderr + proc.stdout
+    assert (project / "data/validate/report.html").is_file()  # the report is there to read why
+
+
+def test_cli_bad_params_exit_with_one_clear_line(project_factory):
+    project = project_factory("badparams")
+    text = (project / "params.yaml").read_text().replace("min_dpi: 96", "min_dpi: lots")
+    (project / "params.yaml").write_text(text)
+    proc = sh(["easel", "validate"], project, check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().startswith("easel validate: error: params.yaml: validate.min_dpi:")
+    assert "Traceback" not in proc.stderr
