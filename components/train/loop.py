@@ -238,9 +238,17 @@ def run_train(
         with atomic_dir(model_dir) as tmp:
             save_pipeline(parts, accelerator.unwrap_model(unet), tmp)
             atomic_write_text(tmp / "README.md", model_card(params, models, fingerprint, len(items), summary))
+            # Only what determines the weights goes in the model folder (no timings), so the same
+            # training gives the same registry version.
             atomic_write_json(
                 tmp / "easel_train.json",
-                {"base_model": models.sdxl, "data_fingerprint": fingerprint, "images": len(items), **summary},
+                {
+                    "base_model": models.sdxl,
+                    "data_fingerprint": fingerprint,
+                    "images": len(items),
+                    "steps": step,
+                    "final_loss": summary["final_loss"],
+                },
             )
         if metrics_path is not None:
             atomic_write_json(metrics_path, summary)
