@@ -58,9 +58,24 @@ def cmd_download(args) -> int:
     from components.download import run_download
 
     params = _load(args)
-    summary = run_download(params.download, _metrics("download"), progress=_progress(args))
+    shard = None
+    if args.shard:
+        try:
+            k, n = (int(x) for x in args.shard.split("/"))
+            assert 0 <= k < n
+        except (ValueError, AssertionError):
+            raise EaselError(f"--shard takes K/N with 0 <= K < N, e.g. 0/4; got {args.shard!r}") from None
+        shard = (k, n)
+    summary = run_download(
+        params.download,
+        _metrics("download"),
+        progress=_progress(args),
+        shard=shard,
+        write_manifest=not args.no_manifest,
+    )
     print(summary.table())
-    print(f"manifest: {summary.manifest}")
+    if summary.manifest:
+        print(f"manifest: {summary.manifest}")
     return 0
 
 
@@ -289,6 +304,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--no-progress", action="store_true", help="no progress bars")
         if stage == "evaluate":
             p.add_argument("--model", help="pipeline folder to evaluate (default: the train stage's model)")
+        if stage == "download":
+            p.add_argument("--shard", help="fetch only shard K of N (K/N), for fanning out over workers")
+            p.add_argument("--no-manifest", action="store_true", help="fetch only; a later run writes the manifest")
 
     p = add("s3", cmd_s3, "Start, stop or check the embedded S3 server (SeaweedFS on 127.0.0.1).")
     p.add_argument("action", choices=["start", "stop", "status"])

@@ -74,6 +74,7 @@ class SourceParams(Section):
 class DownloadParams(Section):
     sources: list[SourceParams] = Field(min_length=1)
     out_dir: str = "data/download"
+    workers: int = Field(1, ge=1, le=256)  # processes on this machine (each runs `concurrency` requests)
     concurrency: int = Field(16, ge=1, le=1024)
     per_host_concurrency: int = Field(8, ge=1, le=1024)
     per_host_rate: float = Field(0.0, ge=0)  # requests per second per host; 0 = no limit

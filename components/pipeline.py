@@ -66,6 +66,21 @@ def repro_stage(stage: str, project_dir: Path | str) -> StageRun:
     return StageRun(stage, f"Running stage '{stage}'" in output, proc.returncode, output)
 
 
+def fetch_download_shard(shard: int, shards: int, project_dir: Path | str) -> str:
+    """Fetch one shard of the download stage's URLs (no manifest); returns the stage's summary line."""
+    proc = subprocess.run(
+        [str(Path(sys.executable).parent / "easel"), "download", "--shard", f"{shard}/{shards}", "--no-manifest"],
+        cwd=project_dir,
+        env=_env(),
+        capture_output=True,
+        text=True,
+    )
+    if proc.returncode != 0:
+        lines = (proc.stdout + proc.stderr).strip().splitlines()
+        raise EaselError(f"download shard {shard}/{shards} failed: " + "\n".join(lines[-10:]))
+    return proc.stdout.strip().splitlines()[-1]
+
+
 def dvc_push(project_dir: Path | str) -> str:
     """Push every tracked output to the DVC remote; returns DVC's last line (e.g. "12 files pushed")."""
     lines = dvc(["push"], project_dir).stdout.strip().splitlines()

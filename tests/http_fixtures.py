@@ -46,6 +46,11 @@ class Handler(BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:
         path = self.path
+        if path.startswith("/n/"):  # /n/<k>.png: distinct bytes per k (a valid PNG plus a trailer), a little slow
+            time.sleep(0.02)
+            k = path[3:].split(".")[0]
+            self._send(200, RED + f"#{k}".encode())
+            return
         Handler.user_agents.append(self.headers.get("User-Agent", ""))
         count = Handler.counters[path] = Handler.counters.get(path, 0) + 1
         if path in ("/red.png", "/dup/a.png", "/dup/b.png", "/final.png"):

@@ -2,6 +2,7 @@
 
 import gzip
 import json
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -21,11 +22,11 @@ def server():
 
 
 def params_for(tmp_path, urls, allow=("127.0.0.0/8",), **kw) -> DownloadParams:
-    csv = tmp_path / "urls.csv"
+    csv = (tmp_path / "urls.csv").resolve()
     pd.DataFrame({"url": urls, "title": [f"t{i}" for i in range(len(urls))]}).to_csv(csv, index=False)
     base = {
         "sources": [{"name": "test", "path": str(csv)}],
-        "out_dir": str(tmp_path / "out"),
+        "out_dir": str((tmp_path / "out").resolve()),
         "allow_networks": list(allow),
         "read_timeout_s": 1.0,
         "total_timeout_s": 4.0,
@@ -139,7 +140,8 @@ def test_rerun_fetches_only_what_is_missing_and_gives_the_same_manifest(server, 
 def test_torn_journal_line_is_ignored(server, tmp_path):
     params = params_for(tmp_path, [f"{server.url}/red.png"])
     run_download(params, progress=False)
-    with open(tmp_path / "out" / "journal.jsonl", "a") as fh:
+    part = next((tmp_path / "out" / "journal").glob("*.jsonl"))
+    with open(part, "a") as fh:
         fh.write('{"url": "http://half-writ')  # what kill -9 mid-write leaves
     summary = run_download(params, progress=False)
     assert summary.statuses == {"ok": 1} and summary.fetched_now == 0
@@ -200,3 +202,70 @@ def test_helpers():
     assert parse_retry_after("7") == 7.0
     assert parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT", now=1445412480.0) == 0.0
     assert parse_retry_after("soon") is None
+
+
+def test_worker_processes_share_the_urls(server, tmp_path, monkeypatch):
+    from components.download import stage
+
+    monkeypatch.setattr(stage, "MIN_URLS_PER_WORKER", 10)
+    urls = [f"{server.url}/n/{k}.png" for k in range(60)]
+    summary = run_download(params_for(tmp_path, urls, workers=2, concurrency=8), progress=False)
+    assert summary.statuses == {"ok": 60} and summary.unique_images == 60
+    assert len(list((tmp_path / "out" / "journal").glob("*.jsonl"))) == 2  # one journal part per process
+    assert stray_files(tmp_path) == []
+
+
+def test_shards_then_manifest(server, tmp_path):
+    urls = [f"{server.url}/n/{k}.png" for k in range(30)]
+    params = params_for(tmp_path, urls)
+    with pytest.raises(EaselError, match="have not been fetched by any shard yet"):
+        run_download(params, shard=(0, 3), progress=False)  # writing a manifest before all shards ran
+    fetched = [run_download(params, shard=(k, 3), write_manifest=False, progress=False).fetched_now for k in (1, 2)]
+    before = dict(server.server.RequestHandlerClass.counters)
+    final = run_download(params, progress=False)  # every shard ran: nothing left to fetch
+    assert final.fetched_now == 0 and server.server.RequestHandlerClass.counters == before
+    from components.download.stage import shard_of
+
+    assert final.statuses == {"ok": 30}
+    assert fetched == [sum(shard_of(u, 3) == k for u in urls) for k in (1, 2)]  # each shard fetched its own
+
+
+def test_kill_9_then_resume_ends_with_the_same_manifest(server, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import time
+
+    import yaml
+
+    urls = [f"{server.url}/n/{k}.png" for k in range(150)]
+
+    def project(name):
+        folder = tmp_path / name
+        folder.mkdir()
+        params = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
+        params["download"] = params_for(folder, urls, concurrency=2).model_dump()
+        (folder / "params.yaml").write_text(yaml.safe_dump(params))
+        return folder
+
+    straight, killed = project("straight"), project("killed")
+    subprocess.run(["easel", "download"], cwd=straight, check=True, capture_output=True)
+    proc = subprocess.Popen(["easel", "download"], cwd=killed, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    journal = killed / "out" / "journal"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:  # kill once some, not all, URLs are done
+        lines = sum(p.read_text().count("\n") for p in journal.glob("*.jsonl")) if journal.is_dir() else 0
+        if lines >= 20:
+            break
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "out" / "manifest.parquet").exists()
+    done_before = sum(p.read_text().count("\n") for p in journal.glob("*.jsonl"))
+    assert 20 <= done_before < 150
+    resumed = subprocess.run(["easel", "download"], cwd=killed, check=True, capture_output=True, text=True)
+    assert f"fetched {150 - done_before} now" in resumed.stdout  # only what was missing
+    a = pd.read_parquet(straight / "out" / "manifest.parquet")
+    b = pd.read_parquet(killed / "out" / "manifest.parquet")
+    pd.testing.assert_frame_equal(a, b)
+    assert stray_files(killed) == []

@@ -41,3 +41,18 @@ def test_a_failing_stage_fails_the_flow_and_the_artifact_says_so(harness, projec
     with pytest.raises(Exception, match="only 9 of 15 images passed"):
         easel_pipeline(stages=["download", "validate"], project_dir=str(project), push_to_remote=False)
     assert "**Failed:** stage validate failed" in summary_artifact()
+
+
+def test_sharded_download_then_the_dvc_stage_fetches_nothing(harness, project_factory, sample_site):
+    import pandas as pd
+
+    from flows.download_sharded import download_sharded
+
+    project = project_factory("sharded")
+    lines = download_sharded(shards=3, project_dir=str(project))
+    assert len(lines) == 3
+    fetched = sum(int(line.split("fetched ")[1].split()[0]) for line in lines)
+    assert fetched == 18  # every distinct URL of the sample sources, each by exactly one shard
+    manifest = pd.read_parquet(project / "data/download/manifest.parquet")
+    assert len(manifest) == 20 and "not_fetched" not in set(manifest["status"])
+    assert "download" in (project / "dvc.lock").read_text()  # the DVC stage ran and recorded it

@@ -3,7 +3,10 @@
 Runs inside img2dataset's own venv. Usage: python img2dataset_run.py URLS.txt OUT_DIR PROCESSES THREADS
 """
 
+import os
 import sys
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # no update check over the network
 
 from img2dataset import download
 
@@ -17,8 +20,8 @@ if __name__ == "__main__":  # img2dataset's spawn pool hangs silently without th
         processes_count=processes,
         thread_count=threads,
         resize_mode="no",
-        encode_quality=95,
-        skip_reencode=True,
+        disable_all_reencoding=True,  # keep the bytes as served, as Easel does
+        compute_hash="sha256",
         number_sample_per_shard=1000,
         timeout=20,
         retries=0,

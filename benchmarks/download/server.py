@@ -36,8 +36,14 @@ def main() -> None:
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--latency", type=float, default=0.05)
     args = parser.parse_args()
-    web.run_app(make_app(Path(args.dir), args.latency), host="127.0.0.1", port=args.port, print=None,
-                backlog=2048, access_log=None)
+    web.run_app(
+        make_app(Path(args.dir), args.latency),
+        host="127.0.0.1",
+        port=args.port,
+        print=None,
+        backlog=2048,
+        access_log=None,
+    )
 
 
 if __name__ == "__main__":

@@ -220,16 +220,19 @@ class Fetcher:
         opted_out = sorted(tokens & set(s.robots_optout))
         if opted_out:
             return FetchResult(url, "robots_optout", f"X-Robots-Tag: {', '.join(opted_out)}", **base)
-        if resp.content_length is not None and resp.content_length > s.max_bytes:
-            return FetchResult(url, "too_large", f"Content-Length {resp.content_length} > {s.max_bytes}", **base)
-        chunks: list[bytes] = []
-        size = 0
-        async for chunk in resp.content.iter_chunked(1 << 16):
-            size += len(chunk)
-            if size > s.max_bytes:
-                return FetchResult(url, "too_large", f"body exceeds {s.max_bytes} bytes", **base)
-            chunks.append(chunk)
-        body = b"".join(chunks)
+        if resp.content_length is not None:
+            if resp.content_length > s.max_bytes:
+                return FetchResult(url, "too_large", f"Content-Length {resp.content_length} > {s.max_bytes}", **base)
+            body = await resp.read()  # the length is known and allowed: one read, no chunk loop
+        else:
+            chunks: list[bytes] = []
+            size = 0
+            async for chunk in resp.content.iter_chunked(1 << 16):
+                size += len(chunk)
+                if size > s.max_bytes:
+                    return FetchResult(url, "too_large", f"body exceeds {s.max_bytes} bytes", **base)
+                chunks.append(chunk)
+            body = b"".join(chunks)
         image_type = sniff_image_type(body[:32])
         if image_type is None:
             declared = resp.headers.get("Content-Type", "?")
@@ -243,7 +246,8 @@ class Fetcher:
         while True:
             attempt += 1
             try:
-                result = await asyncio.wait_for(self._one_attempt(session, url), timeout=s.total_timeout_s)
+                async with asyncio.timeout(s.total_timeout_s):
+                    result = await self._one_attempt(session, url)
             except TimeoutError:
                 result = FetchResult(url, "timeout", f"no complete response in {s.total_timeout_s:g} s")
             except aiohttp.ClientConnectorError as exc:
