@@ -72,6 +72,7 @@ def cmd_download(args) -> int:
         progress=_progress(args),
         shard=shard,
         write_manifest=not args.no_manifest,
+        storage=params.storage,
     )
     print(summary.table())
     if summary.manifest:

@@ -66,7 +66,7 @@ class SampleSourceParams(Section):
 
 class SourceParams(Section):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
-    path: str
+    path: str  # a URL list file, a local folder of images, or s3://bucket/prefix
     url_column: str = "url"
     url_prefix: str | None = None
 

@@ -25,6 +25,7 @@ class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     counters: ClassVar[dict[str, int]] = {}
     user_agents: ClassVar[list[str]] = []
+    arrivals: ClassVar[list[float]] = []
 
     def log_message(self, *args) -> None:
         pass
@@ -46,6 +47,7 @@ class Handler(BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:
         path = self.path
+        Handler.arrivals.append(time.monotonic())
         if path.startswith("/n/"):  # /n/<k>.png: distinct bytes per k (a valid PNG plus a trailer), a little slow
             time.sleep(0.02)
             k = path[3:].split(".")[0]
@@ -124,6 +126,7 @@ class MisbehavingServer:
     def __init__(self) -> None:
         Handler.counters = {}
         Handler.user_agents = []
+        Handler.arrivals = []
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)

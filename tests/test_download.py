@@ -1,6 +1,7 @@
 """The download stage against real HTTP servers on 127.0.0.1 that misbehave in every usual way."""
 
 import gzip
+import itertools
 import json
 from pathlib import Path
 
@@ -22,6 +23,7 @@ def server():
 
 
 def params_for(tmp_path, urls, allow=("127.0.0.0/8",), **kw) -> DownloadParams:
+    tmp_path.mkdir(parents=True, exist_ok=True)
     csv = (tmp_path / "urls.csv").resolve()
     pd.DataFrame({"url": urls, "title": [f"t{i}" for i in range(len(urls))]}).to_csv(csv, index=False)
     base = {
@@ -269,3 +271,83 @@ def test_kill_9_then_resume_ends_with_the_same_manifest(server, tmp_path):
     b = pd.read_parquet(killed / "out" / "manifest.parquet")
     pd.testing.assert_frame_equal(a, b)
     assert stray_files(killed) == []
+
+
+def test_local_folder_and_s3_prefix_sources(tmp_path, s3_server, s3_client, monkeypatch):
+    from components.config import StorageParams
+
+    monkeypatch.delenv("EASEL_S3_ENDPOINT", raising=False)
+    folder = tmp_path / "posters"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "a.png").write_bytes(RED)
+    (folder / "sub" / "b.PNG").write_bytes(RED + b"#b")
+    (folder / "notes.txt").write_text("not an image source file")  # skipped by suffix
+    (folder / "fake.jpg").write_text("<html>")  # an image suffix, but not an image
+    bucket = s3_client.bucket_name
+    s3_client.put_object(Bucket=bucket, Key="drop/c.png", Body=RED + b"#c")
+    s3_client.put_object(Bucket=bucket, Key="drop/readme.md", Body=b"#")
+    s3_client.put_object(Bucket=bucket, Key="elsewhere/d.png", Body=RED + b"#d")
+    params = DownloadParams(
+        sources=[{"name": "folder", "path": str(folder)}, {"name": "bucket", "path": f"s3://{bucket}/drop/"}],
+        out_dir=str(tmp_path / "out"),
+    )
+    storage = StorageParams(bucket=bucket, embedded={"port": s3_server.port, "data_dir": str(s3_server.data_dir)})
+    run_download(params, progress=False, storage=storage)
+    manifest = pd.read_parquet(tmp_path / "out" / "manifest.parquet")
+    got = dict(zip(manifest["url"].str.rsplit("/", n=1).str[-1], manifest["status"], strict=True))
+    assert got == {"a.png": "ok", "fake.jpg": "not_image", "b.PNG": "ok", "c.png": "ok"}
+    assert manifest.loc[manifest["source"] == "folder", "src_file"].tolist() == ["a.png", "fake.jpg", "sub/b.PNG"]
+    assert manifest["sha256"].dropna().nunique() == 3
+
+
+def test_tls_is_verified_by_default(tmp_path):
+    """A self-signed HTTPS server on 127.0.0.1: refused unless verify_tls is switched off."""
+    import ssl
+    import subprocess
+    import threading
+    from http.server import ThreadingHTTPServer
+
+    from tests.http_fixtures import Handler
+
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=127.0.0.1",
+            "-keyout",
+            str(tmp_path / "key.pem"),
+            "-out",
+            str(tmp_path / "cert.pem"),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(tmp_path / "cert.pem", tmp_path / "key.pem")
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"https://127.0.0.1:{server.server_address[1]}/red.png"
+        run_download(params_for(tmp_path / "strict", [url], retries=0), progress=False)
+        assert outcomes(tmp_path / "strict") == {"red.png": "tls_error"}
+        run_download(params_for(tmp_path / "lax", [url], verify_tls=False), progress=False)
+        assert outcomes(tmp_path / "lax") == {"red.png": "ok"}
+    finally:
+        server.shutdown()
+
+
+def test_per_host_rate_spaces_requests(server, tmp_path):
+    """Politeness, not speed: no two requests to one host closer than 1/rate (a lower bound only)."""
+    urls = [f"{server.url}/n/{k}.png" for k in range(8)]
+    run_download(params_for(tmp_path, urls, per_host_rate=10.0, concurrency=8), progress=False)
+    arrivals = sorted(server.server.RequestHandlerClass.arrivals)
+    gaps = [b - a for a, b in itertools.pairwise(arrivals)]
+    assert len(arrivals) == 8 and min(gaps) >= 0.09

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import email.utils
 import ipaddress
+import os
 import random
 import socket
 import time
@@ -58,6 +59,7 @@ class FetchSettings:
     allow_networks: tuple[str, ...] = ()
     robots_optout: tuple[str, ...] = ("noai", "noimageai")
     user_agent: str = "Easel/0.1"
+    s3: object | None = None  # components.storage.S3Settings, for s3:// sources
 
 
 @dataclass
@@ -184,6 +186,7 @@ class Fetcher:
         self._allowed = [ipaddress.ip_network(n, strict=False) for n in settings.allow_networks]
         self._rng = random.Random(rng_seed)
         self._hosts = HostLimiter(settings.per_host_concurrency, settings.per_host_rate)
+        self._s3 = None
 
     async def _one_attempt(self, session: aiohttp.ClientSession, url: str) -> FetchResult:
         """A single request chain (following redirects); no retries here."""
@@ -233,15 +236,59 @@ class Fetcher:
                     return FetchResult(url, "too_large", f"body exceeds {s.max_bytes} bytes", **base)
                 chunks.append(chunk)
             body = b"".join(chunks)
+        return self._checked_body(url, body, resp.headers.get("Content-Type", "?"), **base)
+
+    def _checked_body(self, url: str, body: bytes, declared: str, **base) -> FetchResult:
         image_type = sniff_image_type(body[:32])
         if image_type is None:
-            declared = resp.headers.get("Content-Type", "?")
             return FetchResult(url, "not_image", f"bytes are not an image (declared {declared})", **base)
         return FetchResult(url, "ok", None, content=body, image_type=image_type, **base)
 
+    def _read_local(self, url: str) -> FetchResult:
+        """A file:// URL from a local-folder source (configured by the user, so no address checks)."""
+        from urllib.parse import unquote
+
+        path = unquote(urlsplit(url).path)
+        try:
+            size = os.path.getsize(path)
+            if size > self.settings.max_bytes:
+                return FetchResult(url, "too_large", f"{size} bytes > {self.settings.max_bytes}")
+            with open(path, "rb") as fh:
+                body = fh.read()
+        except OSError as exc:
+            return FetchResult(url, "read_error", f"{type(exc).__name__}: {exc.strerror or exc}")
+        return self._checked_body(url, body, "a local file")
+
+    def _read_s3(self, url: str) -> FetchResult:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        from components.storage import make_client
+
+        if self._s3 is None:
+            if self.settings.s3 is None:
+                return FetchResult(url, "invalid_url", "s3:// URL but no S3 settings")
+            self._s3 = make_client(self.settings.s3)
+        bucket, _, key = url[len("s3://") :].partition("/")
+        try:
+            obj = self._s3.get_object(Bucket=bucket, Key=key)
+            if obj["ContentLength"] > self.settings.max_bytes:
+                obj["Body"].close()
+                return FetchResult(url, "too_large", f"{obj['ContentLength']} bytes > {self.settings.max_bytes}")
+            body = obj["Body"].read()
+        except ClientError as exc:
+            code = exc.response.get("Error", {}).get("Code", "error")
+            return FetchResult(url, "http_404" if code in ("NoSuchKey", "404") else f"s3_{code}", str(exc)[:300])
+        except BotoCoreError as exc:
+            return FetchResult(url, "connection_error", str(exc)[:300])
+        return self._checked_body(url, body, obj.get("ContentType", "?"))
+
     async def fetch(self, session: aiohttp.ClientSession, url: str) -> FetchResult:
-        """Fetch one URL with retries on transient failures."""
+        """Fetch one URL with retries on transient failures (file:// and s3:// read directly)."""
         s = self.settings
+        if url.startswith("file://"):
+            return await asyncio.to_thread(self._read_local, url)
+        if url.startswith("s3://"):
+            return await asyncio.to_thread(self._read_s3, url)
         attempt = 0
         while True:
             attempt += 1
@@ -250,6 +297,8 @@ class Fetcher:
                     result = await self._one_attempt(session, url)
             except TimeoutError:
                 result = FetchResult(url, "timeout", f"no complete response in {s.total_timeout_s:g} s")
+            except (aiohttp.ClientConnectorCertificateError, aiohttp.ClientSSLError) as exc:
+                return FetchResult(url, "tls_error", str(exc)[:300], attempts=attempt)
             except aiohttp.ClientConnectorError as exc:
                 if isinstance(exc.os_error, RefusedAddress):
                     return FetchResult(url, "private_address", str(exc.os_error), attempts=attempt)

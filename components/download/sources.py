@@ -1,4 +1,5 @@
-"""Read URL lists: CSV, TSV, JSON, JSONL and Parquet (gzip allowed), one named source each.
+"""Read sources: URL lists (CSV, TSV, JSON, JSONL, Parquet; gzip allowed), local folders and
+s3:// prefixes, one named source each.
 
 Every input row is kept (with its row number and extra columns such as title or caption), so the
 manifest can account for each one, including rows with no URL at all.
@@ -6,6 +7,7 @@ manifest can account for each one, including rows with no URL at all.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pandas as pd
@@ -62,9 +64,43 @@ def join_url(value: object, prefix: str | None) -> str | None:
     return prefix.rstrip("/") + "/" + text.lstrip("/")
 
 
-def read_source(spec: SourceParams) -> pd.DataFrame:
-    """One source as a frame: source, row, url (joined; None when empty), then its other columns."""
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff", ".avif"}
+
+
+def _frame(name: str, urls: list, extras: pd.DataFrame) -> pd.DataFrame:
+    extras = extras.astype("string")
+    extras.columns = [f"src_{c}" for c in extras.columns]
+    frame = pd.DataFrame({"source": name, "row": range(len(urls)), "url": urls})
+    return pd.concat([frame, extras.reset_index(drop=True)], axis=1)
+
+
+def read_folder(spec: SourceParams) -> pd.DataFrame:
+    """A local folder as a source: every image file below it (by suffix), as a file:// URL."""
+    root = Path(spec.path).resolve()
+    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    rel = [p.relative_to(root).as_posix() for p in files]
+    return _frame(spec.name, [p.as_uri() for p in files], pd.DataFrame({"file": rel}))
+
+
+def read_s3_prefix(spec: SourceParams, list_keys: Callable[[str, str], list[str]] | None) -> pd.DataFrame:
+    """An s3://bucket/prefix source: every image object under the prefix."""
+    if list_keys is None:
+        raise EaselError(f"source {spec.name!r}: s3:// sources need the storage settings (run through `easel`)")
+    bucket, _, prefix = spec.path[len("s3://") :].partition("/")
+    keys = [k for k in list_keys(bucket, prefix) if Path(k).suffix.lower() in IMAGE_SUFFIXES]
+    return _frame(spec.name, [f"s3://{bucket}/{k}" for k in keys], pd.DataFrame({"key": keys}))
+
+
+def read_source(spec: SourceParams, list_keys: Callable[[str, str], list[str]] | None = None) -> pd.DataFrame:
+    """One source as a frame: source, row, url (joined; None when empty), then its other columns.
+
+    A source is a URL list file, a local folder of images, or an s3://bucket/prefix.
+    """
+    if spec.path.startswith("s3://"):
+        return read_s3_prefix(spec, list_keys)
     path = Path(spec.path)
+    if path.is_dir():
+        return read_folder(spec)
     table = read_table(path)
     if spec.url_column not in table.columns:
         raise EaselError(
@@ -72,12 +108,9 @@ def read_source(spec: SourceParams) -> pd.DataFrame:
             f"columns are: {', '.join(map(str, table.columns))}"
         )
     urls = [join_url(v, spec.url_prefix) for v in table[spec.url_column].tolist()]
-    extras = table.drop(columns=[spec.url_column]).astype("string")
-    extras.columns = [f"src_{c}" for c in extras.columns]
-    frame = pd.DataFrame({"source": spec.name, "row": range(len(table)), "url": urls})
-    return pd.concat([frame, extras.reset_index(drop=True)], axis=1)
+    return _frame(spec.name, urls, table.drop(columns=[spec.url_column]))
 
 
-def read_sources(specs: list[SourceParams]) -> pd.DataFrame:
-    frames = [read_source(spec) for spec in specs]
+def read_sources(specs: list[SourceParams], list_keys: Callable[[str, str], list[str]] | None = None) -> pd.DataFrame:
+    frames = [read_source(spec, list_keys) for spec in specs]
     return pd.concat(frames, ignore_index=True, sort=False)

@@ -13,6 +13,7 @@ workers that share the output folder.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import multiprocessing
@@ -25,7 +26,7 @@ from pathlib import Path
 import pandas as pd
 from tqdm import tqdm
 
-from components.config import DownloadParams
+from components.config import DownloadParams, StorageParams
 from components.download.fetch import TRANSIENT_STATUSES, FetchSettings
 from components.download.journal import load_journal
 from components.download.sources import read_sources
@@ -57,6 +58,23 @@ def settings_from_params(params: DownloadParams) -> FetchSettings:
         robots_optout=tuple(t.lower() for t in params.robots_optout),
         user_agent=params.user_agent,
     )
+
+
+def _s3_access(storage: StorageParams):
+    """S3 settings for the endpoint in use, and a lister of keys under a prefix."""
+    from components.storage import make_client, resolve_settings, storage_errors
+
+    settings = resolve_settings(storage)
+    client = make_client(settings)
+
+    def list_keys(bucket: str, prefix: str) -> list[str]:
+        keys: list[str] = []
+        with storage_errors(settings, f"listing s3://{bucket}/{prefix}"):
+            for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+                keys += [obj["Key"] for obj in page.get("Contents", [])]
+        return sorted(keys)
+
+    return settings, list_keys
 
 
 def shard_of(url: str, shards: int) -> int:
@@ -137,10 +155,18 @@ def run_download(
     progress: bool = True,
     shard: tuple[int, int] | None = None,
     write_manifest: bool = True,
+    storage: StorageParams | None = None,
 ) -> DownloadSummary:
+    """Fetch what is missing and write the manifest. `storage` is needed for s3:// sources."""
     started = time.perf_counter()
     out_dir = Path(params.out_dir)
-    inputs = read_sources(params.sources)
+    s3_settings = None
+    list_keys = None
+    if any(s.path.startswith("s3://") for s in params.sources):
+        if storage is None:
+            raise EaselError("download: s3:// sources need the storage settings")
+        s3_settings, list_keys = _s3_access(storage)
+    inputs = read_sources(params.sources, list_keys)
     ImageStore(out_dir / "images").remove_partials()
     records = load_journal(out_dir / "journal")
     wanted = list(dict.fromkeys(u for u in inputs["url"] if pd.notna(u)))
@@ -149,7 +175,8 @@ def run_download(
     workers = max(1, min(params.workers, len(todo) // MIN_URLS_PER_WORKER))
     log.info("%d rows, %d distinct URLs, %d to fetch with %d worker(s)", len(inputs), len(wanted), len(todo), workers)
     if todo:
-        _fetch(out_dir, todo, settings_from_params(params), workers, progress)
+        settings = dataclasses.replace(settings_from_params(params), s3=s3_settings)
+        _fetch(out_dir, todo, settings, workers, progress)
         records = load_journal(out_dir / "journal")
     manifest = build_manifest(inputs, records)
     statuses = dict(Counter(manifest["status"]))
