@@ -91,7 +91,6 @@ def run_caption(
     params: CaptionParams,
     models: ModelsParams,
     validate_dir: Path,
-    download_dir: Path,
     metrics_path: Path | None = None,
     progress: bool = True,
 ) -> CaptionSummary:
@@ -114,7 +113,7 @@ def run_caption(
             images, shas = [], []
             for r in batch:
                 try:
-                    images.append(load_rgb(download_dir / r.path))
+                    images.append(load_rgb(r.image_path))
                     shas.append(r.sha256)
                 except Exception as exc:  # a file that decoded in validate but not now: report, skip
                     failures[r.sha256] = f"{type(exc).__name__}: {exc}"
@@ -125,7 +124,7 @@ def run_caption(
     rows = [
         {
             "sha256": r.sha256,
-            "path": r.path,
+            "image_path": r.image_path,
             "caption": cache.get(key, r.sha256),
             "captioner": key,
             "error": failures.get(r.sha256),
@@ -137,7 +136,7 @@ def run_caption(
     if captioned.empty:
         raise EaselError("caption: no image could be captioned; see the errors in the log")
     atomic_write_parquet(out_dir / "captions.parquet", captioned)
-    cards = [report.card(thumbnail(download_dir / r.path), r.caption) for r in captioned.itertuples()]
+    cards = [report.card(thumbnail(r.image_path), r.caption) for r in captioned.itertuples()]
     report_path = report.write_html(
         out_dir / "report.html",
         "Easel captions",

@@ -85,9 +85,13 @@ def cmd_validate(args) -> int:
 
     params = _load(args)
     summary = run_validate(
-        params.validate_, Path(params.download.out_dir), _metrics("validate"), progress=_progress(args)
+        params.validate_,
+        Path(params.download.out_dir),
+        _metrics("validate"),
+        progress=_progress(args),
+        models=params.models,
     )
-    print(f"validate: {summary.accepted} accepted, {summary.rejected} rejected of {summary.images} images")
+    print(f"validate: {summary.accepted} accepted, {summary.rejected} rejected of {summary.rows} images")
     for rule, count in sorted(summary.per_rule.items()):
         print(f"  rejected by {rule}: {count}")
     print(f"report: {summary.report}")
@@ -102,7 +106,6 @@ def cmd_caption(args) -> int:
         params.caption,
         params.models,
         Path(params.validate_.out_dir),
-        Path(params.download.out_dir),
         _metrics("caption"),
         progress=_progress(args),
     )
@@ -119,7 +122,6 @@ def cmd_train(args) -> int:
         params.train,
         params.models,
         Path(params.caption.out_dir),
-        Path(params.download.out_dir),
         _metrics("train"),
         PLOTS_DIR / "train",
         progress=_progress(args),

@@ -108,24 +108,59 @@ class DownloadParams(Section):
         return self
 
 
+class AssumeDpi(Section):
+    assume: float = Field(gt=0)
+
+
+class NearDuplicateParams(Section):
+    enabled: bool = True
+    max_distance: int = Field(4, ge=0, le=16)  # pHash bits that may differ (of 64)
+
+
+class CurateParams(Section):
+    enabled: bool = False
+    keep_top_share: float | None = Field(None, gt=0, le=1)  # keep the best share of accepted images
+    min_aesthetic: float | None = None  # and/or those scoring at least this
+    batch_size: int = Field(16, ge=1)
+
+    @model_validator(mode="after")
+    def _a_criterion(self) -> CurateParams:
+        if self.enabled and self.keep_top_share is None and self.min_aesthetic is None:
+            raise ValueError("curate is enabled but sets neither keep_top_share nor min_aesthetic")
+        return self
+
+
 class ValidateParams(Section):
     out_dir: str = "data/validate"
-    min_width: int = Field(512, ge=1)
-    max_width: int = Field(1024, ge=1)
-    min_height: int = Field(512, ge=1)
-    max_height: int = Field(1024, ge=1)
+    min_short_side: int = Field(512, ge=1)
+    max_short_side: int = Field(1024, ge=1)
+    min_long_side: int = Field(512, ge=1)
+    max_long_side: int = Field(1024, ge=1)
+    min_aspect_ratio: float = Field(0.25, gt=0)  # width / height
+    max_aspect_ratio: float = Field(4.0, gt=0)
     min_dpi: float = Field(96, ge=0)
-    missing_dpi: Literal["reject", "accept"] = "reject"
+    missing_dpi: Literal["reject", "accept"] | AssumeDpi = "reject"
     min_kb_per_pixel: float = Field(0.0005, ge=0)
+    allowed_formats: list[str] = ["JPEG", "MPO", "PNG", "WEBP", "TIFF", "BMP", "GIF", "AVIF"]
+    allowed_modes: list[str] = ["RGB", "RGBA", "L", "LA", "P", "PA", "CMYK", "YCbCr", "I;16", "I;16B", "I;16L", "I"]
+    allow_animated: bool = False
+    caption_column: str | None = "caption"  # a source with this column must fill it for every image
+    near_duplicates: NearDuplicateParams = NearDuplicateParams()
     max_image_pixels: int = Field(40_000_000, gt=0)
-    min_accepted: int = Field(1, ge=1)
+    min_accepted: int = Field(1, ge=0)
+    min_accepted_share: float = Field(0.0, ge=0, le=1)
+    workers: int = Field(1, ge=1, le=256)
+    curate: CurateParams = CurateParams()
 
     @model_validator(mode="after")
     def _ranges(self) -> ValidateParams:
-        if self.min_width > self.max_width:
-            raise ValueError(f"min_width ({self.min_width}) is above max_width ({self.max_width})")
-        if self.min_height > self.max_height:
-            raise ValueError(f"min_height ({self.min_height}) is above max_height ({self.max_height})")
+        for low, high in (
+            ("min_short_side", "max_short_side"),
+            ("min_long_side", "max_long_side"),
+            ("min_aspect_ratio", "max_aspect_ratio"),
+        ):
+            if getattr(self, low) > getattr(self, high):
+                raise ValueError(f"{low} ({getattr(self, low)}) is above {high} ({getattr(self, high)})")
         return self
 
 

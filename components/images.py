@@ -11,6 +11,7 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 from PIL import Image, ImageOps
 
 DEFAULT_MAX_PIXELS = 40_000_000
@@ -26,7 +27,8 @@ class ImageHeader:
     error: str | None = None  # why the header could not be read
 
 
-def _dpi(info: dict) -> float | None:
+def dpi_from_info(info: dict) -> float | None:
+    """DPI as Pillow reports it (JFIF, PNG pHYs and TIFF units converted to inches); None if unset."""
     dpi = info.get("dpi")
     if not dpi:
         return None
@@ -40,7 +42,8 @@ def _dpi(info: dict) -> float | None:
     return round(smallest, 1) if smallest > 0 else None
 
 
-def _open(source: Path | bytes, max_pixels: int) -> Image.Image:
+def open_guarded(source: Path | str | bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Image.open with a decompression-bomb limit: a bigger declared size raises before decoding."""
     Image.MAX_IMAGE_PIXELS = max_pixels
     fp = io.BytesIO(source) if isinstance(source, bytes | bytearray) else source
     with warnings.catch_warnings():
@@ -52,37 +55,48 @@ def _open(source: Path | bytes, max_pixels: int) -> Image.Image:
 def read_header(source: Path | bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> ImageHeader:
     """Format, size, mode and DPI from the header alone; `error` says why if unreadable."""
     try:
-        with _open(source, max_pixels) as im:
-            return ImageHeader(im.format, im.width, im.height, im.mode, _dpi(im.info))
+        with open_guarded(source, max_pixels) as im:
+            return ImageHeader(im.format, im.width, im.height, im.mode, dpi_from_info(im.info))
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         return ImageHeader(None, None, None, None, None, f"decompression_bomb: {exc}")
     except (OSError, SyntaxError, ValueError) as exc:
         return ImageHeader(None, None, None, None, None, f"unreadable header: {exc}")
 
 
-def verify_decode(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> str | None:
-    """Decode the whole stream once (JPEG at 1/8 scale, still every byte); None if it decodes."""
-    try:
-        with _open(path, max_pixels) as im:
-            if im.format == "JPEG":
-                im.draft("RGB", (max(1, im.width // 8), max(1, im.height // 8)))
-            im.load()
-        return None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        return f"decompression_bomb: {exc}"
-    except (OSError, SyntaxError, ValueError) as exc:
-        return f"{type(exc).__name__}: {exc}"
+HIGH_BIT_MODES = ("I;16", "I;16B", "I;16L", "I")
+
+
+def to_8bit(image: Image.Image) -> Image.Image:
+    """16- or 32-bit integer images scaled to 8-bit L (Pillow's own conversion clips them)."""
+    if image.mode not in HIGH_BIT_MODES:
+        return image
+    array = np.asarray(image, dtype=np.float32)
+    return Image.fromarray((255 * array / max(float(array.max()), 1.0)).astype(np.uint8))
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Training-ready RGB: EXIF orientation applied; transparency flattened on white; 16-bit scaled;
+    CMYK converted through its embedded ICC profile when it has one."""
+    image = to_8bit(ImageOps.exif_transpose(image))
+    if image.mode == "CMYK" and image.info.get("icc_profile"):
+        from PIL import ImageCms
+
+        try:
+            source = ImageCms.ImageCmsProfile(io.BytesIO(image.info["icc_profile"]))
+            return ImageCms.profileToProfile(image, source, ImageCms.createProfile("sRGB"), outputMode="RGB")
+        except (ImageCms.PyCMSError, OSError):
+            pass  # a broken profile: fall back to Pillow's plain conversion
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        image = image.convert("RGBA")
+        background = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, image)
+    return image.convert("RGB")
 
 
 def load_rgb(path: Path | str, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """Decode to RGB with EXIF orientation applied (for captioning and training)."""
-    with _open(Path(path), max_pixels) as im:
-        im = ImageOps.exif_transpose(im)
-        if im.mode in ("RGBA", "LA", "P"):
-            im = im.convert("RGBA")
-            background = Image.new("RGBA", im.size, (255, 255, 255, 255))
-            im = Image.alpha_composite(background, im)
-        return im.convert("RGB")
+    """Decode to training-ready RGB (see to_rgb), for captioning, training and scoring."""
+    with open_guarded(Path(path), max_pixels) as im:
+        return to_rgb(im)
 
 
 def thumbnail(path: Path | str, size: int = 160) -> Image.Image | None:

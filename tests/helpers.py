@@ -47,5 +47,6 @@ def accepted_set(root, count: int = 4, size=(96, 80)):
     manifest = pd.read_parquet(download / "manifest.parquet")
     validate = root / "validate"
     validate.mkdir(parents=True, exist_ok=True)
-    manifest[["sha256", "path", "url", "source"]].to_parquet(validate / "accepted.parquet")
+    manifest["image_path"] = [str(download / p) for p in manifest["path"]]
+    manifest[["sha256", "path", "image_path", "url", "source"]].to_parquet(validate / "accepted.parquet")
     return download, validate

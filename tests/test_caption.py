@@ -11,16 +11,16 @@ from tests.test_models import tiny_params
 
 
 def test_captions_are_cached_and_config_changes_recompute(tmp_path, tiny_models):
-    download, validate = accepted_set(tmp_path, count=5)
+    _, validate = accepted_set(tmp_path, count=5)
     params = CaptionParams(out_dir=str(tmp_path / "caption"), batch_size=2, max_new_tokens=8)
     models = tiny_params(tiny_models)
-    first = run_caption(params, models, validate, download, tmp_path / "m.json", progress=False)
+    first = run_caption(params, models, validate, tmp_path / "m.json", progress=False)
     assert (first.computed, first.cached, first.failed) == (5, 0, 0)
     table = pd.read_parquet(tmp_path / "caption" / "captions.parquet")
     assert len(table) == 5 and table["caption"].str.len().gt(0).all()
-    again = run_caption(params, models, validate, download, progress=False)
+    again = run_caption(params, models, validate, progress=False)
     assert (again.computed, again.cached) == (0, 5)  # same config: nothing recomputed
-    changed = run_caption(params.model_copy(update={"max_new_tokens": 4}), models, validate, download, progress=False)
+    changed = run_caption(params.model_copy(update={"max_new_tokens": 4}), models, validate, progress=False)
     assert changed.computed == 5  # a new captioner config recomputes
     assert json.loads((tmp_path / "m.json").read_text())["captioned"] == 5
 
@@ -30,7 +30,7 @@ def test_a_file_that_no_longer_decodes_is_reported_and_skipped(tmp_path, tiny_mo
     accepted = pd.read_parquet(validate / "accepted.parquet")
     (download / accepted["path"][1]).write_bytes(b"\x89PNG\r\n\x1a\ncorrupt")
     summary = run_caption(
-        CaptionParams(out_dir=str(tmp_path / "caption")), tiny_params(tiny_models), validate, download, progress=False
+        CaptionParams(out_dir=str(tmp_path / "caption")), tiny_params(tiny_models), validate, progress=False
     )
     assert (summary.computed, summary.failed) == (2, 1)
     table = pd.read_parquet(tmp_path / "caption" / "captions.parquet")

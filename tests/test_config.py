@@ -26,7 +26,8 @@ def test_repo_params_load_with_tiny_profile():
     assert params.profile == "tiny"
     assert params.models.sdxl == ".easel/models/tiny/sdxl"
     assert params.train.resolution == 64  # from the profile, over the section's 1024
-    assert params.validate_.min_width == 512 and params.validate_.min_dpi == 96
+    assert params.validate_.min_short_side == 512 and params.validate_.max_long_side == 1024
+    assert params.validate_.min_dpi == 96
     assert params.validate_.min_kb_per_pixel == 0.0005
 
 
@@ -94,8 +95,8 @@ def test_profile_must_set_every_tracked_section(tmp_path):
 
 def test_inverted_range_is_refused(tmp_path):
     data = repo_params()
-    data["validate"]["min_width"] = 2000
-    with pytest.raises(ConfigError, match=r"min_width .* is above max_width"):
+    data["validate"]["min_short_side"] = 2000
+    with pytest.raises(ConfigError, match=r"min_short_side .* is above max_short_side"):
         load_params(write(tmp_path, data))
 
 
@@ -103,4 +104,20 @@ def test_bad_network_in_allow_list(tmp_path):
     data = repo_params()
     data["download"]["allow_networks"] = ["not-a-network"]
     with pytest.raises(ConfigError, match=r"download\.allow_networks: .*not an IP network"):
+        load_params(write(tmp_path, data))
+
+
+def test_missing_dpi_policy_forms(tmp_path):
+    data = repo_params()
+    data["validate"]["missing_dpi"] = {"assume": 72}
+    assert load_params(write(tmp_path, data)).validate_.missing_dpi.assume == 72
+    data["validate"]["missing_dpi"] = "guess"
+    with pytest.raises(ConfigError, match=r"validate\.missing_dpi"):
+        load_params(write(tmp_path, data))
+
+
+def test_curation_needs_a_criterion(tmp_path):
+    data = repo_params()
+    data["validate"]["curate"]["enabled"] = True
+    with pytest.raises(ConfigError, match="sets neither keep_top_share nor min_aesthetic"):
         load_params(write(tmp_path, data))

@@ -27,7 +27,7 @@ def test_flow_runs_stages_as_tasks_and_pushes(harness, project_factory, s3_serve
     runs = easel_pipeline(stages=["download", "validate"], project_dir=str(project))
     assert [(r.stage, r.ran) for r in runs] == [("download", True), ("validate", True)]
     markdown = summary_artifact()
-    assert "validate: accepted / rejected | 9 / 6" in markdown
+    assert "validate: accepted / rejected | 9 / 8" in markdown
     bucket = __import__("yaml").safe_load((project / "params.yaml").read_text())["storage"]["bucket"]
     listed = make_client(s3_server.settings()).list_objects_v2(Bucket=bucket, Prefix="dvc/")
     assert listed.get("KeyCount", 0) > 0  # dvc push put the data in the S3 remote
@@ -38,7 +38,7 @@ def test_flow_runs_stages_as_tasks_and_pushes(harness, project_factory, s3_serve
 
 def test_a_failing_stage_fails_the_flow_and_the_artifact_says_so(harness, project_factory):
     project = project_factory("flowfail", {"validate.min_accepted": 100})
-    with pytest.raises(Exception, match="only 9 of 15 images passed"):
+    with pytest.raises(Exception, match="only 9 of 17 images passed"):
         easel_pipeline(stages=["download", "validate"], project_dir=str(project), push_to_remote=False)
     assert "**Failed:** stage validate failed" in summary_artifact()
 

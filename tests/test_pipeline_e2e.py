@@ -32,14 +32,17 @@ def test_dvc_repro_runs_all_six_stages_then_nothing(project_factory, s3_server):
     assert len(manifest) == 20  # every input row of both sources, whatever happened to it
     assert manifest["status"].value_counts().to_dict() == {"ok": 17, "not_image": 1, "http_404": 1, "missing_url": 1}
     validate = json.loads((project / "data/metrics/validate.json").read_text())
-    assert (validate["accepted"], validate["rejected"]) == (9, 6)
-    assert validate["rejected_by_rule"] == {
+    # 17 downloaded rows: astronaut.png is listed three times (twice at one URL, once at a mirror).
+    assert (validate["images"], validate["accepted"], validate["rejected"]) == (17, 9, 8)
+    failing = {rule: n for rule, n in validate["rejected_by_rule"].items() if n}
+    assert failing == {
         "decodable": 1,
-        "width": 2,
-        "height": 2,
+        "short_side": 2,
+        "long_side": 2,
         "dpi": 1,
         "dpi_missing": 1,
         "kb_per_pixel": 1,
+        "exact_duplicate": 2,
     }
     assert len(pd.read_parquet(project / "data/caption/captions.parquet")) == 9
     assert (project / "data/train/model/unet/diffusion_pytorch_model.safetensors").is_file()
@@ -73,7 +76,7 @@ def test_a_stage_that_fails_says_why_through_dvc(project_factory):
     project = project_factory("strict", {"validate.min_accepted": 100})
     proc = sh(["dvc", "repro", "validate"], project, check=False)
     assert proc.returncode != 0
-    assert "only 9 of 15 images passed (validate.min_accepted is 100)" in proc.stderr + proc.stdout
+    assert "only 9 of 17 images passed (53%; validate.min_accepted is 100" in proc.stderr + proc.stdout
     assert (project / "data/validate/report.html").is_file()  # the report is there to read why
 
 

@@ -28,7 +28,7 @@ def captioned_set(tmp_path, count=4):
 
 
 def test_train_saves_a_pipeline_that_reloads_and_generates(tmp_path, tiny_models):
-    download, captions = captioned_set(tmp_path)
+    _, captions = captioned_set(tmp_path)
     params = TrainParams(
         out_dir=str(tmp_path / "train"), resolution=64, max_train_steps=6, train_batch_size=2, learning_rate=1e-4
     )
@@ -36,7 +36,6 @@ def test_train_saves_a_pipeline_that_reloads_and_generates(tmp_path, tiny_models
         params,
         tiny_params(tiny_models),
         captions,
-        download,
         tmp_path / "train.json",
         tmp_path / "plots",
         progress=False,
@@ -66,7 +65,7 @@ def test_train_saves_a_pipeline_that_reloads_and_generates(tmp_path, tiny_models
 
 
 def test_nan_loss_stops_with_a_clear_message_and_saves_nothing(tmp_path, tiny_models):
-    download, captions = captioned_set(tmp_path, count=2)
+    _, captions = captioned_set(tmp_path, count=2)
     params = TrainParams(
         out_dir=str(tmp_path / "train"),
         resolution=64,
@@ -76,7 +75,7 @@ def test_nan_loss_stops_with_a_clear_message_and_saves_nothing(tmp_path, tiny_mo
         max_grad_norm=1e30,
     )
     with pytest.raises(EaselError, match="the loss became nan"):
-        run_train(params, tiny_params(tiny_models), captions, download, progress=False)
+        run_train(params, tiny_params(tiny_models), captions, progress=False)
     assert not (tmp_path / "train" / "model").exists()
 
 

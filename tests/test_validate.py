@@ -1,9 +1,13 @@
-"""The validate stage: metadata from headers, a real GX suite, every failed rule listed."""
+"""The validate stage on a corpus of awkward files: each ends accepted or rejected with the
+right reasons, none crashes the stage, and the accepted copies are ready for training."""
 
+import hashlib
+import io
 import json
 import struct
 import zlib
 
+import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
@@ -11,6 +15,8 @@ from PIL import Image
 from components.config import ValidateParams
 from components.errors import EaselError
 from components.validate import run_validate
+from components.validate.dedupe import near_duplicate_groups
+from components.validate.inspect import hamming
 from tests.helpers import encode, make_download_dir, noise
 
 
@@ -21,79 +27,221 @@ def png_bomb(width: int = 100_000, height: int = 100_000) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
 
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return (
-        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 16)) + chunk(b"IEND", b"")
-    )
+    idat = chunk(b"IDAT", zlib.compress(b"\x00" * 16))
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + idat + chunk(b"IEND", b"")
+
+
+def jpeg_dots_per_cm(image: Image.Image, per_cm: int) -> bytes:
+    data = bytearray(encode(image, "JPEG", quality=95, dpi=(300, 300)))
+    i = data.find(b"JFIF\x00")
+    data[i + 7] = 2  # JFIF units: dots per centimetre
+    data[i + 8 : i + 12] = struct.pack(">HH", per_cm, per_cm)
+    return bytes(data)
+
+
+def photo(name: str, size: int) -> Image.Image:
+    import skimage.data
+
+    return Image.fromarray(getattr(skimage.data, name)()).convert("RGB").resize((size, size))
 
 
 def corpus() -> dict[str, bytes]:
     good = encode(noise(600, 600), "PNG", dpi=(96, 96))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    palette = noise(640, 600, 9).convert("P", palette=Image.ADAPTIVE, colors=64)
+    sixteen = Image.fromarray((np.random.default_rng(3).integers(0, 65535, (600, 620))).astype(np.uint16))
+    frames = [noise(600, 600, s).convert("P") for s in (20, 21)]
+    gif = io.BytesIO()
+    frames[0].save(gif, "GIF", save_all=True, append_images=frames[1:], duration=100)
     return {
         "good.png": good,
-        "good-jpeg.jpg": encode(noise(700, 520, 1), "JPEG", quality=95, dpi=(300, 300)),
+        "good-copy.png": good,  # the same bytes again: an exact duplicate
+        "jpeg-300dpi.jpg": encode(noise(700, 520, 1), "JPEG", quality=95, dpi=(300, 300)),
         "small.png": encode(noise(300, 300, 2), "PNG", dpi=(96, 96)),
         "wide.png": encode(noise(1100, 600, 3), "PNG", dpi=(96, 96)),
         "lowdpi.png": encode(noise(600, 600, 4), "PNG", dpi=(72, 72)),
         "nodpi.png": encode(noise(600, 600, 5), "PNG"),
         "flat.jpg": encode(Image.new("RGB", (800, 800), (120, 120, 120)), "JPEG", quality=30, dpi=(96, 96)),
-        "truncated.png": good[: len(good) // 2],
+        "zero.png": b"",
+        "html.jpg": b"<!doctype html><html><body>not an image</body></html>",
+        "truncated.jpg": encode(noise(640, 640, 6), "JPEG", quality=95, dpi=(96, 96))[:60_000],
         "bomb.png": png_bomb(),
-        "tiny-and-72dpi.png": encode(noise(100, 80, 6), "PNG", dpi=(72, 72)),
+        "cmyk.jpg": encode(noise(600, 600, 7).convert("CMYK"), "JPEG", quality=95, dpi=(96, 96)),
+        "sixteen-bit.png": encode(sixteen, "PNG", dpi=(96, 96)),
+        "palette-transparent.png": encode(palette, "PNG", dpi=(96, 96), transparency=0),
+        "rotated.jpg": encode(noise(800, 600, 8), "JPEG", quality=95, dpi=(96, 96), exif=exif.tobytes()),
+        "dots-per-cm.jpg": jpeg_dots_per_cm(noise(600, 600, 10), 118),
+        "animated.gif": gif.getvalue(),
+        "astronaut-big.png": encode(photo("astronaut", 760), "PNG", dpi=(96, 96)),
+        "astronaut-small.png": encode(photo("astronaut", 600), "PNG", dpi=(96, 96)),
+        "coffee.png": encode(photo("coffee", 640), "PNG", dpi=(96, 96)),
     }
 
 
 def run(tmp_path, files=None, **kw):
     download = make_download_dir(tmp_path / "download", files or corpus())
-    params = ValidateParams(out_dir=str(tmp_path / "validate"), **kw)
+    params = ValidateParams(out_dir=str(tmp_path / "validate"), **({"min_accepted_share": 0.0} | kw))
     summary = run_validate(params, download, tmp_path / "metrics.json", progress=False)
     accepted = pd.read_parquet(tmp_path / "validate" / "accepted.parquet")
     rejected = pd.read_parquet(tmp_path / "validate" / "rejected.parquet")
     reasons = {u.rsplit("/", 1)[-1]: list(r) for u, r in zip(rejected["url"], rejected["reasons"], strict=True)}
-    return summary, {u.rsplit("/", 1)[-1] for u in accepted["url"]}, reasons
+    return summary, accepted, reasons
 
 
-def test_each_file_gets_every_rule_it_breaks(tmp_path):
+def name(url: str) -> str:
+    return url.rsplit("/", 1)[-1]
+
+
+def test_each_awkward_file_ends_with_the_right_verdict(tmp_path):
     _, accepted, reasons = run(tmp_path)
-    assert accepted == {"good.png", "good-jpeg.jpg"}
+    assert set(accepted["url"].map(name)) == {
+        "good.png",
+        "jpeg-300dpi.jpg",
+        "cmyk.jpg",
+        "sixteen-bit.png",
+        "palette-transparent.png",
+        "rotated.jpg",
+        "dots-per-cm.jpg",
+        "astronaut-big.png",
+        "coffee.png",
+    }
     assert reasons == {
-        "small.png": ["width", "height"],
-        "wide.png": ["width"],
+        "good-copy.png": ["exact_duplicate"],
+        "small.png": ["short_side", "long_side"],
+        "wide.png": ["long_side"],
         "lowdpi.png": ["dpi"],
         "nodpi.png": ["dpi_missing"],
         "flat.jpg": ["kb_per_pixel"],
-        "truncated.png": ["decodable"],
-        "bomb.png": ["decodable"],  # refused before decoding; size unknown, so only this rule
-        "tiny-and-72dpi.png": ["width", "height", "dpi"],
+        "zero.png": ["decodable"],
+        "html.jpg": ["decodable"],
+        "truncated.jpg": ["decodable", "kb_per_pixel"],  # its header's size vs the bytes that remain
+        "bomb.png": ["decodable"],  # refused before decoding; its size is unknown, so only this rule
+        "animated.gif": ["animated", "dpi_missing"],  # GIF has no DPI field
+        "astronaut-small.png": ["near_duplicate"],
     }
+    rejected = pd.read_parquet(tmp_path / "validate" / "rejected.parquet").set_index(accepted.columns[2])
+    near = rejected.loc[rejected.index.str.endswith("astronaut-small.png")].iloc[0]
+    assert near["near_duplicate_note"].endswith("kept one is larger (760x760 vs 600x600)")
+    assert "astronaut-big.png" in near["near_duplicate_note"]
+    dup = rejected.loc[rejected.index.str.endswith("good-copy.png")].iloc[0]
+    assert dup["duplicate_of"].endswith("/good.png")
+    bomb = rejected.loc[rejected.index.str.endswith("bomb.png")].iloc[0]
+    assert bomb["decode_error"].startswith("decompression_bomb")
+
+
+def test_metadata_comes_from_headers_with_units_converted(tmp_path):
+    _, accepted, _ = run(tmp_path)
+    rows = accepted.set_index(accepted["url"].map(name))
+    assert rows.loc["dots-per-cm.jpg", "dpi"] == pytest.approx(299.7, abs=0.1)  # 118 dots/cm
+    assert (rows.loc["jpeg-300dpi.jpg", "format"], rows.loc["jpeg-300dpi.jpg", "mode"]) == ("JPEG", "RGB")
+    assert rows.loc["rotated.jpg", "exif_orientation"] == 6
+    assert rows.loc["cmyk.jpg", "mode"] == "CMYK" and rows.loc["sixteen-bit.png", "mode"] == "I;16"
+    assert rows.loc["jpeg-300dpi.jpg", "aspect_ratio"] == pytest.approx(700 / 520)
+    assert rows.loc["good.png", "kb_per_pixel"] == pytest.approx(rows.loc["good.png", "bytes"] / 1024 / 600**2)
+    assert all(len(h) == 16 for h in accepted["phash"])
+
+
+def test_accepted_copies_are_rgb_upright_and_the_raw_store_untouched(tmp_path):
+    _, accepted, _ = run(tmp_path)
+    rows = accepted.set_index(accepted["url"].map(name))
+    for converted in ("cmyk.jpg", "sixteen-bit.png", "palette-transparent.png", "rotated.jpg"):
+        path = rows.loc[converted, "image_path"]
+        assert path.startswith(str(tmp_path / "validate" / "images")), converted
+        with Image.open(path) as image:
+            assert image.mode == "RGB", converted
+            if converted == "rotated.jpg":
+                assert image.size == (600, 800)  # EXIF orientation 6 applied
+        raw = tmp_path / "download" / rows.loc[converted, "path"]
+        assert hashlib.sha256(raw.read_bytes()).hexdigest() == rows.loc[converted, "sha256"]  # raw untouched
+    assert rows.loc["good.png", "image_path"] == str(tmp_path / "download" / rows.loc["good.png", "path"])
+    with Image.open(rows.loc["palette-transparent.png", "image_path"]) as image:
+        assert image.getpixel((0, 0)) != (0, 0, 0)  # transparency flattened on white, not black
+
+
+def test_missing_dpi_policies(tmp_path):
+    files = {"nodpi.png": corpus()["nodpi.png"], "good.png": corpus()["good.png"]}
+    _, accepted, reasons = run(tmp_path / "accept", files, missing_dpi="accept")
+    assert len(accepted) == 2 and reasons == {}
+    _, _, reasons = run(tmp_path / "assume72", files, missing_dpi={"assume": 72})
+    assert reasons == {"nodpi.png": ["dpi"]}  # taken as 72 dpi, which is below 96
+    _, accepted, _ = run(tmp_path / "assume300", files, missing_dpi={"assume": 300})
+    assert len(accepted) == 2
+
+
+def test_caption_required_only_when_the_source_has_captions(tmp_path):
+    files = {f"img{i}.png": encode(noise(600, 600, 40 + i), "PNG", dpi=(96, 96)) for i in range(3)}
+    download = make_download_dir(tmp_path / "download", files)
+    manifest = pd.read_parquet(download / "manifest.parquet")
+    manifest["source"] = ["captioned", "captioned", "plain"]
+    manifest["src_caption"] = pd.array(["a cat", "  ", pd.NA], dtype="string")
+    manifest.to_parquet(download / "manifest.parquet")
+    params = ValidateParams(out_dir=str(tmp_path / "validate"), min_accepted_share=0)
+    run_validate(params, download, progress=False)
+    rejected = pd.read_parquet(tmp_path / "validate" / "rejected.parquet")
+    assert [(name(u), list(r)) for u, r in zip(rejected["url"], rejected["reasons"], strict=True)] == [
+        ("img1.png", ["caption_missing"])
+    ]
+
+
+def test_outputs_metrics_and_data_docs(tmp_path):
+    run(tmp_path)
     metrics = json.loads((tmp_path / "metrics.json").read_text())
-    assert metrics["accepted"] == 2 and metrics["rejected"] == 8
-    assert metrics["rejected_by_rule"]["width"] == 3
-    report = (tmp_path / "validate" / "report.html").read_text()
-    assert "Rejected images, by rule" in report and "data:image/png;base64" in report
+    assert (metrics["images"], metrics["accepted"], metrics["rejected"]) == (21, 9, 12)
+    assert metrics["rejected_by_rule"]["decodable"] == 4 and metrics["rejected_by_rule"]["near_duplicate"] == 1
+    docs = tmp_path / "validate" / "data_docs" / "index.html"
+    assert docs.is_file() and "easel_image_rules" in docs.read_text()
+    html = (tmp_path / "validate" / "report.html").read_text()
+    assert "Rejected images, by rule" in html and "near_duplicate" in html and "data_docs/index.html" in html
     gx = json.loads((tmp_path / "validate" / "gx_results.json").read_text())
-    assert len(gx["results"]) == 6 and gx["success"] is False
+    assert gx["success"] is False and len(gx["results"]) >= 12
 
 
-def test_missing_dpi_can_be_accepted_by_policy(tmp_path):
-    _, accepted, reasons = run(tmp_path, missing_dpi="accept")
-    assert "nodpi.png" in accepted and "dpi_missing" not in {r for rs in reasons.values() for r in rs}
+def test_the_accepted_share_floor_stops_a_broken_source(tmp_path):
+    files = {k: v for k, v in corpus().items() if k in ("small.png", "truncated.jpg", "good.png")}
+    with pytest.raises(EaselError, match=r"only 1 of 3 images passed \(33%.*min_accepted_share 50%"):
+        run(tmp_path, files, min_accepted_share=0.5)
+    assert (tmp_path / "validate" / "report.html").is_file()  # the report says why
 
 
-def test_thresholds_come_from_params(tmp_path):
-    _, accepted, _ = run(tmp_path, min_dpi=50, min_width=256, min_height=256)
-    assert {"lowdpi.png", "small.png", "good.png"} <= accepted
+def test_nothing_downloaded_is_a_clear_error(tmp_path):
+    download = tmp_path / "download"
+    download.mkdir()
+    pd.DataFrame(
+        {
+            "source": ["s"],
+            "row": [0],
+            "url": ["http://h/x"],
+            "status": ["http_404"],
+            "sha256": [None],
+            "path": [None],
+            "bytes": [None],
+        }
+    ).to_parquet(download / "manifest.parquet")
+    with pytest.raises(EaselError, match="only 0 of 0 images passed"):
+        run_validate(ValidateParams(out_dir=str(tmp_path / "validate")), download, progress=False)
 
 
-def test_empty_accepted_set_fails_after_writing_the_report(tmp_path):
-    files = {k: v for k, v in corpus().items() if k in ("small.png", "truncated.png")}
-    with pytest.raises(EaselError, match=r"only 0 of 2 images passed .*report\.html"):
-        run(tmp_path, files)
-    assert (tmp_path / "validate" / "rejected.parquet").is_file()
-    assert (tmp_path / "validate" / "report.html").is_file()
+def test_near_duplicate_grouping_is_transitive_and_exact():
+    a = "0" * 16
+    b = f"{0b111:016x}"  # 3 bits from a
+    c = f"{0b111111:016x}"  # 3 bits from b, 6 from a
+    far = "f" * 16
+    assert hamming(a, c) == 6
+    assert near_duplicate_groups([a, b, c, far, None], max_distance=3) == [[0, 1, 2]]
+    assert near_duplicate_groups([a, c], max_distance=3) == []
 
 
-def test_metadata_is_read_from_headers(tmp_path):
-    run(tmp_path, files={"good-jpeg.jpg": corpus()["good-jpeg.jpg"]})
-    row = pd.read_parquet(tmp_path / "validate" / "accepted.parquet").iloc[0]
-    assert (row["format"], row["mode"], row["width"], row["height"], row["dpi"]) == ("JPEG", "RGB", 700, 520, 300.0)
-    assert row["kb_per_pixel"] == pytest.approx(row["bytes"] / 1024 / (700 * 520))
+def test_curation_keeps_the_top_share_by_aesthetic_score(tmp_path, tiny_models):
+    from tests.test_models import tiny_params
+
+    files = {f"img{i}.png": encode(noise(600, 600, 60 + i), "PNG", dpi=(96, 96)) for i in range(6)}
+    download = make_download_dir(tmp_path / "download", files)
+    params = ValidateParams(
+        out_dir=str(tmp_path / "validate"), min_accepted_share=0, curate={"enabled": True, "keep_top_share": 0.5}
+    )
+    summary = run_validate(params, download, progress=False, models=tiny_params(tiny_models))
+    assert (summary.accepted, summary.per_rule) == (3, {"curated_out": 3})
+    accepted = pd.read_parquet(tmp_path / "validate" / "accepted.parquet")
+    rejected = pd.read_parquet(tmp_path / "validate" / "rejected.parquet")
+    assert accepted["aesthetic_score"].min() >= rejected["aesthetic_score"].max()  # the best half kept

@@ -39,14 +39,14 @@ class TrainSummary:
     model_dir: Path
 
 
-def load_training_items(caption_dir: Path, download_dir: Path) -> list[ImageCaption]:
+def load_training_items(caption_dir: Path) -> list[ImageCaption]:
     table_path = caption_dir / "captions.parquet"
     if not table_path.is_file():
         raise EaselError(f"train: {table_path} not found; run the caption stage first")
     table = pd.read_parquet(table_path)
     if table.empty:
         raise EaselError(f"train: {table_path} holds no captioned images; nothing to train on")
-    return [ImageCaption(download_dir / r.path, r.caption, r.sha256) for r in table.itertuples()]
+    return [ImageCaption(Path(r.image_path), r.caption, r.sha256) for r in table.itertuples()]
 
 
 def data_fingerprint(items: list[ImageCaption]) -> str:
@@ -102,7 +102,6 @@ def run_train(
     params: TrainParams,
     models: ModelsParams,
     caption_dir: Path,
-    download_dir: Path,
     metrics_path: Path | None = None,
     plots_dir: Path | None = None,
     progress: bool = True,
@@ -119,7 +118,7 @@ def run_train(
             params.max_train_steps,
             MAX_STEPS_WARNING,
         )
-    items = load_training_items(caption_dir, download_dir)
+    items = load_training_items(caption_dir)
     accelerator = Accelerator(
         mixed_precision=params.mixed_precision, gradient_accumulation_steps=params.gradient_accumulation_steps
     )
