@@ -143,12 +143,20 @@ def cmd_evaluate(args) -> int:
         _metrics("evaluate"),
         PLOTS_DIR / "evaluate" / "scores.csv",
         progress=_progress(args),
+        storage=params.storage,
+        promote=params.promote,
     )
     a, c = summary.summary["aesthetic"], summary.summary["clip_score"]
     print(
         f"evaluate: {summary.images} images; aesthetic mean {a['mean']:.4f} (std {a['std']:.4f}); "
         f"CLIP score mean {c['mean']:.4f} (std {c['std']:.4f})"
     )
+    for name, comp in summary.summary["comparisons"].items():
+        d = comp["aesthetic"]
+        print(
+            f"  {name}: aesthetic {d['mean_diff']:+.4f} [{d['ci_low']:+.4f}, {d['ci_high']:+.4f}], "
+            f"win rate {d['win_rate']:.0%} over {d['prompts']} prompts"
+        )
     print(f"report: {summary.report}")
     return 0
 

@@ -197,16 +197,35 @@ class TrainParams(Section):
         return value
 
 
+class GuidanceParams(Section):
+    mode: Literal["cfg", "dual"] = "cfg"  # cfg: eq. 9 (diffusers); dual: eq. 8 with separate scales
+    scale: float = Field(5.0, ge=0)  # s (cfg) or s+ (dual)
+    negative_scale: float | None = Field(None, ge=0)  # s- (dual); null: s+ - 1, which equals cfg
+    negative_delay: float = Field(0.0, ge=0, le=1)  # fraction of steps before the negative prompt acts
+
+
+class BootstrapParams(Section):
+    resamples: int = Field(10_000, ge=100)
+    confidence: float = Field(0.95, gt=0, lt=1)
+    seed: int = 0
+
+
 class EvaluateParams(Section):
     out_dir: str = "data/evaluate"
     prompts: str = "data/prompts/eval_prompts.csv"
     seeds: list[int] = Field([0, 1], min_length=1)
     negative_prompt: str | None = "basic"  # for prompts with none: a preset name or literal text
-    guidance_scale: float = Field(5.0, ge=0)
+    guidance: GuidanceParams = GuidanceParams()
+    sampler: Literal["euler", "euler_a", "dpmpp_2m", "ddim"] | None = None  # null: the model's own
     num_inference_steps: int = Field(30, ge=1)
     height: int = Field(1024, ge=8)
     width: int = Field(1024, ge=8)
     batch_size: int = Field(4, ge=1)
+    compare_with: list[Literal["production", "base"]] = ["production", "base"]
+    bootstrap: BootstrapParams = BootstrapParams()
+    cache_dir: str = ".easel/cache/generations"  # images by (model, prompt, seed, settings)
+    scorer_batch_size: int = Field(16, ge=1)
+    scorer_workers: int = Field(2, ge=0)  # DataLoader workers decoding and preprocessing for the scorer
 
 
 class PromoteParams(Section):

@@ -15,7 +15,8 @@ from pathlib import Path
 from components import report
 from components.config import PromoteParams, StorageParams
 from components.errors import GateRejected
-from components.evaluate import model_fingerprint, read_summary
+from components.evaluate import read_summary
+from components.evaluate.models import folder_fingerprint
 from components.fsutil import atomic_write_json, atomic_write_text, sha256_file
 
 
@@ -106,7 +107,7 @@ def run_promote(
     """Decide; on a pass publish and move the alias. Raises GateRejected (after writing the record) on a fail."""
     out_dir = Path(params.out_dir)
     summary = read_summary(summary_path)
-    fingerprint = model_fingerprint(model_dir) if (model_dir / "model_index.json").is_file() else None
+    fingerprint = folder_fingerprint(model_dir) if (model_dir / "model_index.json").is_file() else None
     rules = gate(summary, params, fingerprint)
     if fingerprint is None:
         rules.append(RuleResult("model_present", str(model_dir), "diffusers folder", False, "no model_index.json"))

@@ -33,10 +33,25 @@ CLIP_SCORE_DEFINITION = (
 AESTHETIC_DEFINITION = "aesthetic score = LAION aesthetic predictor v2 MLP on the L2-normalised CLIP image embedding"
 
 
+class _PreprocessedImages(torch.utils.data.Dataset):
+    def __init__(self, paths: list[Path | str], preprocess) -> None:
+        self.paths = paths
+        self.preprocess = preprocess
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return self.preprocess(load_rgb(self.paths[index]))
+
+
 class ImageTextScorer:
-    def __init__(self, models: ModelsParams, device: torch.device | None = None, batch_size: int = 16) -> None:
+    def __init__(
+        self, models: ModelsParams, device: torch.device | None = None, batch_size: int = 16, workers: int = 2
+    ) -> None:
         self.device = device or default_device()
         self.batch_size = batch_size
+        self.workers = workers
         self.clip, self.preprocess, self.tokenizer = load_open_clip(models, self.device)
         embed_dim = self._embed_dim()
         self.aesthetic = load_aesthetic_mlp(aesthetic_weights_path(models), expected_input=embed_dim).to(self.device)
@@ -53,12 +68,26 @@ class ImageTextScorer:
 
     @torch.inference_mode()
     def embed_images(self, paths: Sequence[Path | str], progress: bool = False) -> torch.Tensor:
-        """L2-normalised image embeddings, batched."""
+        """L2-normalised image embeddings, batched. DataLoader workers decode and preprocess the
+        next batches while the encoder runs, so decoding does not add to the encoder's time."""
+        loader = torch.utils.data.DataLoader(
+            _PreprocessedImages(list(paths), self.preprocess),
+            batch_size=self.batch_size,
+            num_workers=self.workers if len(paths) > self.batch_size else 0,
+            pin_memory=self.device.type == "cuda",
+            prefetch_factor=4 if self.workers and len(paths) > self.batch_size else None,
+        )
         chunks = []
-        for start in tqdm(range(0, len(paths), self.batch_size), desc="score", unit="batch", disable=not progress):
-            batch = torch.stack([self.preprocess(load_rgb(p)) for p in paths[start : start + self.batch_size]])
-            chunks.append(F.normalize(self.clip.encode_image(batch.to(self.device)).float(), dim=-1))
+        with tqdm(total=len(paths), desc="score", unit="img", disable=not progress) as bar:
+            for batch in loader:
+                chunks.append(self.encode_batch(batch))
+                bar.update(len(batch))
         return torch.cat(chunks) if chunks else torch.empty(0)
+
+    @torch.inference_mode()
+    def encode_batch(self, pixels: torch.Tensor) -> torch.Tensor:
+        """L2-normalised embeddings of already preprocessed images."""
+        return F.normalize(self.clip.encode_image(pixels.to(self.device, non_blocking=True)).float(), dim=-1)
 
     @torch.inference_mode()
     def embed_texts(self, texts: Sequence[str]) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""The evaluate stage: fixed seeds, one embedding pass for both scores, the guide's statistics."""
+"""The evaluate stage: fixed seeds, one embedding pass for both scores, the guide's statistics,
+paired comparisons with a bootstrap CI, cached images."""
 
 import json
 
@@ -8,9 +9,10 @@ import pytest
 import scipy.stats
 import torch
 
-from components.config import EvaluateParams
+from components.config import EvaluateParams, PromoteParams, StorageParams
 from components.errors import EaselError
-from components.evaluate import run_evaluate, summarize
+from components.evaluate import run_evaluate
+from components.evaluate.stats import bootstrap_mean_ci, paired_comparison, summarize
 from components.prompts import NEGATIVE_PRESETS, load_prompt_set
 from components.scoring import ImageTextScorer
 from tests.test_models import tiny_params
@@ -32,6 +34,49 @@ def test_summary_statistics_match_pandas_and_scipy():
     assert stats["clip_score"]["std"] == pytest.approx(np.std(clip))  # ddof=0, as the guide's np.std
 
 
+def test_bootstrap_ci_covers_a_known_difference():
+    rng = np.random.default_rng(1)
+    true_difference = 0.05  # aesthetic points, with a per-prompt std of 0.2: the reference's example
+    covered = 0
+    trials = 60
+    for trial in range(trials):
+        diffs = true_difference + rng.normal(0, 0.2, 100)
+        low, high = bootstrap_mean_ci(diffs, 0.95, 2000, seed=trial)
+        covered += low <= true_difference <= high
+        assert low < diffs.mean() < high
+    assert 0.85 <= covered / trials <= 1.0  # nominal 95 %
+    assert bootstrap_mean_ci(np.full(10, 0.3), 0.95, 1000, 0) == pytest.approx((0.3, 0.3))  # no spread
+
+
+def test_paired_comparison_pairs_by_prompt_and_averages_seeds():
+    rows = []
+    for prompt, (cand, other) in {"p1": (6.0, 5.0), "p2": (6.5, 6.0), "p3": (5.0, 5.5)}.items():
+        for seed, noise in ((0, -0.1), (1, 0.1)):
+            rows.append(
+                {
+                    "model": "candidate",
+                    "prompt_id": prompt,
+                    "seed": seed,
+                    "aesthetic_score": cand + noise,
+                    "clip_score": 0.3,
+                }
+            )
+            rows.append(
+                {
+                    "model": "production",
+                    "prompt_id": prompt,
+                    "seed": seed,
+                    "aesthetic_score": other + noise,
+                    "clip_score": 0.3,
+                }
+            )
+    result = paired_comparison(pd.DataFrame(rows), "candidate", "production", 0.95, 2000, 0)
+    assert result["aesthetic"]["mean_diff"] == pytest.approx((1.0 + 0.5 - 0.5) / 3)
+    assert result["aesthetic"]["win_rate"] == pytest.approx(2 / 3)
+    assert result["clip_score"]["win_rate"] == 0.5 and result["clip_score"]["mean_diff"] == 0  # ties
+    assert result["aesthetic"]["prompts"] == 3
+
+
 def test_prompt_set_presets_and_errors(tmp_path):
     path = tmp_path / "p.csv"
     path.write_text("id,prompt,negative_prompt,category\na,cat poster,basic,poster\nb,dog ad,,ad\nc,bird,blurry,\n")
@@ -49,56 +94,202 @@ def test_prompt_set_presets_and_errors(tmp_path):
         load_prompt_set(path)
 
 
-def test_clip_score_matches_an_independent_computation(tiny_models, tmp_path):
+def open_clip_to_hf(clip, config: dict):
+    """The same weights in transformers' CLIPModel: an independent implementation of CLIP."""
+    from transformers import CLIPConfig, CLIPModel
+
+    model_cfg = config["model_cfg"]
+    vision, text = model_cfg["vision_cfg"], model_cfg["text_cfg"]
+    hf = CLIPModel(
+        CLIPConfig(
+            text_config={
+                "vocab_size": text["vocab_size"],
+                "hidden_size": text["width"],
+                "intermediate_size": 4 * text["width"],
+                "num_hidden_layers": text["layers"],
+                "num_attention_heads": text["heads"],
+                "max_position_embeddings": text["context_length"],
+                "hidden_act": "quick_gelu",
+                "eos_token_id": 49407,
+                "projection_dim": model_cfg["embed_dim"],
+            },
+            vision_config={
+                "hidden_size": vision["width"],
+                "intermediate_size": 4 * vision["width"],
+                "num_hidden_layers": vision["layers"],
+                "num_attention_heads": vision["width"] // vision["head_width"],
+                "image_size": vision["image_size"],
+                "patch_size": vision["patch_size"],
+                "hidden_act": "quick_gelu",
+                "projection_dim": model_cfg["embed_dim"],
+            },
+            projection_dim=model_cfg["embed_dim"],
+        )
+    ).eval()
+    src = clip.state_dict()
+    out = {"logit_scale": src["logit_scale"]}
+
+    def blocks(prefix: str, target: str, layers: int) -> None:
+        for i in range(layers):
+            s, t = f"{prefix}.resblocks.{i}", f"{target}.encoder.layers.{i}"
+            q, k, v = src[f"{s}.attn.in_proj_weight"].chunk(3)
+            qb, kb, vb = src[f"{s}.attn.in_proj_bias"].chunk(3)
+            out.update(
+                {
+                    f"{t}.self_attn.q_proj.weight": q,
+                    f"{t}.self_attn.k_proj.weight": k,
+                    f"{t}.self_attn.v_proj.weight": v,
+                    f"{t}.self_attn.q_proj.bias": qb,
+                    f"{t}.self_attn.k_proj.bias": kb,
+                    f"{t}.self_attn.v_proj.bias": vb,
+                }
+            )
+            for a, b in (
+                ("attn.out_proj", "self_attn.out_proj"),
+                ("ln_1", "layer_norm1"),
+                ("ln_2", "layer_norm2"),
+                ("mlp.c_fc", "mlp.fc1"),
+                ("mlp.c_proj", "mlp.fc2"),
+            ):
+                out[f"{t}.{b}.weight"], out[f"{t}.{b}.bias"] = src[f"{s}.{a}.weight"], src[f"{s}.{a}.bias"]
+
+    blocks("visual.transformer", "vision_model", vision["layers"])
+    blocks("transformer", "text_model", text["layers"])
+    out.update(
+        {
+            "vision_model.embeddings.patch_embedding.weight": src["visual.conv1.weight"],
+            "vision_model.embeddings.class_embedding": src["visual.class_embedding"],
+            "vision_model.embeddings.position_embedding.weight": src["visual.positional_embedding"],
+            "vision_model.pre_layrnorm.weight": src["visual.ln_pre.weight"],
+            "vision_model.pre_layrnorm.bias": src["visual.ln_pre.bias"],
+            "vision_model.post_layernorm.weight": src["visual.ln_post.weight"],
+            "vision_model.post_layernorm.bias": src["visual.ln_post.bias"],
+            "visual_projection.weight": src["visual.proj"].T,
+            "text_model.embeddings.token_embedding.weight": src["token_embedding.weight"],
+            "text_model.embeddings.position_embedding.weight": src["positional_embedding"],
+            "text_model.final_layer_norm.weight": src["ln_final.weight"],
+            "text_model.final_layer_norm.bias": src["ln_final.bias"],
+            "text_projection.weight": src["text_projection"].T,
+        }
+    )
+    missing, unexpected = hf.load_state_dict(out, strict=False)
+    assert not unexpected and all("position_ids" in m for m in missing), (missing, unexpected)
+    return hf
+
+
+def test_clip_score_matches_transformers_clipmodel(tiny_models, tmp_path):
     from PIL import Image
 
-    scorer = ImageTextScorer(tiny_params(tiny_models), torch.device("cpu"))
-    paths = []
+    scorer = ImageTextScorer(tiny_params(tiny_models), torch.device("cpu"), workers=0)
+    hf = open_clip_to_hf(scorer.clip, json.loads((tiny_models / "open_clip" / "open_clip_config.json").read_text()))
+    paths, prompts = [], ["a red square on a poster", "a green square, product photo, " + "very long " * 40]
     for i, color in enumerate([(250, 10, 10), (10, 250, 10)]):
         Image.new("RGB", (80, 60), color).save(tmp_path / f"{i}.png")
         paths.append(tmp_path / f"{i}.png")
-    prompts = ["a red square", "a green square"]
-    got = scorer.score(paths, prompts)
-    with torch.no_grad():  # by hand: encode separately, normalise, cosine
-        for path, prompt, score in zip(paths, prompts, got["clip_score"], strict=True):
-            image = scorer.preprocess(Image.open(path).convert("RGB")).unsqueeze(0)
-            img = scorer.clip.encode_image(image)
-            txt = scorer.clip.encode_text(scorer.tokenizer([prompt]))
-            expected = torch.nn.functional.cosine_similarity(img, txt).item()
-            assert score == pytest.approx(expected, abs=1e-5)
-            assert scorer.aesthetic(img / img.norm(dim=-1, keepdim=True)).item() == pytest.approx(
-                got["aesthetic_score"][paths.index(path)], abs=1e-5
-            )
+    ours = scorer.score(paths, prompts)["clip_score"]
+    with torch.no_grad():
+        pixels = torch.stack([scorer.preprocess(Image.open(p).convert("RGB")) for p in paths])
+        ids = scorer.tokenizer(prompts)  # 77 tokens, the long prompt truncated
+        image = hf.get_image_features(pixel_values=pixels)
+        text = hf.get_text_features(input_ids=ids)
+        image, text = (x.pooler_output if hasattr(x, "pooler_output") else x for x in (image, text))
+        reference = torch.nn.functional.cosine_similarity(image, text).numpy()
+    np.testing.assert_allclose(ours, reference, atol=1e-5)
+    # torchmetrics' CLIPScore would report 100 * max(cos, 0): the same number on another scale.
+    assert np.allclose(100 * np.maximum(ours, 0), 100 * np.maximum(reference, 0), atol=1e-3)
 
 
-def test_evaluate_is_reproducible_and_reports(tmp_path, tiny_models):
-    prompts = tmp_path / "prompts.csv"
-    prompts.write_text("id,prompt,negative_prompt,category\np1,a cat poster,basic,poster\np2,a cup ad,,ad\n")
-    params = EvaluateParams(
+def test_one_embedding_pass_serves_both_scores(tiny_models, tmp_path, monkeypatch):
+    from PIL import Image
+
+    scorer = ImageTextScorer(tiny_params(tiny_models), torch.device("cpu"), workers=0)
+    calls = []
+    original = scorer.clip.encode_image
+    monkeypatch.setattr(scorer.clip, "encode_image", lambda x: calls.append(len(x)) or original(x))
+    for i in range(5):
+        Image.new("RGB", (64, 64), (40 * i, 0, 0)).save(tmp_path / f"{i}.png")
+    scorer.score([tmp_path / f"{i}.png" for i in range(5)], ["p"] * 5)
+    assert sum(calls) == 5  # each image encoded once, not once per metric
+
+
+def evaluate_params(tmp_path, prompts, **kw) -> EvaluateParams:
+    base = dict(
         out_dir=str(tmp_path / "eval"),
         prompts=str(prompts),
         seeds=[0, 1],
         height=64,
         width=64,
         num_inference_steps=2,
-        batch_size=2,
+        batch_size=4,
+        cache_dir=str(tmp_path / "cache"),
+        scorer_workers=0,
+        bootstrap={"resamples": 500, "confidence": 0.95, "seed": 0},
     )
+    return EvaluateParams(**(base | kw))
+
+
+def write_prompts(tmp_path):
+    prompts = tmp_path / "prompts.csv"
+    prompts.write_text(
+        "id,prompt,negative_prompt,category\np1,a cat poster,basic,poster\np2,a cup ad,,ad\n"
+        "p3,a rocket poster,non_adult,poster\n"
+    )
+    return prompts
+
+
+def test_evaluate_against_base_is_reproducible_and_reports(tmp_path, tiny_models):
+    params = evaluate_params(tmp_path, write_prompts(tmp_path), compare_with=["base"])
     models = tiny_params(tiny_models)
-    model_dir = tiny_models / "sdxl"
-    first = run_evaluate(params, models, model_dir, tmp_path / "m.json", tmp_path / "scores.csv", progress=False)
+    first = run_evaluate(
+        params, models, tiny_models / "sdxl", tmp_path / "m.json", tmp_path / "plot.csv", progress=False
+    )
     scores_a = pd.read_csv(tmp_path / "eval" / "scores.csv")
-    run_evaluate(params, models, model_dir, progress=False)
+    run_evaluate(
+        params.model_copy(update={"cache_dir": str(tmp_path / "fresh-cache")}),
+        models,
+        tiny_models / "sdxl",
+        progress=False,
+    )
     scores_b = pd.read_csv(tmp_path / "eval" / "scores.csv")
-    pd.testing.assert_frame_equal(scores_a, scores_b)  # fixed seeds: the same images, the same scores
-    assert first.images == 4 and first.summary["aesthetic"]["count"] == 4
-    assert set(first.summary["by_category"]) == {"poster", "ad"}
+    pd.testing.assert_frame_equal(scores_a, scores_b)  # regenerated from scratch: the same images and scores
+    assert first.images == 6 and set(scores_a["model"]) == {"candidate", "base"}
+    vs_base = first.summary["comparisons"]["vs_base"]["aesthetic"]
+    assert vs_base["mean_diff"] == 0 and vs_base["win_rate"] == 0.5  # the same weights: no difference
     metrics = json.loads((tmp_path / "m.json").read_text())
     assert metrics["model_fingerprint"] == first.summary["model_fingerprint"]
+    assert set(metrics["by_category"]) == {"poster", "ad"}
     html = (tmp_path / "eval" / "report.html").read_text()
-    assert "cosine similarity" in html and html.count("<img") >= 4
-    assert sorted(p.name for p in (tmp_path / "eval" / "images").iterdir()) == [
-        "p1__seed0.png",
-        "p1__seed1.png",
-        "p2__seed0.png",
-        "p2__seed1.png",
-    ]
+    assert "cosine similarity" in html and html.count("<img") >= 12
+    assert "Candidate vs base" in (tmp_path / "eval" / "report.md").read_text()
+
+
+def test_production_comes_from_the_registry_and_its_images_are_cached(tmp_path, tiny_models, s3_server, monkeypatch):
+    from components.evaluate.models import folder_fingerprint
+    from components.registry import Registry
+    from components.storage import ensure_bucket, make_client
+
+    monkeypatch.delenv("EASEL_S3_ENDPOINT", raising=False)
+    monkeypatch.chdir(tmp_path)  # the registry download cache is project-relative
+    settings = s3_server.settings()
+    client = make_client(settings)
+    ensure_bucket(client, "evalprod")
+    registry = Registry(client, settings, "evalprod", "registry")
+    production_model = tiny_models / "sdxl"
+    version = registry.publish(
+        "posters", production_model, {}, {"model_fingerprint": folder_fingerprint(production_model)}
+    )["version"]
+    registry.set_alias("posters", "production", version, "test")
+    storage = StorageParams(bucket="evalprod", embedded={"port": s3_server.port, "data_dir": str(s3_server.data_dir)})
+    promote = PromoteParams(model_name="posters", min_aesthetic_mean=0, min_clip_score_mean=0)
+    params = evaluate_params(tmp_path, write_prompts(tmp_path), compare_with=["production", "base"])
+    result = run_evaluate(
+        params, tiny_params(tiny_models), tiny_models / "sdxl", progress=False, storage=storage, promote=promote
+    )
+    assert result.summary["production_version"] == version
+    assert set(result.summary["comparisons"]) == {"vs_production", "vs_base"}
+    cached = {p: p.stat().st_mtime_ns for p in (tmp_path / "cache").rglob("*.png")}
+    assert len(cached) == 6  # candidate, production and base are the same weights: one set of images
+    run_evaluate(
+        params, tiny_params(tiny_models), tiny_models / "sdxl", progress=False, storage=storage, promote=promote
+    )
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "cache").rglob("*.png")} == cached  # nothing regenerated

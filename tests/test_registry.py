@@ -24,7 +24,7 @@ def make_model(folder, content: bytes = b"weights"):
 
 
 def summary_for(model_dir, aesthetic=6.2, clip=0.28):
-    from components.evaluate import model_fingerprint
+    from components.evaluate.models import folder_fingerprint as model_fingerprint
 
     return {
         "aesthetic": {"mean": aesthetic, "std": 0.2},

@@ -1,0 +1,141 @@
+"""Image generation with an SDXL pipeline and Easel's guidance (components.guidance).
+
+The sampling loop is diffusers' StableDiffusionXLPipeline loop written out, so that the guidance
+step can use a third branch (dual mode) and switch the negative prompt on part-way (delay). With
+`cfg` and no delay it gives the same images as the pipeline itself (tests check this). Every
+image gets its own `torch.Generator("cpu").manual_seed(seed)`, so an image depends only on its
+(model, prompt, negative prompt, seed, settings), not on what else is in the batch.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+
+import torch
+from PIL import Image
+
+from components.guidance import Branch, Guidance
+
+SAMPLERS = {
+    "euler": "EulerDiscreteScheduler",
+    "euler_a": "EulerAncestralDiscreteScheduler",
+    "dpmpp_2m": "DPMSolverMultistepScheduler",
+    "ddim": "DDIMScheduler",
+}
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    num_inference_steps: int = 30
+    height: int = 1024
+    width: int = 1024
+    guidance: Guidance = field(default_factory=Guidance)
+    sampler: str | None = None  # None: the model's own scheduler
+
+    def key(self) -> str:
+        """A stable text form, part of every cached image's key."""
+        return json.dumps(asdict(self), sort_keys=True)
+
+
+def use_sampler(pipe, sampler: str | None) -> None:
+    if sampler is None:
+        return
+    import diffusers
+
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; known: {', '.join(SAMPLERS)}")
+    pipe.scheduler = getattr(diffusers, SAMPLERS[sampler]).from_config(pipe.scheduler.config)
+
+
+def _embeddings(pipe, prompts: list[str], negatives: list[str], device) -> dict[Branch, tuple]:
+    """(prompt_embeds, pooled_embeds) for each branch."""
+    cond, negative, pooled, negative_pooled = pipe.encode_prompt(
+        prompt=prompts,
+        device=device,
+        num_images_per_prompt=1,
+        do_classifier_free_guidance=True,
+        negative_prompt=negatives,
+    )
+    if pipe.config.force_zeros_for_empty_prompt:  # SDXL base: the null condition is all zeros
+        null, null_pooled = torch.zeros_like(cond), torch.zeros_like(pooled)
+    else:
+        null, _, null_pooled, _ = pipe.encode_prompt(
+            prompt=[""] * len(prompts), device=device, do_classifier_free_guidance=False
+        )
+    return {"cond": (cond, pooled), "negative": (negative, negative_pooled), "null": (null, null_pooled)}
+
+
+@torch.no_grad()
+def generate(
+    pipe,
+    prompts: list[str],
+    negative_prompts: list[str],
+    seeds: list[int],
+    settings: GenerationSettings,
+    output_type: str = "pil",
+) -> list[Image.Image]:
+    """One image per (prompt, negative prompt, seed): PIL images, or a float array with "np"."""
+    from diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl import retrieve_timesteps
+
+    n = len(prompts)
+    device = pipe._execution_device
+    guidance = settings.guidance
+    embeds = _embeddings(pipe, prompts, negative_prompts, device)
+    dtype = embeds["cond"][0].dtype
+    use_sampler(pipe, settings.sampler)
+    timesteps, steps = retrieve_timesteps(pipe.scheduler, settings.num_inference_steps, device)
+    latents = pipe.prepare_latents(
+        n,
+        pipe.unet.config.in_channels,
+        settings.height,
+        settings.width,
+        dtype,
+        device,
+        [torch.Generator("cpu").manual_seed(s) for s in seeds],
+        None,
+    )
+    size = (settings.height, settings.width)
+    time_ids = pipe._get_add_time_ids(
+        size, (0, 0), size, dtype=dtype, text_encoder_projection_dim=pipe.text_encoder_2.config.projection_dim
+    ).to(device)
+    if hasattr(pipe.scheduler, "set_begin_index"):
+        pipe.scheduler.set_begin_index(0)
+    for step, t in enumerate(timesteps):
+        branches = guidance.branches(step, steps)
+        model_input = pipe.scheduler.scale_model_input(torch.cat([latents] * len(branches)), t)
+        prediction = pipe.unet(
+            model_input,
+            t,
+            encoder_hidden_states=torch.cat([embeds[b][0] for b in branches]),
+            added_cond_kwargs={
+                "text_embeds": torch.cat([embeds[b][1] for b in branches]),
+                "time_ids": time_ids.repeat(n * len(branches), 1),
+            },
+            return_dict=False,
+        )[0]
+        noise = guidance.combine(dict(zip(branches, prediction.chunk(len(branches)), strict=True)), step, steps)
+        latents = pipe.scheduler.step(noise, t, latents, return_dict=False)[0]
+    return decode(pipe, latents, output_type)
+
+
+def decode(pipe, latents: torch.Tensor, output_type: str = "pil") -> list[Image.Image]:
+    """Latents to PIL images, as the SDXL pipeline does (an fp16 VAE is upcast; it overflows)."""
+    vae = pipe.vae
+    upcast = vae.dtype == torch.float16 and vae.config.force_upcast
+    if upcast:
+        vae.to(torch.float32)
+    latents = latents.to(next(vae.post_quant_conv.parameters()).dtype)
+    mean, std = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)
+    if mean is not None and std is not None:
+        mean = torch.tensor(mean).view(1, -1, 1, 1).to(latents)
+        std = torch.tensor(std).view(1, -1, 1, 1).to(latents)
+        latents = latents * std / vae.config.scaling_factor + mean
+    else:
+        latents = latents / vae.config.scaling_factor
+    image = vae.decode(latents, return_dict=False)[0]
+    if upcast:
+        vae.to(torch.float16)
+    if pipe.watermark is not None:
+        image = pipe.watermark.apply_watermark(image)
+    return pipe.image_processor.postprocess(image, output_type=output_type)
