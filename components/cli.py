@@ -161,21 +161,55 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+def _gate_paths(params) -> dict:
+    return {
+        "model_dir": Path(params.train.out_dir) / "model",
+        "eval_dir": Path(params.evaluate.out_dir),
+        "prompts_path": Path(params.evaluate.prompts),
+    }
+
+
+def cmd_gate(args) -> int:
+    """The gate alone: decide and record, publish nothing (the PR eval gate runs this)."""
+    from components.evaluate import read_summary
+    from components.fsutil import atomic_write_text
+    from components.gate import failed_rules_message
+    from components.promote import pr_comment, run_gate
+
+    params = _load(args)
+    out_dir = Path(args.out) if args.out else Path("data/gate")
+    paths = _gate_paths(params)
+    decision = run_gate(params.gate, params.promote, params.storage, out_dir=out_dir, **paths)
+    if args.comment:
+        try:
+            summary = read_summary(paths["eval_dir"] / "summary.json")
+        except EaselError:
+            summary = {}
+        atomic_write_text(args.comment, pr_comment(decision, summary, args.report_url))
+    print(f"gate: {decision['verdict']} ({out_dir / 'decision.md'})")
+    if not decision["promote"]:
+        raise GateRejected("gate: rejected. Failed: " + failed_rules_message(decision))
+    return 0
+
+
 def cmd_promote(args) -> int:
     from components.promote import run_promote
 
     params = _load(args)
-    model_dir = Path(params.train.out_dir) / "model"
-    eval_dir = Path(params.evaluate.out_dir)
+    paths = _gate_paths(params)
     decision = run_promote(
+        params.gate,
         params.promote,
         params.storage,
-        model_dir,
-        eval_dir / "summary.json",
-        extras={"evaluation_report.html": eval_dir / "report.html", "model_card.md": model_dir / "README.md"},
+        extras={
+            "evaluation_report.html": paths["eval_dir"] / "report.html",
+            "evaluation_report.md": paths["eval_dir"] / "report.md",
+            "model_card.md": paths["model_dir"] / "README.md",
+        },
+        **paths,
     )
     reg = decision["registry"]
-    print(f"promote: {params.promote.model_name} {reg['version']} is now {reg['alias']}")
+    print(f"promote: {params.promote.model_name} {reg['version']} is now {reg['alias']} (was {reg['previous']})")
     print(f"registry: {reg['uri']}\ndecision: {Path(params.promote.out_dir) / 'decision.md'}")
     return 0
 
@@ -262,6 +296,14 @@ def cmd_registry(args) -> int:
     elif args.action == "download":
         manifest = registry.download(name, args.ref or params.promote.alias, Path(args.dest))
         print(f"downloaded {name} {manifest['version']} to {args.dest} ({len(manifest['files'])} files verified)")
+    elif args.action == "promote":
+        if not args.ref:
+            raise EaselError("registry promote needs a VERSION")
+        record = registry.set_alias(name, args.alias or params.promote.alias, args.ref, "promoted by hand")
+        print(f"{name}@{record['alias']} -> {record['version']}")
+    elif args.action == "rollback":
+        record = registry.rollback(name, args.alias or params.promote.alias, args.ref)
+        print(f"{name}@{record['alias']} rolled back to {record['version']} (was {record['history'][0]['version']})")
     return 0
 
 
@@ -300,7 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
         "caption": "Caption each accepted image with BLIP.",
         "train": "Fine-tune the SDXL U-Net on the captioned images and save a diffusers pipeline.",
         "evaluate": "Generate the prompt set with fixed seeds; score CLIP and aesthetic; summarise and report.",
-        "promote": "Gate the evaluation; if it passes, publish to the S3 registry and move the alias.",
+        "promote": "Run the gate; if it passes, publish to the S3 registry and move the alias (exit 3 if not).",
     }
     funcs = {
         "download": cmd_download,
@@ -319,6 +361,11 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--shard", help="fetch only shard K of N (K/N), for fanning out over workers")
             p.add_argument("--no-manifest", action="store_true", help="fetch only; a later run writes the manifest")
 
+    p = add("gate", cmd_gate, "Run the promotion gate on the evaluation; record the decision; publish nothing.")
+    p.add_argument("--out", help="decision folder (default: data/gate)")
+    p.add_argument("--comment", help="also write the PR comment (Markdown) to this file")
+    p.add_argument("--report-url", help="link to the evaluation report, for the comment")
+
     p = add("s3", cmd_s3, "Start, stop or check the embedded S3 server (SeaweedFS on 127.0.0.1).")
     p.add_argument("action", choices=["start", "stop", "status"])
     p = add("models", cmd_models, "Build the tiny offline model set (random weights, real formats).")
@@ -328,8 +375,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("sample-source", cmd_sample_source, "Build or serve the bundled sample image site.")
     p.add_argument("action", choices=["build", "serve"])
     p = add("registry", cmd_registry, "List, show or download models in the S3 registry.")
-    p.add_argument("action", choices=["list", "show", "download"])
-    p.add_argument("ref", nargs="?", help="version or alias (show, download)")
+    p.add_argument("action", choices=["list", "show", "download", "promote", "rollback"])
+    p.add_argument("ref", nargs="?", help="version or alias (show, download); version (promote; rollback --to)")
+    p.add_argument("--alias", help="alias for promote/rollback (default: promote.alias)")
     p.add_argument("--name", help="model name (default: promote.model_name)")
     p.add_argument("--dest", default="downloaded-model", help="download folder")
     add("config", cmd_config, "Print the effective parameters (profile applied).").add_argument(

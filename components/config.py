@@ -19,7 +19,7 @@ from components.errors import ConfigError
 
 DEFAULT_PARAMS = Path("params.yaml")
 # dvc.yaml tracks profiles.<profile>.<section> for these, so every profile must set them.
-PROFILE_SECTIONS = ("models", "train", "evaluate", "promote")
+PROFILE_SECTIONS = ("models", "train", "evaluate", "gate")
 
 
 class Section(BaseModel):
@@ -232,8 +232,20 @@ class PromoteParams(Section):
     out_dir: str = "data/promote"
     model_name: str = Field(pattern=r"^[a-z0-9][a-z0-9._-]*$")
     alias: str = Field("production", pattern=r"^[a-z0-9][a-z0-9._-]*$")
+
+
+class MarginParams(Section):
+    aesthetic: float = Field(0.05, ge=0)
+    clip_score: float = Field(0.01, ge=0)
+
+
+class GateParams(Section):
     min_aesthetic_mean: float
     min_clip_score_mean: float
+    aesthetic_floor: float = 5.0  # an image scoring under this counts as poor...
+    max_share_below_floor: float = Field(0.1, ge=0, le=1)  # ...and at most this share may be poor
+    margins: MarginParams = MarginParams()  # non-inferiority against production (or base)
+    superiority: Literal["aesthetic", "clip_score"] | None = None  # optionally require a real gain
 
 
 class Params(Section):
@@ -248,6 +260,7 @@ class Params(Section):
     train: TrainParams = TrainParams()
     evaluate: EvaluateParams
     promote: PromoteParams
+    gate: GateParams
 
     # `validate` shadows a pydantic method name, hence the alias; read it as params.validate_.
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)

@@ -28,6 +28,10 @@ from components.storage import S3Settings, storage_errors
 ALIAS_HISTORY = 20
 
 
+class ConcurrentAliasUpdate(EaselError):
+    """The alias moved between reading it and writing it."""
+
+
 def _now() -> str:
     return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
 
@@ -53,20 +57,24 @@ class Registry:
 
     # -- reading -------------------------------------------------------------------------------
 
-    def _get_json(self, key: str) -> dict | None:
+    def _get_json_etag(self, key: str) -> tuple[dict | None, str | None]:
         from botocore.exceptions import ClientError
 
         with storage_errors(self.settings, f"registry read {key}"):
             try:
-                body = self.client.get_object(Bucket=self.bucket, Key=key)["Body"].read()
+                obj = self.client.get_object(Bucket=self.bucket, Key=key)
+                body, etag = obj["Body"].read(), obj.get("ETag")
             except ClientError as exc:
                 if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404", "NotFound"):
-                    return None
+                    return None, None
                 raise
         try:
-            return json.loads(body)
+            return json.loads(body), etag
         except json.JSONDecodeError:
             raise EaselError(f"registry: {self.uri(key)} is not valid JSON") from None
+
+    def _get_json(self, key: str) -> dict | None:
+        return self._get_json_etag(key)[0]
 
     def manifest(self, name: str, version: str) -> dict | None:
         return self._get_json(f"{self.version_prefix(name, version)}/manifest.json")
@@ -91,9 +99,21 @@ class Registry:
 
     # -- writing -------------------------------------------------------------------------------
 
+    def _already_there(self, key: str, sha256: str, size: int) -> bool:
+        """An object from an earlier, interrupted publish that is already complete and verified."""
+        from botocore.exceptions import ClientError
+
+        try:
+            head = self.client.head_object(Bucket=self.bucket, Key=key)
+        except ClientError:
+            return False
+        return head["ContentLength"] == size and head.get("Metadata", {}).get("sha256") == sha256
+
     def _upload_verified(self, path: Path, key: str, sha256: str, size: int) -> None:
         from boto3.s3.transfer import TransferConfig
 
+        if self._already_there(key, sha256, size):
+            return
         # Multipart above 64 MiB; each part carries a SHA-256 checksum that the server checks.
         config = TransferConfig(multipart_threshold=64 * 1024 * 1024, multipart_chunksize=64 * 1024 * 1024)
         self.client.upload_file(
@@ -150,11 +170,32 @@ class Registry:
             )
         return manifest
 
-    def set_alias(self, name: str, alias: str, version: str, reason: str) -> dict:
-        """Point an alias at a complete version in one PUT; the previous target goes to history."""
+    def set_alias(
+        self,
+        name: str,
+        alias: str,
+        version: str,
+        reason: str,
+        expected_version: str | None = None,
+        check_expected: bool = False,
+    ) -> dict:
+        """Point an alias at a complete version in one conditional PUT; the previous target goes to
+        history. With `check_expected`, refuse if the alias no longer points at `expected_version`
+        (None: no alias yet), i.e. someone else
+        moved it since the decision was made). Two writers racing: one wins, the other gets
+        ConcurrentAliasUpdate; the alias is one object, so it is never torn."""
+        from botocore.exceptions import ClientError
+
         if self.manifest(name, version) is None:
             raise EaselError(f"registry: {name} has no complete version {version}; refusing to point {alias} at it")
-        current = self.alias(name, alias) or {"history": []}
+        key = self.alias_key(name, alias)
+        current, etag = self._get_json_etag(key)
+        current = current or {"history": []}
+        if check_expected and current.get("version") != expected_version:
+            raise ConcurrentAliasUpdate(
+                f"registry: {name}@{alias} is now {current.get('version')}, not {expected_version} as when the "
+                "decision was made; re-run the evaluation against the new production"
+            )
         history = list(current.get("history", []))
         if current.get("version"):
             history.insert(0, {k: current[k] for k in ("version", "updated_at", "reason") if k in current})
@@ -166,14 +207,43 @@ class Registry:
             "reason": reason,
             "history": history[:ALIAS_HISTORY],
         }
+        # Compare-and-swap: only if the alias is still the object we read (or still absent).
+        condition = {"IfMatch": etag} if etag else {"IfNoneMatch": "*"}
         with storage_errors(self.settings, f"registry alias {name}@{alias}"):
-            self.client.put_object(
-                Bucket=self.bucket,
-                Key=self.alias_key(name, alias),
-                Body=json.dumps(record, indent=2).encode(),
-                ContentType="application/json",
-            )
+            try:
+                self.client.put_object(
+                    Bucket=self.bucket,
+                    Key=key,
+                    Body=json.dumps(record, indent=2).encode(),
+                    ContentType="application/json",
+                    **condition,
+                )
+            except ClientError as exc:
+                if exc.response.get("Error", {}).get("Code") in (
+                    "PreconditionFailed",
+                    "412",
+                    "ConditionalRequestConflict",
+                ):
+                    raise ConcurrentAliasUpdate(
+                        f"registry: {name}@{alias} was changed by someone else while this update ran; "
+                        "nothing was changed by this one"
+                    ) from None
+                raise
         return record
+
+    def rollback(self, name: str, alias: str, to_version: str | None = None) -> dict:
+        """Point the alias back at its previous version (or `to_version`, which must be complete)."""
+        current = self.alias(name, alias)
+        if current is None:
+            raise EaselError(f"registry: {name} has no alias {alias!r} to roll back")
+        if to_version is None:
+            previous = [h["version"] for h in current.get("history", []) if h["version"] != current["version"]]
+            if not previous:
+                raise EaselError(f"registry: {name}@{alias} has no earlier version to roll back to")
+            to_version = previous[0]
+        return self.set_alias(
+            name, alias, to_version, f"rollback from {current['version']}", expected_version=current["version"]
+        )
 
     def download(self, name: str, version_or_alias: str, dest: Path) -> dict:
         """Download a version (or an alias's version) into dest, verifying every sha256."""
