@@ -94,6 +94,7 @@ def run_promote(
         manifest["version"],
         "promotion gate passed",
         expected_version=decision["inputs"]["production_version"],
+        check_expected=True,
     )
     decision["registry"] = {
         "version": manifest["version"],

@@ -242,7 +242,7 @@ class Registry:
                 raise EaselError(f"registry: {name}@{alias} has no earlier version to roll back to")
             to_version = previous[0]
         return self.set_alias(
-            name, alias, to_version, f"rollback from {current['version']}", expected_version=current["version"]
+            name, alias, to_version, f"rollback from {current['version']}", current["version"], check_expected=True
         )
 
     def download(self, name: str, version_or_alias: str, dest: Path) -> dict:
