@@ -263,7 +263,7 @@ def test_two_promotes_at_once_one_wins_and_the_alias_is_never_torn(registry, tmp
         mine = Registry(make_client(registry.settings), registry.settings, registry.bucket, registry.prefix)
         barrier.wait()
         try:
-            outcomes[version] = mine.set_alias("posters", "production", version, "race", expected_version=v0)
+            outcomes[version] = mine.set_alias("posters", "production", version, "race", v0, check_expected=True)
         except ConcurrentAliasUpdate as exc:
             outcomes[version] = exc
 
