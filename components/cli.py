@@ -11,6 +11,7 @@ import contextlib
 import logging
 import os
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -251,14 +252,33 @@ def cmd_models(args) -> int:
 
 
 def cmd_sample_source(args) -> int:
+    from components import procs
     from components.sample_source import SampleSite, build_site
 
     params = _load(args)
-    site_dir = build_site(Path(params.sample_source.dir) / "site")
+    source = params.sample_source
+    pid_file = Path(source.dir) / "serve.pid"
+    if args.action == "stop":
+        print("stopped" if procs.stop(pid_file) else "not running")
+        return 0
+    site_dir = build_site(Path(source.dir) / "site")
     if args.action == "build":
         print(f"sample site built in {site_dir}")
         return 0
-    site = SampleSite(site_dir, params.sample_source.host, params.sample_source.port)
+    if args.action == "start":  # in the background, for scripts and CI; `easel sample-source stop` ends it
+        if procs.read_pid(pid_file) and procs.port_open(source.port, source.host):
+            print(f"sample site already running at http://{source.host}:{source.port}")
+            return 0
+        command = [sys.executable, "-m", "components.cli", "--params", args.params, "sample-source", "serve"]
+        proc = procs.spawn(command, pid_file, Path(source.dir) / "serve.log")
+        deadline = time.monotonic() + 30
+        while not procs.port_open(source.port, source.host):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise EaselError(f"the sample site did not start; see {Path(source.dir) / 'serve.log'}")
+            time.sleep(0.1)
+        print(f"sample site running at http://{source.host}:{source.port} (pid {proc.pid})")
+        return 0
+    site = SampleSite(site_dir, source.host, source.port)
     print(f"serving {site_dir} at {site.base_url} (Ctrl+C to stop)")
     with contextlib.suppress(KeyboardInterrupt):
         site.server.serve_forever()
@@ -372,8 +392,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("action", choices=["build-tiny"])
     p.add_argument("--out", help="folder (default: .easel/models/tiny)")
     p.add_argument("--force", action="store_true", help="rebuild even if present")
-    p = add("sample-source", cmd_sample_source, "Build or serve the bundled sample image site.")
-    p.add_argument("action", choices=["build", "serve"])
+    p = add("sample-source", cmd_sample_source, "Build, serve, or start/stop in the background the sample image site.")
+    p.add_argument("action", choices=["build", "serve", "start", "stop"])
     p = add("registry", cmd_registry, "List, show or download models in the S3 registry.")
     p.add_argument("action", choices=["list", "show", "download", "promote", "rollback"])
     p.add_argument("ref", nargs="?", help="version or alias (show, download); version (promote; rollback --to)")

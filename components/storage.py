@@ -13,9 +13,6 @@ import json
 import os
 import secrets
 import shutil
-import signal
-import socket
-import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -25,6 +22,7 @@ from pathlib import Path
 from components.config import StorageParams
 from components.errors import EaselError
 from components.fsutil import atomic_write_bytes
+from components.procs import port_open, read_pid, spawn, stop
 
 ENDPOINT_ENV = "EASEL_S3_ENDPOINT"
 DEFAULT_REGION = "us-east-1"
@@ -67,27 +65,6 @@ def _ports(s3_port: int) -> dict[str, int]:
         "s3.port.lance": s3_port + 5,
         "admin.port": s3_port + 6,
     }
-
-
-def _port_open(port: int, host: str = "127.0.0.1") -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.settimeout(0.5)
-        return sock.connect_ex((host, port)) == 0
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # A zombie child still answers kill(0); treat it as gone.
-    with contextlib.suppress(OSError):
-        state = Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0]
-        if state == "Z":
-            return False
-    return True
 
 
 @dataclass
@@ -137,20 +114,16 @@ class EmbeddedS3:
         return S3Settings(self.endpoint_url, access, secret, embedded=True)
 
     def pid(self) -> int | None:
-        try:
-            pid = int(self.pid_file.read_text().strip())
-        except (FileNotFoundError, ValueError):
-            return None
-        return pid if _pid_alive(pid) else None
+        return read_pid(self.pid_file)
 
     def is_running(self) -> bool:
-        return self.pid() is not None and _port_open(self.port, self.host)
+        return self.pid() is not None and port_open(self.port, self.host)
 
     def start(self, timeout_s: float = 90.0) -> bool:
         """Start the server unless it already runs. Returns True if this call started it."""
         if self.is_running():
             return False
-        if _port_open(self.port, self.host):
+        if port_open(self.port, self.host):
             raise StorageUnavailable(
                 f"port {self.port} on {self.host} is taken by another program; set "
                 f"storage.embedded.port in params.yaml to a free port, or point {ENDPOINT_ENV} at it"
@@ -167,18 +140,14 @@ class EmbeddedS3:
         args += ["-webdav=false", "-admin.ui=false", "-master.telemetry=false"]
         # weed mini creates its S3 identity from these variables; without them it runs with auth off.
         env = {**os.environ, "AWS_ACCESS_KEY_ID": access, "AWS_SECRET_ACCESS_KEY": secret}
-        with open(self.log_file, "ab") as log:
-            proc = subprocess.Popen(
-                args, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=self.data_dir, start_new_session=True
-            )
-        atomic_write_bytes(self.pid_file, str(proc.pid).encode())
+        proc = spawn(args, self.pid_file, self.log_file, env, self.data_dir)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if proc.poll() is not None:
                 raise StorageUnavailable(
                     f"the embedded S3 server exited with code {proc.returncode}; see {self.log_file}"
                 )
-            if _port_open(self.port, self.host) and self._answers():
+            if port_open(self.port, self.host) and self._answers():
                 return True
             time.sleep(0.25)
         self.stop()
@@ -194,22 +163,7 @@ class EmbeddedS3:
 
     def stop(self, timeout_s: float = 20.0) -> bool:
         """Stop the server if this data dir's server runs. Returns True if one was stopped."""
-        pid = self.pid()
-        if pid is None:
-            self.pid_file.unlink(missing_ok=True)
-            return False
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(pid, signal.SIGTERM)
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline and _pid_alive(pid):
-            with contextlib.suppress(ChildProcessError):
-                os.waitpid(pid, os.WNOHANG)
-            time.sleep(0.1)
-        if _pid_alive(pid):
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(pid, signal.SIGKILL)
-        self.pid_file.unlink(missing_ok=True)
-        return True
+        return stop(self.pid_file, timeout_s)
 
 
 # --------------------------------------------------------------------------------------------------

