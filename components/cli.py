@@ -110,7 +110,10 @@ def cmd_caption(args) -> int:
         _metrics("caption"),
         progress=_progress(args),
     )
-    print(f"caption: {summary.computed} captioned now, {summary.cached} from cache, {summary.failed} failed")
+    print(
+        f"caption: {summary.computed} captioned now, {summary.cached} from cache, {summary.failed} failed, "
+        f"{summary.over_token_limit} over the CLIP token limit"
+    )
     print(f"captions: {summary.table}\nreport: {summary.report}")
     return 0
 

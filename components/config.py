@@ -33,6 +33,7 @@ class ModelsParams(Section):
     revision: str | None = None
     variant: str | None = None
     blip: str | None = None
+    tagger: str | None = None
     clip_model: str | None = None
     clip_pretrained: str | None = None
     aesthetic: str | None = None
@@ -164,12 +165,45 @@ class ValidateParams(Section):
         return self
 
 
+class BlipParams(Section):
+    enabled: bool = True
+    prompt: str | None = None  # a text prefix the caption continues, e.g. "a poster of"
+    max_new_tokens: int = Field(40, ge=1)
+    num_beams: int = Field(3, ge=1)
+
+
+class TaggerParams(Section):
+    enabled: bool = True
+    general_threshold: float = Field(0.35, ge=0.05, le=1)  # >= 0.05: what the cache keeps
+    character_threshold: float = Field(0.85, ge=0.05, le=1)
+    max_tags: int = Field(40, ge=0)
+    exclude: list[str] = []  # tags never written (after normalisation: spaces, not underscores)
+    include_rating: bool = False  # add the top rating tag (general, sensitive, ...)
+
+
 class CaptionParams(Section):
     out_dir: str = "data/caption"
-    batch_size: int = Field(4, ge=1)
-    max_new_tokens: int = Field(30, ge=1)
-    num_beams: int = Field(1, ge=1)
-    prompt: str | None = None
+    batch_size: int = Field(8, ge=1)
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    blip: BlipParams = BlipParams()
+    tagger: TaggerParams = TaggerParams()
+    # {trigger} {source} {blip} {source_or_blip} {tags}; empty parts and repeats are dropped
+    template: str = "{trigger}, {source_or_blip}, {tags}"
+    trigger: str | None = None  # a token for concept training, written first
+    replacements: dict[str, str] = {}  # applied to every tag and caption part, after normalisation
+    max_clip_tokens: int = Field(77, ge=8)  # counted with CLIP's tokenizer; longer captions are flagged
+    source_caption_column: str = "caption"  # the source column (src_<name>) holding a caption, if any
+
+    @field_validator("template")
+    @classmethod
+    def _known_placeholders(cls, value: str) -> str:
+        import string
+
+        known = {"trigger", "source", "blip", "source_or_blip", "tags"}
+        used = {name for _, name, _, _ in string.Formatter().parse(value) if name is not None}
+        if used - known:
+            raise ValueError(f"unknown placeholder(s) {sorted(used - known)}; known: {sorted(known)}")
+        return value
 
 
 class TrainParams(Section):

@@ -44,5 +44,7 @@ def test_prefect_yaml_deployments_are_valid_and_scheduled():
         assert (REPO / module).is_file() and func == "easel_pipeline"
         assert set(deployment.get("parameters", {})) <= flow_params
         assert set(deployment.get("parameters", {}).get("stages", STAGES)) <= set(STAGES)
-        for schedule in deployment["schedules"]:
+        for schedule in deployment.get("schedules", []):
             CronSchedule(cron=schedule["cron"], timezone=schedule["timezone"])  # raises if invalid
+    scheduled = {d["name"] for d in config["deployments"] if d.get("schedules")}
+    assert {"nightly-data-refresh", "weekly-retrain-and-gate"} <= scheduled

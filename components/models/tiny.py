@@ -6,6 +6,7 @@ same code as the real models (`from_pretrained`, open_clip's `local-dir:`, the a
 - `sdxl/`: a diffusers StableDiffusionXLPipeline folder (U-Net with SDXL's text_time conditioning,
   two CLIP text encoders, an 8x VAE, Euler scheduler, CLIP BPE tokenizers);
 - `blip/`: BlipForConditionalGeneration + BlipProcessor (word-piece vocab built from CLIP's BPE);
+- `tagger/`: a WD-style multi-label tagger (timm ViT folder + selected_tags.csv);
 - `open_clip/`: an open_clip model folder (open_clip_config.json + open_clip_model.safetensors);
 - `aesthetic/aesthetic_mlp.pth`: the LAION aesthetic MLP, input width matched to the tiny CLIP.
 
@@ -29,7 +30,7 @@ from components.models.tokenizers import (
 )
 
 # Bump when the tiny architectures change, so stale builds are rebuilt.
-TINY_VERSION = 1
+TINY_VERSION = 2
 MARKER = "tiny-models.json"
 CLIP_EMBED_DIM = 32
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -235,6 +236,63 @@ def build_tiny_aesthetic(out_path: Path, input_size: int = CLIP_EMBED_DIM, seed:
     torch.save(model.state_dict(), out_path)
 
 
+TAGGER_SIZE = 64
+RATING_TAGS = ("general", "sensitive", "questionable", "explicit")
+CHARACTER_TAGS = ("hatsune_miku", "kirby", "pikachu", "mario_(mario)")
+
+
+def build_tiny_tagger(out_dir: Path, seed: int = 0) -> None:
+    """A WD-style tagger: a timm ViT folder (config.json + model.safetensors, what `local-dir:`
+    and the hub load) and its selected_tags.csv (tag_id, name, category, count)."""
+    import csv
+
+    import timm
+    from safetensors.torch import save_file
+
+    from components.models.tokenizers import clip_words
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    # Categories as in SmilingWolf's tag lists: 9 rating, 0 general, 4 character.
+    general = [w if i % 7 else f"{w}_{clip_words(400)[i + 1]}" for i, w in enumerate(clip_words(300))]
+    tags = [(t, 9) for t in RATING_TAGS] + [(t, 0) for t in general] + [(t, 4) for t in CHARACTER_TAGS]
+    model_args = {
+        "img_size": TAGGER_SIZE,
+        "patch_size": 16,
+        "embed_dim": 32,
+        "depth": 2,
+        "num_heads": 2,
+        "class_token": False,
+        "global_pool": "avg",
+        "fc_norm": False,
+    }
+    torch.manual_seed(seed)
+    model = timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=len(tags), **model_args)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out_dir / "model.safetensors"))
+    config = {
+        "architecture": "vit_base_patch16_224",
+        "num_classes": len(tags),
+        "num_features": 32,
+        "global_pool": "avg",
+        "model_args": model_args,
+        "pretrained_cfg": {
+            "input_size": [3, TAGGER_SIZE, TAGGER_SIZE],
+            "fixed_input_size": True,
+            "interpolation": "bicubic",
+            "crop_pct": 1.0,
+            "crop_mode": "center",
+            "mean": [0.5, 0.5, 0.5],
+            "std": [0.5, 0.5, 0.5],
+            "num_classes": len(tags),
+        },
+    }
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2))
+    with open(out_dir / "selected_tags.csv", "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["tag_id", "name", "category", "count"])
+        for i, (name, category) in enumerate(tags):
+            writer.writerow([i, name, category, 1000 - i])
+
+
 def tiny_models_ready(root: Path) -> bool:
     marker = root / MARKER
     if not marker.is_file():
@@ -253,6 +311,7 @@ def build_tiny_models(root: Path | str, seed: int = 0, force: bool = False) -> P
     with atomic_dir(root) as tmp:
         build_tiny_sdxl(tmp / "sdxl", seed)
         build_tiny_blip(tmp / "blip", seed)
+        build_tiny_tagger(tmp / "tagger", seed)
         build_tiny_open_clip(tmp / "open_clip", seed)
         build_tiny_aesthetic(tmp / "aesthetic" / "aesthetic_mlp.pth", CLIP_EMBED_DIM, seed)
         atomic_write_json(
@@ -261,7 +320,7 @@ def build_tiny_models(root: Path | str, seed: int = 0, force: bool = False) -> P
                 "version": TINY_VERSION,
                 "seed": seed,
                 "note": "Randomly initialised tiny models for offline tests and demos. Not for real use.",
-                "models": ["sdxl", "blip", "open_clip", "aesthetic/aesthetic_mlp.pth"],
+                "models": ["sdxl", "blip", "tagger", "open_clip", "aesthetic/aesthetic_mlp.pth"],
             },
         )
     return root

@@ -1,0 +1,76 @@
+"""From captioner outputs to the caption training reads: hygiene, template, CLIP token count.
+
+Hygiene: tag underscores become spaces (kaomoji like ^_^ keep theirs), the replacement table
+applies to every part, repeated parts are dropped. The template joins the trigger, the source's
+own caption or BLIP's, and the tags (most confident first), as comma-separated parts, so that
+`keep_tokens` in training keeps the most important ones in place.
+"""
+
+from __future__ import annotations
+
+import re
+from functools import lru_cache
+
+KAOMOJI = re.compile(r"^[^a-zA-Z0-9]*_[^a-zA-Z0-9]*$")  # e.g. ^_^, >_<, o_o keep their underscores
+PLACEHOLDERS = ("trigger", "source", "blip", "source_or_blip", "tags")
+
+
+def normalize_tag(tag: str) -> str:
+    tag = tag.strip()
+    if KAOMOJI.match(tag) or (len(tag) <= 3 and "_" in tag):
+        return tag
+    return tag.replace("_", " ")
+
+
+def clean_part(text: str, replacements: dict[str, str]) -> str:
+    text = " ".join(text.split())
+    return replacements.get(text, text)
+
+
+def merge_caption(
+    template: str,
+    *,
+    trigger: str | None,
+    source: str | None,
+    blip: str | None,
+    tags: list[str],
+    replacements: dict[str, str],
+    exclude: list[str] = (),
+    max_tags: int | None = None,
+) -> str:
+    """Fill the template; split on commas; clean, drop empty and repeated parts; join with ', '."""
+    excluded = {normalize_tag(t).lower() for t in exclude}
+    tag_parts = []
+    for tag in tags:
+        part = clean_part(normalize_tag(tag), replacements)
+        if part and part.lower() not in excluded:
+            tag_parts.append(part)
+    if max_tags is not None:
+        tag_parts = list(dict.fromkeys(tag_parts))[:max_tags]
+    values = {
+        "trigger": trigger or "",
+        "source": source or "",
+        "blip": blip or "",
+        "source_or_blip": source or blip or "",
+        "tags": ", ".join(tag_parts),
+    }
+    text = template.format(**values)
+    parts, seen = [], set()
+    for raw in text.split(","):
+        part = clean_part(raw, replacements)
+        if part and part.lower() not in seen:
+            seen.add(part.lower())
+            parts.append(part)
+    return ", ".join(parts)
+
+
+@lru_cache(maxsize=1)
+def _clip_tokenizer():
+    from open_clip.tokenizer import SimpleTokenizer
+
+    return SimpleTokenizer()
+
+
+def clip_token_count(text: str) -> int:
+    """Tokens CLIP's text encoder sees, start and end tokens included (the limit is 77)."""
+    return len(_clip_tokenizer().encode(text)) + 2

@@ -1,0 +1,245 @@
+"""The caption stage: run the enabled captioners over accepted images, merge, write, report.
+
+Resumable and incremental: each captioner's output is cached per (captioner key, image sha256)
+in an append-only journal, written after every batch. A killed run continues where it stopped;
+a re-run with the same configuration computes nothing; changing one captioner recomputes only
+its column; changing the template, trigger, thresholds or replacements recomputes no model at
+all. Each image is decoded once per batch, whichever captioners need it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import torch
+from tqdm import tqdm
+
+from components import report
+from components.caption.blip import BlipCaptioner
+from components.caption.merge import clip_token_count, merge_caption
+from components.caption.tagger import WDTagger, select_tags
+from components.config import CaptionParams, ModelsParams
+from components.errors import EaselError
+from components.fsutil import atomic_write_json, atomic_write_parquet
+from components.images import load_rgb, thumbnail
+from components.models.loaders import default_device, dtype_for
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": "no", "float16": "fp16", "bfloat16": "bf16"}
+
+
+class CaptionCache:
+    """(captioner key, sha256) -> output, persisted as JSON lines; a torn last line is ignored."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.entries: dict[tuple[str, str], object] = {}
+        if path.is_file():
+            for line in path.read_text(encoding="utf-8").splitlines():
+                try:
+                    item = json.loads(line)
+                    self.entries[(item["captioner"], item["sha256"])] = item["output"]
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    continue
+
+    def get(self, key: str, sha: str) -> object | None:
+        return self.entries.get((key, sha))
+
+    def add_many(self, key: str, items: list[tuple[str, object]]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a", encoding="utf-8") as fh:
+            for sha, output in items:
+                fh.write(json.dumps({"captioner": key, "sha256": sha, "output": output}) + "\n")
+                self.entries[(key, sha)] = output
+
+
+def build_captioners(params: CaptionParams, models: ModelsParams) -> list:
+    device = default_device()
+    dtype = dtype_for(DTYPES[params.dtype])
+    if device.type == "cpu" and dtype == torch.float16:
+        dtype = torch.float32  # fp16 matmuls are not supported on every CPU
+    captioners = []
+    if params.blip.enabled:
+        captioners.append(BlipCaptioner(models, params.blip, dtype, device))
+    if params.tagger.enabled:
+        captioners.append(WDTagger(models, params.tagger, dtype, device))
+    if not captioners:
+        raise EaselError("params.yaml: caption: enable at least one captioner (caption.blip or caption.tagger)")
+    return captioners
+
+
+def caption_images(
+    accepted: pd.DataFrame, captioners: list, cache: CaptionCache, batch_size: int, progress: bool
+) -> dict[str, str]:
+    """Fill the cache for every (captioner, image) it lacks; returns {sha256: error} for failures."""
+    missing = [r for r in accepted.itertuples() if any(cache.get(c.key, r.sha256) is None for c in captioners)]
+    failures: dict[str, str] = {}
+    bar = tqdm(total=len(missing), desc="caption", unit="img", disable=not progress)
+    for start in range(0, len(missing), batch_size):
+        rows, images = [], []
+        for r in missing[start : start + batch_size]:
+            try:
+                images.append(load_rgb(r.image_path))  # decoded once for every captioner
+                rows.append(r)
+            except Exception as exc:  # a file that decoded in validate but not now: report, skip
+                failures[r.sha256] = f"{type(exc).__name__}: {exc}"
+        for captioner in captioners:
+            todo = [i for i, r in enumerate(rows) if cache.get(captioner.key, r.sha256) is None]
+            if todo:
+                outputs = captioner([images[i] for i in todo])
+                cache.add_many(captioner.key, [(rows[i].sha256, out) for i, out in zip(todo, outputs, strict=True)])
+        bar.update(len(missing[start : start + batch_size]))
+    bar.close()
+    return failures
+
+
+@dataclass
+class CaptionSummary:
+    images: int
+    computed: int
+    cached: int
+    failed: int
+    over_token_limit: int
+    table: Path
+    report: Path
+
+
+def run_caption(
+    params: CaptionParams,
+    models: ModelsParams,
+    validate_dir: Path,
+    metrics_path: Path | None = None,
+    progress: bool = True,
+) -> CaptionSummary:
+    out_dir = Path(params.out_dir)
+    accepted_path = validate_dir / "accepted.parquet"
+    if not accepted_path.is_file():
+        raise EaselError(f"caption: {accepted_path} not found; run the validate stage first")
+    accepted = pd.read_parquet(accepted_path)
+    if accepted.empty:
+        raise EaselError(f"caption: {accepted_path} holds no accepted images; nothing to caption")
+    captioners = build_captioners(params, models)
+    cache = CaptionCache(out_dir / "cache.jsonl")
+    fully_cached = sum(all(cache.get(c.key, sha) is not None for c in captioners) for sha in accepted["sha256"])
+    failures = caption_images(accepted, captioners, cache, params.batch_size, progress)
+
+    source_col = f"src_{params.source_caption_column}"
+    keys = {c.name: c.key for c in captioners}
+    rows = []
+    for r in accepted.itertuples():
+        if r.sha256 in failures:
+            continue
+        source = getattr(r, source_col, None) if source_col in accepted.columns else None
+        source = str(source).strip() if source is not None and not pd.isna(source) and str(source).strip() else None
+        blip = cache.get(keys["blip"], r.sha256) if "blip" in keys else None
+        scored = cache.get(keys["tagger"], r.sha256) if "tagger" in keys else None
+        tags = select_tags(scored, params.tagger) if scored is not None else []
+        caption = merge_caption(
+            params.template,
+            trigger=params.trigger,
+            source=source,
+            blip=blip,
+            tags=tags,
+            replacements=params.replacements,
+            exclude=params.tagger.exclude,
+            max_tags=params.tagger.max_tags,
+        )
+        tokens = clip_token_count(caption)
+        rows.append(
+            {
+                "sha256": r.sha256,
+                "image_path": r.image_path,
+                "caption": caption,
+                "source_caption": source,
+                "blip_caption": blip,
+                "tags": tags,
+                "clip_tokens": tokens,
+                "over_token_limit": tokens > params.max_clip_tokens,
+                "captioners": json.dumps(keys),
+            }
+        )
+    table = pd.DataFrame(rows)
+    if table.empty:
+        raise EaselError("caption: no image could be captioned: " + "; ".join(list(failures.values())[:3]))
+    over = int(table["over_token_limit"].sum())
+    if over:
+        log.warning(
+            "%d of %d captions exceed %d CLIP tokens and will be truncated in training",
+            over,
+            len(table),
+            params.max_clip_tokens,
+        )
+    atomic_write_parquet(out_dir / "captions.parquet", table)
+    report_path = _write_report(out_dir / "report.html", table, failures, keys, params, accepted)
+    summary = CaptionSummary(
+        len(accepted),
+        len(accepted) - fully_cached - len(failures),
+        fully_cached,
+        len(failures),
+        over,
+        out_dir / "captions.parquet",
+        report_path,
+    )
+    if metrics_path is not None:
+        atomic_write_json(
+            metrics_path,
+            {
+                "captioned": len(table),
+                "failed": len(failures),
+                "mean_words": round(float(table["caption"].str.split().str.len().mean()), 2),
+                "mean_clip_tokens": round(float(table["clip_tokens"].mean()), 2),
+                "over_token_limit": over,
+                "mean_tags": round(float(table["tags"].str.len().mean()), 2),
+            },
+        )
+    return summary
+
+
+def _write_report(
+    path: Path, table: pd.DataFrame, failures: dict, keys: dict, params: CaptionParams, accepted: pd.DataFrame
+) -> Path:
+    sample = table.head(60)
+    cards = [
+        report.card(
+            thumbnail(r.image_path),
+            f"{r.caption} [{r.clip_tokens} tokens]" + (" TRUNCATED" if r.over_token_limit else ""),
+        )
+        for r in sample.itertuples()
+    ]
+    over = int(table["over_token_limit"].sum())
+    sections = [
+        (
+            "Captions" + (f" (first {len(sample)} of {len(table)})" if len(table) > len(sample) else ""),
+            report.grid(cards),
+        )
+    ]
+    if over:
+        sections.insert(
+            0,
+            (
+                "Warning",
+                f"<p class='fail'>{over} of {len(table)} captions exceed "
+                f"{params.max_clip_tokens} CLIP tokens: training will truncate them.</p>",
+            ),
+        )
+    if failures:
+        paths = dict(zip(accepted["sha256"], accepted["image_path"], strict=True))
+        sections.append(
+            (
+                "Skipped (could not be read)",
+                report.table_html(["image", "error"], [(paths[s], e) for s, e in failures.items()]),
+            )
+        )
+    return report.write_html(
+        path,
+        "Easel captions",
+        sections,
+        intro=f"Template <code>{report.esc(params.template)}</code>; captioners "
+        + ", ".join(f"{report.esc(k)} = {report.esc(v)}" for k, v in keys.items())
+        + ".",
+    )
