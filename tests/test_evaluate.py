@@ -280,7 +280,7 @@ def test_production_comes_from_the_registry_and_its_images_are_cached(tmp_path, 
     )["version"]
     registry.set_alias("posters", "production", version, "test")
     storage = StorageParams(bucket="evalprod", embedded={"port": s3_server.port, "data_dir": str(s3_server.data_dir)})
-    promote = PromoteParams(model_name="posters", min_aesthetic_mean=0, min_clip_score_mean=0)
+    promote = PromoteParams(model_name="posters")
     params = evaluate_params(tmp_path, write_prompts(tmp_path), compare_with=["production", "base"])
     result = run_evaluate(
         params, tiny_params(tiny_models), tiny_models / "sdxl", progress=False, storage=storage, promote=promote
