@@ -41,11 +41,22 @@ def full_size_blip(folder: Path) -> Path:
     processor.image_processor = BlipImageProcessor(size={"height": 384, "width": 384})
     tok = processor.tokenizer
     config = BlipConfig(
-        vision_config={"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24,
-                       "num_attention_heads": 16, "image_size": 384, "patch_size": 16},
-        text_config={"vocab_size": len(tok), "bos_token_id": tok.bos_token_id, "eos_token_id": tok.sep_token_id,
-                     "sep_token_id": tok.sep_token_id, "pad_token_id": tok.pad_token_id,
-                     "encoder_hidden_size": 1024},
+        vision_config={
+            "hidden_size": 1024,
+            "intermediate_size": 4096,
+            "num_hidden_layers": 24,
+            "num_attention_heads": 16,
+            "image_size": 384,
+            "patch_size": 16,
+        },
+        text_config={
+            "vocab_size": len(tok),
+            "bos_token_id": tok.bos_token_id,
+            "eos_token_id": tok.sep_token_id,
+            "sep_token_id": tok.sep_token_id,
+            "pad_token_id": tok.pad_token_id,
+            "encoder_hidden_size": 1024,
+        },
     )
     torch.manual_seed(0)
     BlipForConditionalGeneration(config).save_pretrained(str(folder / "blip-large"))
@@ -67,10 +78,23 @@ def full_size_tagger(folder: Path) -> Path:
     args = {"img_size": 448, "class_token": False, "global_pool": "avg", "fc_norm": False}
     model = timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=tags, **args)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / "model.safetensors"))
-    (out / "config.json").write_text(json.dumps({
-        "architecture": "vit_base_patch16_224", "num_classes": tags, "model_args": args,
-        "pretrained_cfg": {"input_size": [3, 448, 448], "interpolation": "bicubic", "crop_pct": 1.0,
-                           "mean": [0.5] * 3, "std": [0.5] * 3, "num_classes": tags}}))
+    (out / "config.json").write_text(
+        json.dumps(
+            {
+                "architecture": "vit_base_patch16_224",
+                "num_classes": tags,
+                "model_args": args,
+                "pretrained_cfg": {
+                    "input_size": [3, 448, 448],
+                    "interpolation": "bicubic",
+                    "crop_pct": 1.0,
+                    "mean": [0.5] * 3,
+                    "std": [0.5] * 3,
+                    "num_classes": tags,
+                },
+            }
+        )
+    )
     with open(out / "selected_tags.csv", "w", newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(["tag_id", "name", "category", "count"])
@@ -95,27 +119,40 @@ def main() -> None:
     from components.models.tiny import build_tiny_models
 
     build_tiny_models(TINY_ROOT)
-    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads, device cpu")
+    print(
+        f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads, device cpu"
+    )
     batch = images(args.images)
     device, dtype = torch.device("cpu"), torch.float32
     blip_params = BlipParams(max_new_tokens=20, num_beams=1)
     with tempfile.TemporaryDirectory() as tmp:
         setups = [
-            ("tiny BLIP", lambda: BlipCaptioner(ModelsParams(blip=str(TINY_ROOT / "blip")), blip_params, dtype, device)),
-            ("tiny tagger", lambda: WDTagger(ModelsParams(tagger=str(TINY_ROOT / "tagger")), TaggerParams(), dtype,
-                                             device)),
-            ("BLIP large architecture", lambda: BlipCaptioner(ModelsParams(blip=str(full_size_blip(Path(tmp)))),
-                                                              blip_params, dtype, device)),
-            ("WD-v3 ViT-B/16 tagger architecture",
-             lambda: WDTagger(ModelsParams(tagger=str(full_size_tagger(Path(tmp)))), TaggerParams(), dtype, device)),
+            (
+                "tiny BLIP",
+                lambda: BlipCaptioner(ModelsParams(blip=str(TINY_ROOT / "blip")), blip_params, dtype, device),
+            ),
+            (
+                "tiny tagger",
+                lambda: WDTagger(ModelsParams(tagger=str(TINY_ROOT / "tagger")), TaggerParams(), dtype, device),
+            ),
+            (
+                "BLIP large architecture",
+                lambda: BlipCaptioner(ModelsParams(blip=str(full_size_blip(Path(tmp)))), blip_params, dtype, device),
+            ),
+            (
+                "WD-v3 ViT-B/16 tagger architecture",
+                lambda: WDTagger(ModelsParams(tagger=str(full_size_tagger(Path(tmp)))), TaggerParams(), dtype, device),
+            ),
         ]
         for name, make in setups:
             captioner = make()
             one = rate(captioner, batch, 1)
             batched = rate(captioner, batch, args.batch)
-            print(f"{name}: one at a time {one:.2f} img/s, batch {args.batch} {batched:.2f} img/s = "
-                  f"{batched / one:.2f}x", flush=True)
+            print(
+                f"{name}: one at a time {one:.2f} img/s, batch {args.batch} {batched:.2f} img/s = {batched / one:.2f}x",
+                flush=True,
+            )
             del captioner
 
 

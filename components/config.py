@@ -206,22 +206,109 @@ class CaptionParams(Section):
         return value
 
 
+class BucketParams(Section):
+    enabled: bool = True
+    min_size: int = Field(512, ge=16)  # shortest bucket side, px
+    max_size: int = Field(2048, ge=16)  # longest bucket side, px
+    step: int = Field(64, ge=8)  # bucket sides are multiples of this (and of 8, the VAE's factor)
+    no_upscale: bool = False  # never upscale an image to fit a bucket (smaller images get own buckets)
+
+    @model_validator(mode="after")
+    def _sizes(self) -> BucketParams:
+        if self.min_size > self.max_size:
+            raise ValueError(f"min_size ({self.min_size}) is above max_size ({self.max_size})")
+        if self.step % 8:
+            raise ValueError(f"step must be a multiple of 8 (the VAE downsamples by 8); got {self.step}")
+        return self
+
+
+class OptimizerArgs(Section):
+    weight_decay: float | None = Field(None, ge=0)
+    betas: tuple[float, float] | None = None
+    eps: float | None = Field(None, gt=0)
+    # Adafactor's own:
+    clip_threshold: float | None = Field(None, gt=0)
+    relative_step: bool | None = None
+    scale_parameter: bool | None = None
+    warmup_init: bool | None = None
+
+
+class SchedulerArgs(Section):
+    num_cycles: int | float | None = None  # cosine_with_restarts: restarts; cosine: half-waves
+    power: float | None = None  # polynomial
+
+
+class EmaParams(Section):
+    enabled: bool = False
+    decay: float = Field(0.9999, gt=0, lt=1)
+    update_every: int = Field(1, ge=1)  # optimizer steps between EMA updates
+    use_for_save: bool = True  # save the EMA weights as the model
+
+
+class ValidationParams(Section):
+    fraction: float = Field(0.0, ge=0, lt=1)  # share of images held out (chosen by sha256, stable)
+    every_n_steps: int = Field(0, ge=0)  # 0: only at the end
+    keep_best: bool = True  # keep the checkpoint with the lowest validation loss
+
+
 class TrainParams(Section):
     out_dir: str = "data/train"
     seed: int = 42
-    resolution: int = Field(1024, ge=8)
+    # data
+    resolution: int = Field(1024, ge=64)  # target area resolution**2 of every bucket
+    bucketing: BucketParams = BucketParams()
+    center_crop: bool = True  # else a random crop (not with cached latents)
+    random_flip: bool = False
+    # captions
+    shuffle_caption: bool = False  # shuffle the comma-separated parts after the first keep_tokens
+    keep_tokens: int = Field(0, ge=0)
+    caption_dropout: float = Field(0.0, ge=0, le=1)  # train this share of steps unconditionally (CFG)
+    empty_prompt: Literal["zeros", "encode"] = "zeros"  # how a dropped caption is conditioned
+    # noise and loss
+    noise_offset: float = Field(0.0, ge=0)
+    min_snr_gamma: float | None = Field(None, gt=0)
+    prediction_type: Literal["epsilon", "v_prediction"] | None = None  # None: the base model's
+    min_timestep: int = Field(0, ge=0)
+    max_timestep: int = Field(1000, ge=1)  # exclusive
+    # optimizer
+    optimizer: Literal["adamw", "adamw8bit", "adafactor"] = "adamw"
+    learning_rate: float = Field(1e-6, gt=0)
+    optimizer_args: OptimizerArgs = OptimizerArgs(weight_decay=1e-2)
+    lr_scheduler: Literal[
+        "constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"
+    ] = "constant"
+    lr_warmup_steps: int = Field(0, ge=0)
+    lr_scheduler_args: SchedulerArgs = SchedulerArgs()
     max_train_steps: int = Field(1000, ge=1)
     train_batch_size: int = Field(1, ge=1)
     gradient_accumulation_steps: int = Field(1, ge=1)
-    learning_rate: float = Field(1e-6, gt=0)
-    adam_weight_decay: float = Field(1e-2, ge=0)
     max_grad_norm: float = Field(1.0, gt=0)
-    lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts"] = "constant"
-    lr_warmup_steps: int = Field(0, ge=0)
+    # precision and memory
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    save_precision: Literal["float", "fp16", "bf16"] = "float"
+    allow_tf32: bool = True
     gradient_checkpointing: bool = False
-    center_crop: bool = True
-    random_flip: bool = False
+    attention: Literal["sdpa", "xformers"] = "sdpa"
+    cache_latents: bool = False  # VAE latents on disk, keyed by image sha256 + VAE + size + flip
+    cache_text_embeddings: bool = False  # text-encoder outputs on disk, keyed by caption + encoders
+    cache_dir: str = ".easel/cache/train"
+    cache_memory_mb: int = Field(1024, ge=0)  # cached tensors also kept in RAM, up to this much per cache
+    dataloader_num_workers: int = Field(0, ge=0)  # worker processes reading images or cache files
+    # EMA
+    ema: EmaParams = EmaParams()
+    # checkpoints
+    checkpoint_every: int = Field(0, ge=0)  # optimizer steps; 0: none
+    keep_checkpoints: int = Field(3, ge=1)
+    checkpoint_dir: str = ".easel/checkpoints"
+    resume_from_checkpoint: str | None = None  # null | latest | a checkpoint folder
+    # samples and validation
+    sample_every_n_steps: int = Field(0, ge=0)
+    sample_prompts: list[str] = []
+    sample_negative_prompt: str | None = "basic"  # a preset name or literal text
+    sample_seed: int = 0
+    sample_steps: int = Field(20, ge=1)
+    validation: ValidationParams = ValidationParams()
+    log_every_n_steps: int = Field(10, ge=1)  # dvclive curves are written in groups of this many steps
 
     @field_validator("resolution")
     @classmethod
@@ -229,6 +316,19 @@ class TrainParams(Section):
         if value % 8:
             raise ValueError(f"must be a multiple of 8 (the VAE downsamples by 8); got {value}")
         return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TrainParams:
+        if self.min_timestep >= self.max_timestep:
+            raise ValueError(f"min_timestep ({self.min_timestep}) must be below max_timestep ({self.max_timestep})")
+        if self.cache_latents and not self.center_crop:
+            raise ValueError("cache_latents needs center_crop: a cached latent is one fixed crop")
+        if self.cache_text_embeddings and (self.shuffle_caption or self.caption_dropout):
+            raise ValueError(
+                "cache_text_embeddings cannot be used with shuffle_caption or caption_dropout: "
+                "the text changes from step to step"
+            )
+        return self
 
 
 class GuidanceParams(Section):

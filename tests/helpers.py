@@ -40,6 +40,18 @@ def make_download_dir(root, files: dict[str, bytes]):
     return root
 
 
+def make_caption_dir(root, files: dict[str, bytes], captions: list[str]):
+    """A download dir of `files` and a caption dir whose captions.parquet gives them `captions`."""
+    download = make_download_dir(root / "download", files)
+    manifest = pd.read_parquet(download / "manifest.parquet")
+    caption_dir = root / "caption"
+    caption_dir.mkdir()
+    pd.DataFrame(
+        {"sha256": manifest["sha256"], "image_path": [str(download / p) for p in manifest["path"]], "caption": captions}
+    ).to_parquet(caption_dir / "captions.parquet")
+    return caption_dir
+
+
 def accepted_set(root, count: int = 4, size=(96, 80)):
     """A download dir + validate dir whose accepted.parquet lists `count` distinct noise images."""
     files = {f"img{i}.png": encode(noise(*size, seed=100 + i), "PNG", dpi=(96, 96)) for i in range(count)}

@@ -1,92 +1,361 @@
-"""The train stage on the tiny SDXL: it learns, saves a pipeline that reloads and generates."""
+"""The train stage on the tiny SDXL (CPU): buckets, captions, noise and loss maths, exact resume,
+checkpoints, caches, EMA, validation, and a saved pipeline that reloads and generates."""
 
 import json
 import random
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
+from diffusers import DDPMScheduler
 from PIL import Image
+from safetensors.torch import load_file
 
-from components.config import TrainParams
+from components.config import BucketParams, TrainParams
 from components.errors import EaselError
 from components.models.loaders import load_sdxl_pipeline
 from components.train import run_train
-from components.train.data import resize_and_crop
-from components.train.sdxl import time_ids
-from tests.helpers import accepted_set
+from components.train.data import (
+    BucketBatchSampler,
+    assign_bucket,
+    make_buckets,
+    process_caption,
+    resize_and_crop,
+)
+from components.train.optim import build_lr_scheduler, build_optimizer
+from components.train.sdxl import min_snr_weights, offset_noise, time_ids
+from tests.helpers import encode, make_caption_dir, noise
 from tests.test_models import tiny_params
 
+UNET = "unet/diffusion_pytorch_model.safetensors"
 
-def captioned_set(tmp_path, count=4):
-    download, validate = accepted_set(tmp_path, count=count, size=(96, 80))
-    accepted = pd.read_parquet(validate / "accepted.parquet")
-    caption_dir = tmp_path / "caption"
-    caption_dir.mkdir()
-    accepted.assign(caption=[f"a poster, style {i}" for i in range(count)]).to_parquet(caption_dir / "captions.parquet")
-    return download, caption_dir
+
+def captioned_set(tmp_path, sizes=((96, 80), (80, 96), (128, 64), (96, 96), (90, 120), (120, 90))):
+    files = {f"img{i}.png": encode(noise(w, h, seed=200 + i), "PNG", dpi=(96, 96)) for i, (w, h) in enumerate(sizes)}
+    return make_caption_dir(
+        tmp_path, files, [f"easelposter, a poster, style {i}, blue, sharp" for i in range(len(files))]
+    )
+
+
+def train_params(tmp_path, **kw) -> TrainParams:
+    base = dict(
+        out_dir=str(tmp_path / "train"),
+        resolution=64,
+        max_train_steps=6,
+        train_batch_size=2,
+        learning_rate=1e-4,
+        checkpoint_dir=str(tmp_path / "ckpt"),
+        cache_dir=str(tmp_path / "cache"),
+        bucketing={"enabled": True, "min_size": 32, "max_size": 128, "step": 16},
+    )
+    return TrainParams(**(base | kw))
+
+
+def unet_weights(model_dir):
+    return load_file(str(model_dir / UNET))
+
+
+# -- data ---------------------------------------------------------------------------------------
+
+
+def test_buckets_and_assignment():
+    params = BucketParams(min_size=512, max_size=2048, step=64)
+    buckets = make_buckets(1024, params)
+    assert all(w % 64 == 0 and h % 64 == 0 and w * h <= 1024 * 1024 for w, h in buckets)
+    assert (1024, 1024) in buckets
+    assert assign_bucket(1000, 1000, buckets, params, 1024) == (1024, 1024)
+    assert assign_bucket(600, 900, buckets, params, 1024) == (832, 1216)  # a 2:3 poster
+    assert assign_bucket(1920, 1080, buckets, params, 1024) == (1344, 768)  # 16:9
+    small = BucketParams(min_size=512, max_size=2048, step=64, no_upscale=True)
+    assert assign_bucket(700, 500, buckets, small, 1024) == (640, 448)  # kept small, rounded down to 64
+
+
+def test_batches_hold_one_bucket_and_every_image_once_per_epoch():
+    bucket_of = [(64, 64), (48, 80), (64, 64), (80, 48), (64, 64), (48, 80), (64, 64)]
+    sampler = BucketBatchSampler(bucket_of, batch_size=2, seed=3)
+    first = sampler.batches()
+    assert sorted(i for b in first for i in b) == list(range(7)) and len(first) == len(sampler) == 4
+    assert all(len({bucket_of[i] for i in b}) == 1 for b in first)
+    assert sampler.batches() == first  # the same epoch, the same order
+    sampler.set_epoch(1)
+    assert sampler.batches() != first
+
+
+def test_keep_tokens_shuffle_and_dropout():
+    caption = "trigger, a poster, red, blue, green, yellow"
+    rng = random.Random(0)
+    for _ in range(20):
+        out = process_caption(caption, shuffle=True, keep_tokens=2, dropout=0.0, rng=rng).split(", ")
+        assert out[:2] == ["trigger", "a poster"] and sorted(out[2:]) == ["blue", "green", "red", "yellow"]
+    shuffled = {process_caption(caption, True, 2, 0.0, random.Random(s)) for s in range(20)}
+    assert len(shuffled) > 5
+    assert process_caption(caption, False, 0, 0.0, rng) == caption
+    dropped = [process_caption(caption, False, 0, 0.3, random.Random(s)) for s in range(400)]
+    assert 0.2 < dropped.count("") / 400 < 0.4
+
+
+def test_crop_conditioning_follows_the_crop_and_the_flip():
+    image = Image.new("RGB", (200, 100))
+    _, (top, left) = resize_and_crop(image, (64, 64), center_crop=True, flip=False, rng=random.Random(0))
+    assert (top, left) == (0, (128 - 64) // 2)  # resized to 128x64, centre crop
+    _, (top, left) = resize_and_crop(image, (64, 64), center_crop=False, flip=False, rng=random.Random(3))
+    _, (top_f, left_f) = resize_and_crop(image, (64, 64), center_crop=False, flip=True, rng=random.Random(3))
+    assert top_f == top and left_f == 128 - left - 64  # the same crop, seen in the mirror
+    ids = time_ids([(100, 200)], [(top, left)], [(64, 64)], torch.device("cpu"), torch.float32)
+    assert ids.tolist() == [[100, 200, top, left, 64, 64]]
+
+
+# -- maths ---------------------------------------------------------------------------------------
+
+
+def test_noise_offset_adds_one_shift_per_sample_and_channel():
+    latents = torch.zeros(2, 4, 3, 3)
+    plain = offset_noise(latents, 0.0, torch.Generator().manual_seed(0))
+    shifted = offset_noise(latents, 0.1, torch.Generator().manual_seed(0))
+    generator = torch.Generator().manual_seed(0)
+    base = torch.randn(2, 4, 3, 3, generator=generator)
+    shift = torch.randn(2, 4, 1, 1, generator=generator)
+    assert torch.equal(plain, base)
+    assert torch.allclose(shifted, base + 0.1 * shift)
+    delta = shifted - base
+    assert torch.allclose(delta, delta[..., :1, :1].expand_as(delta))  # constant over the pixels
+
+
+def test_min_snr_weights_by_hand():
+    scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    t = torch.tensor([10, 500, 990])
+    a = scheduler.alphas_cumprod[t]
+    snr = a / (1 - a)
+    gamma = 5.0
+    expected_eps = torch.minimum(snr, torch.tensor(gamma)) / snr
+    expected_v = torch.minimum(snr, torch.tensor(gamma)) / (snr + 1)
+    assert torch.allclose(min_snr_weights(scheduler, t, gamma, "epsilon"), expected_eps)
+    assert torch.allclose(min_snr_weights(scheduler, t, gamma, "v_prediction"), expected_v)
+    assert min_snr_weights(scheduler, t, gamma, "epsilon")[0] < 1.0  # low noise: down-weighted
+    assert min_snr_weights(scheduler, t, gamma, "epsilon")[2] == pytest.approx(1.0)  # high noise: SNR < gamma
+
+
+def test_optimizers_and_schedules():
+    weights = [torch.nn.Parameter(torch.zeros(3))]
+    ada = build_optimizer(weights, TrainParams(optimizer="adafactor", optimizer_args={"clip_threshold": 1.0}))
+    assert type(ada).__name__ == "Adafactor" and ada.defaults["clip_threshold"] == 1.0
+    cosine = TrainParams(
+        lr_scheduler="cosine_with_restarts", lr_scheduler_args={"num_cycles": 2}, max_train_steps=100, learning_rate=1.0
+    )
+    sched = build_lr_scheduler(torch.optim.SGD(weights, lr=1.0), cosine)
+    lrs = []
+    for _ in range(100):
+        lrs.append(sched.get_last_lr()[0])
+        sched.step()
+    assert lrs[0] == 1.0 and min(lrs[:50]) < 0.01 and lrs[50] == pytest.approx(1.0)  # two cycles
+    with pytest.raises(EaselError, match="adamw8bit needs bitsandbytes"):
+        build_optimizer(weights, TrainParams(optimizer="adamw8bit"))
+    with pytest.raises(EaselError, match=r"\['clip_threshold'\] do not apply to adamw"):
+        build_optimizer(weights, TrainParams(optimizer_args={"clip_threshold": 1.0}))
+
+
+# -- runs ----------------------------------------------------------------------------------------
 
 
 def test_train_saves_a_pipeline_that_reloads_and_generates(tmp_path, tiny_models):
-    _, captions = captioned_set(tmp_path)
-    params = TrainParams(
-        out_dir=str(tmp_path / "train"), resolution=64, max_train_steps=6, train_batch_size=2, learning_rate=1e-4
+    captions = captioned_set(tmp_path)
+    params = train_params(
+        tmp_path, save_precision="fp16", sample_every_n_steps=3, sample_prompts=["a poster"], sample_steps=2
     )
     summary = run_train(
-        params,
-        tiny_params(tiny_models),
-        captions,
-        tmp_path / "train.json",
-        tmp_path / "plots",
-        progress=False,
+        params, tiny_params(tiny_models), captions, tmp_path / "train.json", tmp_path / "plots", progress=False
     )
     assert summary.steps == 6
     metrics = json.loads((tmp_path / "train.json").read_text())
-    assert metrics["steps"] == 6 and metrics["final_loss"] > 0
-    loss_curve = pd.read_csv(tmp_path / "plots" / "plots" / "metrics" / "train" / "loss.tsv", sep="\t")
-    assert len(loss_curve) == 6
+    assert metrics["steps"] == 6 and metrics["final_loss"] > 0 and metrics["peak_memory_mb"] > 0
+    curves = tmp_path / "plots" / "plots" / "metrics" / "train"
+    assert len(pd.read_csv(curves / "loss.tsv", sep="\t")) == 6
+    assert {p.name for p in curves.iterdir()} >= {
+        "loss.tsv",
+        "lr.tsv",
+        "grad_norm.tsv",
+        "images_per_second.tsv",
+        "peak_memory_mb.tsv",
+        "step_seconds.tsv",
+    }
+    assert sorted(p.name for p in (tmp_path / "train" / "samples").iterdir()) == ["step-00000003", "step-00000006"]
     model = tmp_path / "train" / "model"
-    card = (model / "README.md").read_text()
-    assert "base_model:" in card and "fingerprint" in card
+    assert "base_model:" in (model / "README.md").read_text()
+    trained, base = unet_weights(model), unet_weights(tiny_models / "sdxl")
+    assert all(v.dtype == torch.float16 for v in trained.values())  # save_precision
+    assert any(not torch.equal(trained[k].float(), base[k]) for k in base)  # the U-Net was trained
+    for part, name in (("vae", "diffusion_pytorch_model.safetensors"), ("text_encoder", "model.safetensors")):
+        a, b = load_file(str(model / part / name)), load_file(str(tiny_models / "sdxl" / part / name))
+        assert all(torch.equal(a[k], b[k]) for k in b)  # the frozen parts were not
     pipe = load_sdxl_pipeline(str(model))
     image = pipe(
         prompt="a poster", num_inference_steps=2, height=64, width=64, generator=torch.Generator("cpu").manual_seed(0)
     ).images[0]
     assert image.size == (64, 64)
-    from safetensors.torch import load_file
-
-    trained = load_file(model / "unet" / "diffusion_pytorch_model.safetensors")
-    base = load_file(tiny_models / "sdxl" / "unet" / "diffusion_pytorch_model.safetensors")
-    assert any(not torch.equal(trained[k], base[k]) for k in base)  # the U-Net was trained
-    for part in ("vae", "text_encoder", "text_encoder_2"):  # the frozen parts were not
-        name = "diffusion_pytorch_model.safetensors" if part == "vae" else "model.safetensors"
-        a, b = load_file(model / part / name), load_file(tiny_models / "sdxl" / part / name)
-        assert all(torch.equal(a[k], b[k]) for k in b)
 
 
-def test_nan_loss_stops_with_a_clear_message_and_saves_nothing(tmp_path, tiny_models):
-    _, captions = captioned_set(tmp_path, count=2)
-    params = TrainParams(
-        out_dir=str(tmp_path / "train"),
-        resolution=64,
-        max_train_steps=3,
-        train_batch_size=1,
-        learning_rate=1e30,
-        max_grad_norm=1e30,
+def test_resume_is_exact(tmp_path, tiny_models, monkeypatch):
+    """2N steps straight == the same run cut off after N (a crash), resumed from its checkpoint;
+    the resumed run's curves hold each step once, with the straight run's losses."""
+    from components.train import loop
+
+    captions = captioned_set(tmp_path)
+    models = tiny_params(tiny_models)
+    common = dict(
+        max_train_steps=8,
+        shuffle_caption=True,
+        keep_tokens=1,
+        caption_dropout=0.2,
+        random_flip=True,
+        center_crop=False,
+        noise_offset=0.05,
+        min_snr_gamma=5.0,
+        lr_scheduler="cosine",
+        lr_warmup_steps=2,
+        ema={"enabled": True, "decay": 0.9},
+        checkpoint_every=4,
+        log_every_n_steps=1,
     )
-    with pytest.raises(EaselError, match="the loss became nan"):
-        run_train(params, tiny_params(tiny_models), captions, progress=False)
+    run_train(train_params(tmp_path / "a", **common), models, captions, plots_dir=tmp_path / "a-plots", progress=False)
+
+    original = loop.diffusion_loss
+    calls = {"n": 0}
+
+    def crash_in_step_seven(*args, **kwargs):  # after the checkpoint at 4 and two more logged steps
+        calls["n"] += 1
+        if calls["n"] == 7:
+            raise RuntimeError("power cut")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "diffusion_loss", crash_in_step_seven)
+    with pytest.raises(RuntimeError, match="power cut"):
+        run_train(
+            train_params(tmp_path / "b", **common), models, captions, plots_dir=tmp_path / "b-plots", progress=False
+        )
+    monkeypatch.setattr(loop, "diffusion_loss", original)
+    summary = run_train(
+        train_params(tmp_path / "b", resume_from_checkpoint="latest", **common),
+        models,
+        captions,
+        plots_dir=tmp_path / "b-plots",
+        progress=False,
+    )
+    assert summary.steps == 8
+    a, b = unet_weights(tmp_path / "a" / "train" / "model"), unet_weights(tmp_path / "b" / "train" / "model")
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
+    curve_a, curve_b = (
+        pd.read_csv(tmp_path / run / "plots" / "metrics" / "train" / "loss.tsv", sep="\t")
+        for run in ("a-plots", "b-plots")
+    )
+    assert curve_b["step"].tolist() == list(range(1, 9))
+    assert curve_b["loss"].tolist() == pytest.approx(curve_a["loss"].tolist(), rel=1e-4)
+
+
+def test_checkpoints_rotate(tmp_path, tiny_models):
+    captions = captioned_set(tmp_path)
+    run_train(
+        train_params(tmp_path, max_train_steps=7, checkpoint_every=2, keep_checkpoints=2),
+        tiny_params(tiny_models),
+        captions,
+        progress=False,
+    )
+    (run_dir,) = (tmp_path / "ckpt").iterdir()
+    assert sorted(p.name for p in run_dir.iterdir()) == ["step-00000004", "step-00000006"]
+    assert (run_dir / "step-00000006" / "easel_checkpoint.json").is_file()
+
+
+def test_nan_loss_stops_and_leaves_the_last_good_checkpoint(tmp_path, tiny_models, monkeypatch):
+    from components.train import loop
+
+    captions = captioned_set(tmp_path)
+    original = loop.diffusion_loss
+    calls = {"n": 0}
+
+    def poisoned(*args, **kwargs):
+        calls["n"] += 1
+        loss = original(*args, **kwargs)
+        return loss * float("nan") if calls["n"] == 5 else loss
+
+    monkeypatch.setattr(loop, "diffusion_loss", poisoned)
+    with pytest.raises(EaselError, match=r"the loss became nan at step 5.*last good checkpoint is .*step-00000004"):
+        run_train(
+            train_params(tmp_path, max_train_steps=8, checkpoint_every=2),
+            tiny_params(tiny_models),
+            captions,
+            progress=False,
+        )
     assert not (tmp_path / "train" / "model").exists()
+    (run_dir,) = (tmp_path / "ckpt").iterdir()
+    assert (run_dir / "step-00000004" / "easel_checkpoint.json").is_file()
 
 
-def test_crop_conditioning_follows_the_crop_and_the_flip():
-    image = Image.new("RGB", (200, 100))
-    _, (top, left) = resize_and_crop(image, 64, center_crop=True, flip=False, rng=random.Random(0))
-    assert (top, left) == (0, (128 - 64) // 2)  # resized to 128x64, centre crop
-    rng = random.Random(3)
-    _, (top, left) = resize_and_crop(image, 64, center_crop=False, flip=False, rng=rng)
-    rng = random.Random(3)
-    _, (top_f, left_f) = resize_and_crop(image, 64, center_crop=False, flip=True, rng=rng)
-    assert top_f == top and left_f == 128 - left - 64  # the same crop, seen in the mirror
-    ids = time_ids([(100, 200)], [(top, left)], (64, 64), torch.device("cpu"), torch.float32)
-    assert ids.tolist() == [[100, 200, top, left, 64, 64]]
+def test_cached_latents_and_text_embeddings_train_the_same(tmp_path, tiny_models):
+    captions = captioned_set(tmp_path)
+    models = tiny_params(tiny_models)
+    run_train(train_params(tmp_path / "plain"), models, captions, progress=False)
+    cached = train_params(
+        tmp_path / "cached", cache_latents=True, cache_text_embeddings=True, cache_dir=str(tmp_path / "cache")
+    )
+    run_train(cached, models, captions, progress=False)
+    files = sorted(p.relative_to(tmp_path / "cache") for p in (tmp_path / "cache").rglob("*.safetensors"))
+    assert (
+        len([f for f in files if f.parts[0] == "latents"]) == 6 and len([f for f in files if f.parts[0] == "text"]) == 6
+    )
+    a = unet_weights(tmp_path / "plain" / "train" / "model")
+    b = unet_weights(tmp_path / "cached" / "train" / "model")
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5  # the same training, without the VAE in the loop
+    # Again from the caches alone, read by a DataLoader worker process and without the RAM tier:
+    # the same weights, and nothing new cached.
+    again = cached.model_copy(
+        update={"out_dir": str(tmp_path / "again"), "dataloader_num_workers": 1, "cache_memory_mb": 0}
+    )
+    run_train(again, models, captions, progress=False)
+    c = unet_weights(tmp_path / "again" / "model")
+    assert max((b[k] - c[k]).abs().max().item() for k in b) < 1e-6
+    assert sorted(p.relative_to(tmp_path / "cache") for p in (tmp_path / "cache").rglob("*.safetensors")) == files
+
+
+def test_validation_keeps_the_best_and_ema_changes_the_saved_weights(tmp_path, tiny_models):
+    captions = captioned_set(tmp_path)
+    models = tiny_params(tiny_models)
+    params = train_params(tmp_path / "v", max_train_steps=6, validation={"fraction": 0.34, "every_n_steps": 2})
+    summary = run_train(params, models, captions, tmp_path / "m.json", tmp_path / "plots", progress=False)
+    metrics = json.loads((tmp_path / "m.json").read_text())
+    assert summary.best_val_loss is not None and metrics["best_step"] in (2, 4, 6)
+    val = pd.read_csv(tmp_path / "plots" / "plots" / "metrics" / "val" / "loss.tsv", sep="\t")
+    assert len(val) == 3 and metrics["best_val_loss"] == pytest.approx(val["loss"].min())
+    card = json.loads((tmp_path / "v" / "train" / "model" / "easel_train.json").read_text())
+    assert card["validation_images"] == 2 and card["images"] == 4
+    (run_dir,) = (tmp_path / "v" / "ckpt").iterdir()
+    assert json.loads((run_dir / "best" / "best.json").read_text())["step"] == metrics["best_step"]
+    best = load_file(str(run_dir / "best" / "unet.safetensors"))
+    saved = unet_weights(tmp_path / "v" / "train" / "model")
+    assert all(torch.equal(best[k], saved[k]) for k in best)  # the saved model is the best one
+
+    raw = train_params(tmp_path / "raw", max_train_steps=4)
+    ema = train_params(tmp_path / "ema", max_train_steps=4, ema={"enabled": True, "decay": 0.5})
+    run_train(raw, models, captions, progress=False)
+    run_train(ema, models, captions, progress=False)
+    a, b = unet_weights(tmp_path / "raw" / "train" / "model"), unet_weights(tmp_path / "ema" / "train" / "model")
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+    assert json.loads((tmp_path / "ema" / "train" / "model" / "easel_train.json").read_text())["weights"] == "ema"
+
+
+def test_bad_settings_are_refused():
+    with pytest.raises(ValueError, match="cache_latents needs center_crop"):
+        TrainParams(cache_latents=True, center_crop=False)
+    with pytest.raises(ValueError, match="cache_text_embeddings cannot be used with shuffle_caption"):
+        TrainParams(cache_text_embeddings=True, shuffle_caption=True)
+    with pytest.raises(ValueError, match="min_timestep"):
+        TrainParams(min_timestep=500, max_timestep=400)
+
+
+def test_image_sizes_drive_the_buckets_used(tmp_path, tiny_models):
+    captions = captioned_set(tmp_path)
+    from components.train.loop import Trainer, load_training_items
+
+    trainer = Trainer(train_params(tmp_path), tiny_params(tiny_models), load_training_items(captions), progress=False)
+    used = trainer._bucket_of(trainer.train_items)
+    assert len(set(used)) >= 3  # portrait, landscape and square images train in their own shapes
+    assert np.all([w % 16 == 0 and h % 16 == 0 for w, h in used])

@@ -1,7 +1,11 @@
 """The training loop: accelerate for devices and precision, dvclive for curves, a diffusers save.
 
 The same loop runs on a CPU (the offline demo and tests, with the tiny model) and on one or many
-GPUs under `accelerate launch` (see infra/accelerate/).
+GPUs under `accelerate launch` (infra/accelerate/). What it does per optimizer step: latents
+(from the VAE, or from the latent cache), text embeddings (from the encoders, or their cache),
+noise with an optional offset at timesteps from the configured range, the U-Net's prediction,
+an MSE loss (min-SNR weighted if set), backward, clipping, optimizer and LR scheduler, EMA; then
+logging, checkpoints, validation loss and sample images on their schedules.
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ import hashlib
 import json
 import logging
 import math
+import resource
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,13 +25,25 @@ import torch
 from components.config import ModelsParams, TrainParams
 from components.errors import EaselError
 from components.fsutil import atomic_dir, atomic_write_json, atomic_write_text
+from components.images import read_header
 from components.models.loaders import dtype_for, load_sdxl_parts
-from components.train.data import CaptionedImages, ImageCaption, collate
+from components.train import checkpoints
+from components.train.cache import LatentCache, TextEmbeddingCache, folder_identity
+from components.train.data import (
+    BucketBatchSampler,
+    CaptionedImages,
+    ImageCaption,
+    assign_bucket,
+    collate,
+    make_buckets,
+)
+from components.train.optim import build_lr_scheduler, build_optimizer
 from components.train.sdxl import diffusion_loss, encode_prompts, time_ids
 
 log = logging.getLogger(__name__)
 
 MAX_STEPS_WARNING = 5000  # the EMU paper's tip, quoted by the user's guide: more over-fits
+SAVE_DTYPES = {"float": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 @dataclass
@@ -34,6 +51,7 @@ class TrainSummary:
     steps: int
     final_loss: float
     mean_loss_last_10: float
+    best_val_loss: float | None
     seconds: float
     images_per_second: float
     model_dir: Path
@@ -46,7 +64,13 @@ def load_training_items(caption_dir: Path) -> list[ImageCaption]:
     table = pd.read_parquet(table_path)
     if table.empty:
         raise EaselError(f"train: {table_path} holds no captioned images; nothing to train on")
-    return [ImageCaption(Path(r.image_path), r.caption, r.sha256) for r in table.itertuples()]
+    items = []
+    for r in table.itertuples():
+        header = read_header(Path(r.image_path))
+        if header.error:
+            raise EaselError(f"train: {r.image_path}: {header.error}")
+        items.append(ImageCaption(Path(r.image_path), r.caption, r.sha256, header.width, header.height))
+    return items
 
 
 def data_fingerprint(items: list[ImageCaption]) -> str:
@@ -57,24 +81,473 @@ def data_fingerprint(items: list[ImageCaption]) -> str:
     return digest.hexdigest()
 
 
-def save_pipeline(parts, unet, out_dir: Path) -> None:
-    """Write a diffusers StableDiffusionXLPipeline folder with the trained U-Net (safetensors)."""
-    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+def split_validation(items: list[ImageCaption], fraction: float) -> tuple[list[ImageCaption], list[ImageCaption]]:
+    """A stable held-out set: the images whose sha256 sorts first, about `fraction` of them."""
+    if not fraction:
+        return items, []
+    count = min(len(items) - 1, max(1, round(fraction * len(items))))
+    held = set(sorted(i.sha256 for i in items)[:count])
+    return [i for i in items if i.sha256 not in held], [i for i in items if i.sha256 in held]
 
-    scheduler = EulerDiscreteScheduler.from_pretrained(parts.base, subfolder="scheduler")
-    pipe = StableDiffusionXLPipeline(
-        vae=parts.vae,
-        text_encoder=parts.text_encoder,
-        text_encoder_2=parts.text_encoder_2,
-        tokenizer=parts.tokenizer,
-        tokenizer_2=parts.tokenizer_2,
-        unet=unet,
-        scheduler=scheduler,
-    )
-    pipe.save_pretrained(str(out_dir), safe_serialization=True)
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kilobytes on Linux
+
+
+class CurveLog:
+    """Per-step metrics for dvclive, written every `every` steps.
+
+    dvclive's next_step rewrites the summary by re-reading every curve, a cost that grows with the
+    run and is a tenth of a small model's step; the curves written in groups are the same. Steps
+    are the optimizer steps themselves, so a resumed run continues its curves where they were."""
+
+    def __init__(self, live, every: int) -> None:
+        self.live, self.every = live, every
+        self.rows: list[tuple[int, dict[str, float]]] = []
+
+    def forget_after(self, step: int) -> None:
+        """A resumed run redoes the steps after its checkpoint: drop their old rows first."""
+        if self.live is None:
+            return
+        for tsv in (Path(self.live.plots_dir) / "metrics").rglob("*.tsv"):
+            lines = tsv.read_text().splitlines(keepends=True)
+            kept = lines[:1] + [line for line in lines[1:] if int(line.split("\t", 1)[0]) <= step]
+            if len(kept) < len(lines):
+                atomic_write_text(tsv, "".join(kept))
+
+    def add(self, step: int, metrics: dict[str, float]) -> None:
+        if self.live is None:
+            return
+        self.rows.append((step, metrics))
+        if len(self.rows) >= self.every:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.live is None or not self.rows:
+            return
+        for step, metrics in self.rows:
+            self.live.step = step
+            for name, value in metrics.items():
+                self.live.log_metric(name, value)
+        self.rows.clear()
+        self.live.make_summary()
+
+
+class Trainer:
+    def __init__(self, params: TrainParams, models: ModelsParams, items: list[ImageCaption], progress: bool) -> None:
+        from accelerate import Accelerator
+        from accelerate.utils import set_seed
+
+        self.params, self.models, self.progress = params, models, progress
+        self.fingerprint = data_fingerprint(items)
+        self.train_items, self.val_items = split_validation(items, params.validation.fraction)
+        self.accelerator = Accelerator(
+            mixed_precision=params.mixed_precision, gradient_accumulation_steps=params.gradient_accumulation_steps
+        )
+        set_seed(params.seed)
+        if params.allow_tf32 and torch.cuda.is_available():
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        self.device = self.accelerator.device
+        self.weight_dtype = dtype_for(params.mixed_precision)
+        self.parts = load_sdxl_parts(models)
+        if params.prediction_type:
+            self.parts.noise_scheduler.register_to_config(prediction_type=params.prediction_type)
+        self.state = checkpoints.TrainState(params.seed)
+        self.run_dir = Path(params.checkpoint_dir) / checkpoints.run_id(params, models, self.fingerprint)
+        self.buckets = make_buckets(params.resolution, params.bucketing)
+
+    # -- setup ------------------------------------------------------------------------------------
+
+    def _bucket_of(self, items: list[ImageCaption]) -> list[tuple[int, int]]:
+        p = self.params
+        return [assign_bucket(i.width, i.height, self.buckets, p.bucketing, p.resolution) for i in items]
+
+    def _frozen_parts(self) -> None:
+        parts = self.parts
+        for frozen in (parts.vae, parts.text_encoder, parts.text_encoder_2):
+            frozen.requires_grad_(False)
+            frozen.eval()
+        # SDXL's VAE overflows in fp16; it stays float32 (an fp16-fixed VAE can be set as models.vae).
+        parts.vae.to(self.device)
+        parts.text_encoder.to(self.device, dtype=self.weight_dtype)
+        parts.text_encoder_2.to(self.device, dtype=self.weight_dtype)
+
+    def encode_text(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        parts = self.parts
+        return encode_prompts(
+            [parts.text_encoder, parts.text_encoder_2],
+            [parts.tokenizer, parts.tokenizer_2],
+            captions,
+            self.params.empty_prompt,
+        )
+
+    def _caches(self, train_bucket_of, val_bucket_of):
+        p = self.params
+        latents = texts = None
+        if p.cache_latents:
+            identity = folder_identity(self.models.vae or self.parts.base) + ("" if self.models.vae else ":vae")
+            latents = LatentCache(Path(p.cache_dir), identity, p.cache_memory_mb)
+            flips = (False, True) if p.random_flip else (False,)
+            latents.prepare(self.parts.vae, self.train_items, train_bucket_of, flips, self.device, self.progress)
+            latents.prepare(self.parts.vae, self.val_items, val_bucket_of, (False,), self.device, self.progress)
+            self.parts.vae.to("cpu")  # no longer needed on the device
+        if p.cache_text_embeddings:
+            identity = folder_identity(self.parts.base) + f":{p.empty_prompt}"
+            texts = TextEmbeddingCache(Path(p.cache_dir), identity, p.cache_memory_mb)
+            with torch.no_grad():
+                texts.prepare([i.caption for i in self.train_items + self.val_items], self.encode_text, self.progress)
+            self.parts.text_encoder.to("cpu")
+            self.parts.text_encoder_2.to("cpu")
+        return latents, texts
+
+    # -- one step's inputs ------------------------------------------------------------------------
+
+    def latents_of(self, batch: dict, generator: torch.Generator) -> torch.Tensor:
+        vae = self.parts.vae
+        with torch.no_grad():
+            if "latents" in batch:  # cached (mean, std): sample as the VAE would
+                mean, std = batch["latents"][:, 0], batch["latents"][:, 1]
+                sample = mean + std * torch.randn(mean.shape, generator=generator)
+            else:
+                pixels = batch["pixel_values"].to(self.device, dtype=vae.dtype)
+                dist = vae.encode(pixels).latent_dist
+                sample = dist.mean + dist.std * torch.randn(dist.mean.shape, generator=generator).to(self.device)
+        return (sample.to(self.device) * vae.config.scaling_factor).to(self.weight_dtype)
+
+    def text_of(self, batch: dict, texts: TextEmbeddingCache | None) -> tuple[torch.Tensor, torch.Tensor]:
+        if texts is not None:
+            prompt_embeds, pooled = texts.get(batch["captions"])
+            return prompt_embeds.to(self.device, self.weight_dtype), pooled.to(self.device, self.weight_dtype)
+        with torch.no_grad():
+            return self.encode_text(batch["captions"])
+
+    def loss(self, unet, batch: dict, texts, generator: torch.Generator) -> torch.Tensor:
+        p = self.params
+        latents = self.latents_of(batch, generator)
+        prompt_embeds, pooled = self.text_of(batch, texts)
+        add_time_ids = time_ids(
+            batch["original_sizes"], batch["crop_top_lefts"], batch["target_sizes"], self.device, self.weight_dtype
+        )
+        return diffusion_loss(
+            unet,
+            self.parts.noise_scheduler,
+            latents,
+            prompt_embeds,
+            pooled,
+            add_time_ids,
+            noise_offset=p.noise_offset,
+            min_snr_gamma=p.min_snr_gamma,
+            timestep_range=(p.min_timestep, min(p.max_timestep, self.parts.noise_scheduler.config.num_train_timesteps)),
+            generator=generator,
+        )
+
+    # -- periodic work ----------------------------------------------------------------------------
+
+    def validation_loss(self, unet, val_loader, texts) -> float:
+        """Mean loss on the held-out images, with the same noise and timesteps every time."""
+        generator = torch.Generator().manual_seed(self.params.seed + 1)
+        unet.eval()
+        losses = []
+        with torch.no_grad():
+            for batch in val_loader:
+                losses.append(self.loss(unet, batch, texts, generator).item())
+        unet.train()
+        return float(sum(losses) / len(losses))
+
+    def pipeline(self, unet):
+        """The base pipeline's frozen parts with this U-Net, and the Euler sampler SDXL ships with."""
+        from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+
+        parts = self.parts
+        return StableDiffusionXLPipeline(
+            vae=parts.vae,
+            text_encoder=parts.text_encoder,
+            text_encoder_2=parts.text_encoder_2,
+            tokenizer=parts.tokenizer,
+            tokenizer_2=parts.tokenizer_2,
+            unet=unet,
+            scheduler=EulerDiscreteScheduler.from_pretrained(parts.base, subfolder="scheduler"),
+        )
+
+    def sample_images(self, unet, step: int, out_dir: Path, live) -> None:
+
+        from components.generation import GenerationSettings, generate
+        from components.guidance import Guidance
+        from components.prompts import resolve_negative
+
+        p = self.params
+        pipe = self.pipeline(self.accelerator.unwrap_model(unet))
+        pipe.set_progress_bar_config(disable=True)
+        negative = resolve_negative(p.sample_negative_prompt, None)
+        settings = GenerationSettings(
+            num_inference_steps=p.sample_steps, height=p.resolution, width=p.resolution, guidance=Guidance("cfg", 5.0)
+        )
+        unet.eval()
+        images = generate(
+            pipe,
+            p.sample_prompts,
+            [negative] * len(p.sample_prompts),
+            [p.sample_seed + i for i in range(len(p.sample_prompts))],
+            settings,
+        )
+        unet.train()
+        folder = out_dir / "samples" / f"step-{step:08d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        for i, image in enumerate(images):
+            image.save(folder / f"{i:02d}.png")
+            if live is not None:
+                live.log_image(f"samples/{i:02d}.png", image)
+
+    # -- the run ----------------------------------------------------------------------------------
+
+    def run(self, metrics_path: Path | None, plots_dir: Path | None) -> TrainSummary:
+        from tqdm import tqdm
+
+        p, parts, acc = self.params, self.parts, self.accelerator
+        if p.max_train_steps > MAX_STEPS_WARNING:
+            log.warning(
+                "train.max_train_steps = %d: the EMU paper (quoted in the guide) saw quality-tuning over-fit "
+                "beyond about %d steps",
+                p.max_train_steps,
+                MAX_STEPS_WARNING,
+            )
+        self._frozen_parts()
+        train_bucket_of, val_bucket_of = self._bucket_of(self.train_items), self._bucket_of(self.val_items)
+        latents_cache, texts = self._caches(train_bucket_of, val_bucket_of)
+        unet = parts.unet
+        if p.attention == "xformers":
+            try:
+                unet.enable_xformers_memory_efficient_attention()
+            except Exception as exc:
+                raise EaselError(f"train.attention: xformers is not usable here ({exc}); use sdpa") from None
+        if p.gradient_checkpointing:
+            unet.enable_gradient_checkpointing()
+        unet.train()
+        ema = None
+        if p.ema.enabled:
+            from diffusers import UNet2DConditionModel
+            from diffusers.training_utils import EMAModel
+
+            ema = EMAModel(
+                unet.parameters(), decay=p.ema.decay, model_cls=UNet2DConditionModel, model_config=unet.config
+            )
+        optimizer = build_optimizer(unet.parameters(), p)
+        lr_scheduler = build_lr_scheduler(optimizer, p, acc.num_processes)
+        dataset = CaptionedImages(
+            self.train_items,
+            self.buckets,
+            train_bucket_of,
+            center_crop=p.center_crop,
+            random_flip=p.random_flip,
+            shuffle_caption=p.shuffle_caption,
+            keep_tokens=p.keep_tokens,
+            caption_dropout=p.caption_dropout,
+            seed=p.seed,
+            latents=latents_cache,
+        )
+        sampler = BucketBatchSampler(train_bucket_of, p.train_batch_size, p.seed)
+        loader = torch.utils.data.DataLoader(
+            dataset,
+            batch_sampler=sampler,
+            collate_fn=collate,
+            num_workers=p.dataloader_num_workers,
+            persistent_workers=p.dataloader_num_workers > 0,
+        )
+        val_loader = None
+        if self.val_items:
+            val_set = CaptionedImages(self.val_items, self.buckets, val_bucket_of, seed=p.seed, latents=latents_cache)
+            val_loader = torch.utils.data.DataLoader(
+                val_set, batch_sampler=BucketBatchSampler(val_bucket_of, p.train_batch_size, p.seed), collate_fn=collate
+            )
+        unet, optimizer, lr_scheduler, loader = acc.prepare(unet, optimizer, lr_scheduler, loader)
+        acc.register_for_checkpointing(self.state)
+        if ema is not None:
+            acc.register_for_checkpointing(ema)
+        resume = checkpoints.resolve_resume(p.resume_from_checkpoint, self.run_dir)
+        if resume is not None:
+            acc.load_state(str(resume))
+            log.info("resumed from %s at step %d", resume, self.state.step)
+        elif p.resume_from_checkpoint == "latest":
+            log.info("no checkpoint of this run in %s yet: starting from step 0", self.run_dir)
+
+        live = None
+        if plots_dir is not None and acc.is_main_process:
+            from dvclive import Live
+
+            live = Live(dir=str(plots_dir), save_dvc_exp=False, dvcyaml=False, report=None, resume=resume is not None)
+        curves = CurveLog(live, p.log_every_n_steps)
+        curves.forget_after(self.state.step)
+        out_dir = Path(p.out_dir)
+        batches_per_epoch = len(loader)
+        micro = self.state.step * p.gradient_accumulation_steps
+        losses: list[float] = []
+        best_weights: dict | None = None
+        started = time.perf_counter()
+        bar = tqdm(
+            total=p.max_train_steps, initial=self.state.step, desc="train", unit="step", disable=not self.progress
+        )
+        step_start = time.perf_counter()
+        while self.state.step < p.max_train_steps:
+            epoch, skip = divmod(micro, batches_per_epoch)
+            epoch_loader = acc.skip_first_batches(loader, skip) if skip else loader
+            # Through the prepared loader: accelerate re-applies its own epoch counter on every
+            # iteration, and it must be this epoch (a resumed run's loader starts counting at 0).
+            epoch_loader.set_epoch(epoch)
+            for batch in epoch_loader:
+                micro += 1
+                with acc.accumulate(unet):
+                    loss = self.loss(unet, batch, texts, self.state.generator)
+                    loss_value = loss.item()
+                    if not math.isfinite(loss_value):
+                        curves.flush()
+                        last = checkpoints.step_dirs(self.run_dir)
+                        raise EaselError(
+                            f"train: the loss became {loss_value} at step {self.state.step + 1}; lower "
+                            "train.learning_rate or use bf16 instead of fp16. No model was saved; the last good "
+                            f"checkpoint is {last[-1] if last else 'none (checkpoint_every is 0 or none was due yet)'}."
+                        )
+                    acc.backward(loss)
+                    grad_norm = acc.clip_grad_norm_(unet.parameters(), p.max_grad_norm) if acc.sync_gradients else None
+                    optimizer.step()
+                    lr_scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+                if not acc.sync_gradients:
+                    continue
+                self.state.step += 1
+                step = self.state.step
+                if ema is not None and step % p.ema.update_every == 0:
+                    ema.step(unet.parameters())
+                losses.append(loss_value)
+                now = time.perf_counter()
+                step_time, step_start = now - step_start, now
+                metrics = {
+                    "train/loss": loss_value,
+                    "train/lr": lr_scheduler.get_last_lr()[0],
+                    "train/step_seconds": step_time,
+                    "train/images_per_second": p.train_batch_size
+                    * p.gradient_accumulation_steps
+                    / max(step_time, 1e-9),
+                    "train/peak_memory_mb": peak_memory_mb(self.device),
+                }
+                if grad_norm is not None:
+                    metrics["train/grad_norm"] = float(grad_norm)
+                if val_loader is not None and (
+                    (p.validation.every_n_steps and step % p.validation.every_n_steps == 0) or step == p.max_train_steps
+                ):
+                    val = self.validation_loss(unet, val_loader, texts)
+                    metrics["val/loss"] = val
+                    if val < self.state.best_val_loss:
+                        self.state.best_val_loss, self.state.best_step = val, step
+                        if p.validation.keep_best:
+                            best_weights = self._weights(unet, ema)
+                            self._save_best(best_weights, step, val)
+                curves.add(step, metrics)
+                if p.checkpoint_every and step % p.checkpoint_every == 0:
+                    curves.flush()  # the curves on disk reach the checkpoint a resume starts from
+                    checkpoints.save_checkpoint(acc, self.run_dir, step, p.keep_checkpoints)
+                if p.sample_every_n_steps and p.sample_prompts and step % p.sample_every_n_steps == 0:
+                    self.sample_images(unet, step, out_dir, live)
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss_value:.4f}", refresh=False)
+                if step >= p.max_train_steps:
+                    break
+        bar.close()
+        curves.flush()
+        seconds = time.perf_counter() - started
+        acc.wait_for_everyone()
+        return self._finish(unet, ema, best_weights, losses, seconds, metrics_path, live)
+
+    def _weights(self, unet, ema) -> dict[str, torch.Tensor]:
+        """The weights to keep: the EMA's if it is on and chosen for saving, else the U-Net's."""
+        model = self.accelerator.unwrap_model(unet)
+        if ema is not None and self.params.ema.use_for_save:
+            ema.store(model.parameters())
+            ema.copy_to(model.parameters())
+            weights = {k: v.detach().clone().cpu() for k, v in model.state_dict().items()}
+            ema.restore(model.parameters())
+            return weights
+        return {k: v.detach().clone().cpu() for k, v in model.state_dict().items()}
+
+    def _save_best(self, weights: dict, step: int, val: float) -> None:
+        if not self.accelerator.is_main_process:
+            return
+        from safetensors.torch import save_file
+
+        best = self.run_dir / "best"
+        best.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in weights.items()}, str(best / "unet.safetensors"))
+        atomic_write_json(best / "best.json", {"step": step, "val_loss": val})
+
+    def _finish(self, unet, ema, best_weights, losses, seconds, metrics_path, live) -> TrainSummary:
+        p = self.params
+        model_dir = Path(p.out_dir) / "model"
+        steps_this_run = len(losses)
+        summary = {
+            "steps": self.state.step,
+            "final_loss": losses[-1] if losses else float("nan"),
+            "mean_loss_last_10": float(sum(losses[-10:]) / len(losses[-10:])) if losses else float("nan"),
+            "best_val_loss": None if math.isinf(self.state.best_val_loss) else self.state.best_val_loss,
+            "best_step": self.state.best_step,
+            "seconds": round(seconds, 2),
+            "images_per_second": round(
+                steps_this_run * p.train_batch_size * p.gradient_accumulation_steps / max(seconds, 1e-9), 3
+            ),
+            "peak_memory_mb": round(peak_memory_mb(self.device), 1),
+        }
+        if self.accelerator.is_main_process:
+            model = self.accelerator.unwrap_model(unet)
+            weights = (
+                best_weights if (best_weights is not None and p.validation.keep_best) else self._weights(unet, ema)
+            )
+            model.load_state_dict(weights)
+            model.to(SAVE_DTYPES[p.save_precision])
+            pipe = self.pipeline(model)
+            with atomic_dir(model_dir) as tmp:
+                pipe.save_pretrained(str(tmp), safe_serialization=True)
+                atomic_write_text(
+                    tmp / "README.md", model_card(p, self.models, self.fingerprint, len(self.train_items), summary)
+                )
+                # Only what determines the weights goes in the model folder (no timings), so the same
+                # training gives the same registry version.
+                atomic_write_json(
+                    tmp / "easel_train.json",
+                    {
+                        "base_model": self.models.sdxl,
+                        "vae": self.models.vae,
+                        "data_fingerprint": self.fingerprint,
+                        "images": len(self.train_items),
+                        "validation_images": len(self.val_items),
+                        "steps": summary["steps"],
+                        "final_loss": summary["final_loss"],
+                        "best_val_loss": summary["best_val_loss"],
+                        "best_step": summary["best_step"],
+                        "weights": "ema" if (p.ema.enabled and p.ema.use_for_save) else "raw",
+                    },
+                )
+            if metrics_path is not None:
+                atomic_write_json(metrics_path, summary)
+            if live is not None:
+                live.end()
+        return TrainSummary(
+            summary["steps"],
+            summary["final_loss"],
+            summary["mean_loss_last_10"],
+            summary["best_val_loss"],
+            seconds,
+            summary["images_per_second"],
+            model_dir,
+        )
 
 
 def model_card(params: TrainParams, models: ModelsParams, fingerprint: str, n_images: int, summary: dict) -> str:
+    best = (
+        f", best validation loss {summary['best_val_loss']:.5f} at step {summary['best_step']}"
+        if summary.get("best_val_loss") is not None
+        else ""
+    )
     return "\n".join(
         [
             "---",
@@ -87,7 +560,9 @@ def model_card(params: TrainParams, models: ModelsParams, fingerprint: str, n_im
             "",
             f"- base model: `{models.sdxl}`" + (f" (VAE `{models.vae}`)" if models.vae else ""),
             f"- training data: {n_images} captioned images, fingerprint `{fingerprint}`",
-            f"- steps: {summary['steps']}, final loss {summary['final_loss']:.5f}",
+            f"- steps: {summary['steps']}, final loss {summary['final_loss']:.5f}{best}",
+            f"- saved in {params.save_precision}"
+            + (", EMA weights" if params.ema.enabled and params.ema.use_for_save else ""),
             "",
             "## Training parameters",
             "```json",
@@ -106,158 +581,5 @@ def run_train(
     plots_dir: Path | None = None,
     progress: bool = True,
 ) -> TrainSummary:
-    from accelerate import Accelerator
-    from accelerate.utils import set_seed
-    from diffusers.optimization import get_scheduler
-    from tqdm import tqdm
-
-    if params.max_train_steps > MAX_STEPS_WARNING:
-        log.warning(
-            "train.max_train_steps = %d: the EMU paper (quoted in the guide) saw quality-tuning over-fit "
-            "beyond about %d steps",
-            params.max_train_steps,
-            MAX_STEPS_WARNING,
-        )
     items = load_training_items(caption_dir)
-    accelerator = Accelerator(
-        mixed_precision=params.mixed_precision, gradient_accumulation_steps=params.gradient_accumulation_steps
-    )
-    set_seed(params.seed)
-    parts = load_sdxl_parts(models)
-    weight_dtype = dtype_for(params.mixed_precision)
-    unet = parts.unet
-    for frozen in (parts.vae, parts.text_encoder, parts.text_encoder_2):
-        frozen.requires_grad_(False)
-        frozen.eval()
-    # SDXL's VAE overflows in fp16; it stays float32 (an fp16-fixed VAE can be set as models.vae).
-    parts.vae.to(accelerator.device, dtype=torch.float32)
-    parts.text_encoder.to(accelerator.device, dtype=weight_dtype)
-    parts.text_encoder_2.to(accelerator.device, dtype=weight_dtype)
-    if params.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-    unet.train()
-
-    dataset = CaptionedImages(items, params.resolution, params.center_crop, params.random_flip, params.seed)
-    loader = torch.utils.data.DataLoader(
-        dataset,
-        batch_size=params.train_batch_size,
-        shuffle=True,
-        collate_fn=collate,
-        generator=torch.Generator().manual_seed(params.seed),
-        drop_last=len(dataset) >= params.train_batch_size,
-    )
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=params.learning_rate, weight_decay=params.adam_weight_decay)
-    lr_scheduler = get_scheduler(
-        params.lr_scheduler,
-        optimizer=optimizer,
-        num_warmup_steps=params.lr_warmup_steps * accelerator.num_processes,
-        num_training_steps=params.max_train_steps * accelerator.num_processes,
-    )
-    unet, optimizer, loader, lr_scheduler = accelerator.prepare(unet, optimizer, loader, lr_scheduler)
-
-    live = None
-    if plots_dir is not None and accelerator.is_main_process:
-        from dvclive import Live
-
-        live = Live(dir=str(plots_dir), save_dvc_exp=False, dvcyaml=False, report=None)
-
-    target_size = (params.resolution, params.resolution)
-    losses: list[float] = []
-    step = 0
-    start = time.perf_counter()
-    bar = tqdm(total=params.max_train_steps, desc="train", unit="step", disable=not progress)
-    step_start = time.perf_counter()
-    while step < params.max_train_steps:
-        for batch in loader:
-            with accelerator.accumulate(unet):
-                with torch.no_grad():
-                    pixels = batch["pixel_values"].to(accelerator.device, dtype=torch.float32)
-                    latents = parts.vae.encode(pixels).latent_dist.sample() * parts.vae.config.scaling_factor
-                    latents = latents.to(weight_dtype)
-                    prompt_embeds, pooled = encode_prompts(
-                        [parts.text_encoder, parts.text_encoder_2],
-                        [parts.tokenizer, parts.tokenizer_2],
-                        batch["captions"],
-                    )
-                add_time_ids = time_ids(
-                    batch["original_sizes"],
-                    batch["crop_top_lefts"],
-                    target_size,
-                    accelerator.device,
-                    weight_dtype,
-                )
-                loss = diffusion_loss(unet, parts.noise_scheduler, latents, prompt_embeds, pooled, add_time_ids)
-                if not math.isfinite(loss.item()):
-                    raise EaselError(
-                        f"train: the loss became {loss.item()} at step {step + 1}; lower train.learning_rate "
-                        "or use bf16 instead of fp16. Nothing was saved from this run."
-                    )
-                accelerator.backward(loss)
-                grad_norm = None
-                if accelerator.sync_gradients:
-                    grad_norm = accelerator.clip_grad_norm_(unet.parameters(), params.max_grad_norm)
-                optimizer.step()
-                lr_scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-            if not accelerator.sync_gradients:
-                continue
-            step += 1
-            losses.append(loss.item())
-            now = time.perf_counter()
-            step_time, step_start = now - step_start, now
-            if live is not None:
-                live.log_metric("train/loss", losses[-1])
-                live.log_metric("train/lr", lr_scheduler.get_last_lr()[0])
-                if grad_norm is not None:
-                    live.log_metric("train/grad_norm", float(grad_norm))
-                live.log_metric("train/step_seconds", step_time)
-                live.log_metric(
-                    "train/images_per_second",
-                    params.train_batch_size * params.gradient_accumulation_steps / max(step_time, 1e-9),
-                )
-                live.next_step()
-            bar.update(1)
-            bar.set_postfix(loss=f"{losses[-1]:.4f}")
-            if step >= params.max_train_steps:
-                break
-    bar.close()
-    seconds = time.perf_counter() - start
-    accelerator.wait_for_everyone()
-
-    model_dir = Path(params.out_dir) / "model"
-    summary = {
-        "steps": step,
-        "final_loss": losses[-1],
-        "mean_loss_last_10": float(sum(losses[-10:]) / len(losses[-10:])),
-        "seconds": round(seconds, 2),
-        "images_per_second": round(step * params.train_batch_size * params.gradient_accumulation_steps / seconds, 3),
-    }
-    if accelerator.is_main_process:
-        fingerprint = data_fingerprint(items)
-        with atomic_dir(model_dir) as tmp:
-            save_pipeline(parts, accelerator.unwrap_model(unet), tmp)
-            atomic_write_text(tmp / "README.md", model_card(params, models, fingerprint, len(items), summary))
-            # Only what determines the weights goes in the model folder (no timings), so the same
-            # training gives the same registry version.
-            atomic_write_json(
-                tmp / "easel_train.json",
-                {
-                    "base_model": models.sdxl,
-                    "data_fingerprint": fingerprint,
-                    "images": len(items),
-                    "steps": step,
-                    "final_loss": summary["final_loss"],
-                },
-            )
-        if metrics_path is not None:
-            atomic_write_json(metrics_path, summary)
-        if live is not None:
-            live.end()
-    return TrainSummary(
-        step,
-        summary["final_loss"],
-        summary["mean_loss_last_10"],
-        seconds,
-        summary["images_per_second"],
-        model_dir,
-    )
+    return Trainer(params, models, items, progress).run(metrics_path, plots_dir)

@@ -1,4 +1,12 @@
-"""SDXL's training maths: prompt encoding with two text encoders, time ids, noise and loss."""
+"""SDXL's training maths: prompt encoding, size conditioning, noise, timesteps, loss weighting.
+
+- noise offset (Guttenberg, "Diffusion with offset noise"): noise + offset * N(0, 1) per
+  (sample, channel), broadcast over the pixels, so the model can learn overall brightness;
+- min-SNR-gamma (Hang et al. 2023): each timestep's loss is weighted by min(SNR, gamma) / SNR
+  for epsilon prediction, min(SNR, gamma) / (SNR + 1) for v-prediction, with
+  SNR(t) = alphas_cumprod[t] / (1 - alphas_cumprod[t]);
+- timesteps drawn uniformly from [min_timestep, max_timestep).
+"""
 
 from __future__ import annotations
 
@@ -6,11 +14,14 @@ import torch
 import torch.nn.functional as F
 
 
-def encode_prompts(text_encoders, tokenizers, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(prompt_embeds, pooled_prompt_embeds), as StableDiffusionXLPipeline.encode_prompt builds them.
+def encode_prompts(
+    text_encoders, tokenizers, captions: list[str], empty: str = "zeros"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(prompt_embeds, pooled_prompt_embeds), as StableDiffusionXLPipeline.encode_prompt builds them:
+    each encoder's penultimate hidden state, concatenated; the pooled projection of the second.
 
-    Each encoder's penultimate hidden state, concatenated on the feature axis; the pooled
-    projection comes from the second (OpenCLIP bigG) encoder.
+    An empty caption (dropped for CFG) is conditioned like the pipeline's unconditional branch:
+    all-zero embeddings with `empty="zeros"` (SDXL's force_zeros_for_empty_prompt), else "" encoded.
     """
     hidden_states, pooled = [], None
     for tokenizer, encoder in zip(tokenizers, text_encoders, strict=True):
@@ -24,19 +35,49 @@ def encode_prompts(text_encoders, tokenizers, captions: list[str]) -> tuple[torc
         out = encoder(ids, output_hidden_states=True)
         pooled = out[0]  # for CLIPTextModelWithProjection this is text_embeds
         hidden_states.append(out.hidden_states[-2])
-    return torch.cat(hidden_states, dim=-1), pooled
+    prompt_embeds = torch.cat(hidden_states, dim=-1)
+    if empty == "zeros":
+        blank = torch.tensor([c == "" for c in captions], device=prompt_embeds.device)
+        if blank.any():
+            prompt_embeds = prompt_embeds.masked_fill(blank[:, None, None], 0.0)
+            pooled = pooled.masked_fill(blank[:, None], 0.0)
+    return prompt_embeds, pooled
 
 
 def time_ids(
     original_sizes: list[tuple[int, int]],
     crop_top_lefts: list[tuple[int, int]],
-    target_size: tuple[int, int],
+    target_sizes: list[tuple[int, int]],
     device: torch.device,
     dtype: torch.dtype,
 ) -> torch.Tensor:
     """SDXL's micro-conditioning per example: original (h, w) + crop (top, left) + target (h, w)."""
-    rows = [list(o) + list(c) + list(target_size) for o, c in zip(original_sizes, crop_top_lefts, strict=True)]
+    rows = [list(o) + list(c) + list(t) for o, c, t in zip(original_sizes, crop_top_lefts, target_sizes, strict=True)]
     return torch.tensor(rows, device=device, dtype=dtype)
+
+
+def offset_noise(latents: torch.Tensor, noise_offset: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Gaussian noise like the latents, plus noise_offset * N(0, 1) per (sample, channel).
+
+    Drawn on the generator's device (the CPU) and moved, so a run draws the same numbers on any
+    device and a resumed run continues the same sequence."""
+    source = generator.device if generator is not None else latents.device
+    noise = torch.randn(latents.shape, generator=generator, device=source, dtype=torch.float32)
+    if noise_offset:
+        shift = torch.randn((latents.shape[0], latents.shape[1], 1, 1), generator=generator, device=source)
+        noise = noise + noise_offset * shift
+    return noise.to(latents.device, latents.dtype)
+
+
+def snr(noise_scheduler, timesteps: torch.Tensor) -> torch.Tensor:
+    alphas_cumprod = noise_scheduler.alphas_cumprod.to(timesteps.device)[timesteps].float()
+    return alphas_cumprod / (1.0 - alphas_cumprod)
+
+
+def min_snr_weights(noise_scheduler, timesteps: torch.Tensor, gamma: float, prediction_type: str) -> torch.Tensor:
+    s = snr(noise_scheduler, timesteps)
+    clipped = torch.clamp(s, max=gamma)
+    return clipped / (s + 1.0) if prediction_type == "v_prediction" else clipped / s
 
 
 def diffusion_loss(
@@ -46,12 +87,20 @@ def diffusion_loss(
     prompt_embeds: torch.Tensor,
     pooled_embeds: torch.Tensor,
     add_time_ids: torch.Tensor,
+    *,
+    noise_offset: float = 0.0,
+    min_snr_gamma: float | None = None,
+    timestep_range: tuple[int, int] = (0, 1000),
+    generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """Noise the latents at random timesteps and regress the scheduler's target (epsilon or v)."""
-    noise = torch.randn_like(latents)
-    timesteps = torch.randint(
-        0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), device=latents.device
-    ).long()
+    noise = offset_noise(latents, noise_offset, generator)
+    source = generator.device if generator is not None else latents.device
+    timesteps = (
+        torch.randint(timestep_range[0], timestep_range[1], (latents.shape[0],), device=source, generator=generator)
+        .long()
+        .to(latents.device)
+    )
     noisy = noise_scheduler.add_noise(latents, noise, timesteps)
     prediction_type = noise_scheduler.config.prediction_type
     if prediction_type == "epsilon":
@@ -67,4 +116,7 @@ def diffusion_loss(
         added_cond_kwargs={"text_embeds": pooled_embeds, "time_ids": add_time_ids},
         return_dict=False,
     )[0]
-    return F.mse_loss(model_pred.float(), target.float(), reduction="mean")
+    if min_snr_gamma is None:
+        return F.mse_loss(model_pred.float(), target.float(), reduction="mean")
+    per_sample = F.mse_loss(model_pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+    return (per_sample * min_snr_weights(noise_scheduler, timesteps, min_snr_gamma, prediction_type)).mean()
