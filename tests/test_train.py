@@ -197,13 +197,16 @@ def test_train_saves_a_pipeline_that_reloads_and_generates(tmp_path, tiny_models
 
 def test_resume_is_exact(tmp_path, tiny_models, monkeypatch):
     """2N steps straight == the same run cut off after N (a crash), resumed from its checkpoint;
-    the resumed run's curves hold each step once, with the straight run's losses."""
+    the resumed run's curves hold each step once, with the straight run's losses. Two micro-batches
+    per optimizer step, so the resumed data position counts micro-batches right."""
     from components.train import loop
 
     captions = captioned_set(tmp_path)
     models = tiny_params(tiny_models)
     common = dict(
         max_train_steps=8,
+        train_batch_size=1,
+        gradient_accumulation_steps=2,
         shuffle_caption=True,
         keep_tokens=1,
         caption_dropout=0.2,
@@ -224,7 +227,7 @@ def test_resume_is_exact(tmp_path, tiny_models, monkeypatch):
 
     def crash_in_step_seven(*args, **kwargs):  # after the checkpoint at 4 and two more logged steps
         calls["n"] += 1
-        if calls["n"] == 7:
+        if calls["n"] == 13:  # step 7's first micro-batch
             raise RuntimeError("power cut")
         return original(*args, **kwargs)
 

@@ -396,6 +396,9 @@ class Trainer:
             # Through the prepared loader: accelerate re-applies its own epoch counter on every
             # iteration, and it must be this epoch (a resumed run's loader starts counting at 0).
             epoch_loader.set_epoch(epoch)
+            # And on our sampler itself: accelerate does not pass the epoch through the wrappers it
+            # puts around a batch sampler (skipping batches on resume, sharding over processes).
+            sampler.set_epoch(epoch)
             for batch in epoch_loader:
                 micro += 1
                 with acc.accumulate(unet):
