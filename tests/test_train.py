@@ -332,7 +332,9 @@ def test_validation_keeps_the_best_and_ema_changes_the_saved_weights(tmp_path, t
     assert card["validation_images"] == 2 and card["images"] == 4
     (run_dir,) = (tmp_path / "v" / "ckpt").iterdir()
     assert json.loads((run_dir / "best" / "best.json").read_text())["step"] == metrics["best_step"]
-    best = load_file(str(run_dir / "best" / "unet.safetensors"))
+    # one best file is left: the others were removed as better ones came
+    (best_file,) = (run_dir / "best").glob("*.safetensors")
+    best = load_file(str(best_file))
     saved = unet_weights(tmp_path / "v" / "train" / "model")
     assert all(torch.equal(best[k], saved[k]) for k in best)  # the saved model is the best one
 
@@ -343,6 +345,41 @@ def test_validation_keeps_the_best_and_ema_changes_the_saved_weights(tmp_path, t
     a, b = unet_weights(tmp_path / "raw" / "train" / "model"), unet_weights(tmp_path / "ema" / "train" / "model")
     assert any(not torch.equal(a[k], b[k]) for k in a)
     assert json.loads((tmp_path / "ema" / "train" / "model" / "easel_train.json").read_text())["weights"] == "ema"
+
+
+def test_a_resumed_run_saves_the_best_weights_found_before_the_crash(tmp_path, tiny_models, monkeypatch):
+    from components.train import loop
+
+    captions = captioned_set(tmp_path)
+    models = tiny_params(tiny_models)
+    # A high learning rate, so validation loss bottoms out early (at step 6 with these seeds).
+    common = dict(
+        max_train_steps=8, learning_rate=1e-2, checkpoint_every=3, validation={"fraction": 0.34, "every_n_steps": 1}
+    )
+    straight = run_train(train_params(tmp_path / "a", **common), models, captions, progress=False)
+    card = json.loads((tmp_path / "a" / "train" / "model" / "easel_train.json").read_text())
+    assert card["best_step"] <= 6, "precondition: the best step comes before the crash below"
+
+    original = loop.diffusion_loss
+    calls = {"train": 0}
+
+    def crash_in_step_seven(unet, *args, **kwargs):
+        if unet.training:  # validation calls the loss too, with the U-Net in eval mode
+            calls["train"] += 1
+            if calls["train"] == 7:
+                raise RuntimeError("power cut")
+        return original(unet, *args, **kwargs)
+
+    monkeypatch.setattr(loop, "diffusion_loss", crash_in_step_seven)
+    with pytest.raises(RuntimeError, match="power cut"):
+        run_train(train_params(tmp_path / "b", **common), models, captions, progress=False)
+    monkeypatch.setattr(loop, "diffusion_loss", original)
+    resumed = run_train(
+        train_params(tmp_path / "b", resume_from_checkpoint="latest", **common), models, captions, progress=False
+    )
+    assert resumed.best_val_loss == pytest.approx(straight.best_val_loss)
+    a, b = unet_weights(tmp_path / "a" / "train" / "model"), unet_weights(tmp_path / "b" / "train" / "model")
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5  # the best weights, not the last ones
 
 
 def test_bad_settings_are_refused():

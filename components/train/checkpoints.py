@@ -5,7 +5,12 @@ and the objects registered for checkpointing: Easel's TrainState and the EMA), p
 `easel_checkpoint.json` naming its step and run. Checkpoints live under
 `<checkpoint_dir>/<run id>/step-XXXXXXXX/`, the run id being a hash of everything that defines the
 training except how long it runs, so `resume_from_checkpoint: latest` never resumes a different
-run. `best/` holds the weights with the lowest validation loss.
+run.
+
+`best/step-XXXXXXXX.safetensors` holds the U-Net weights with the lowest validation loss so far,
+and `best/best.json` names them. Each checkpoint records the best step it knew, so a resumed run
+finds its own best again even when the crashed run had found a later one. Best files that no
+kept checkpoint and not the running state refer to are removed when a checkpoint is written.
 """
 
 from __future__ import annotations
@@ -86,7 +91,43 @@ def step_dirs(run_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name.split("-")[1]))
 
 
-def save_checkpoint(accelerator, run_dir: Path, step: int, keep: int) -> Path:
+def best_path(run_dir: Path, step: int) -> Path:
+    return run_dir / "best" / f"step-{step:08d}.safetensors"
+
+
+def save_best(run_dir: Path, weights: dict[str, torch.Tensor], step: int, val_loss: float) -> None:
+    from safetensors.torch import save_file
+
+    target = best_path(run_dir, step)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_suffix(".partial")
+    save_file({k: v.contiguous() for k, v in weights.items()}, str(partial))
+    partial.replace(target)
+    atomic_write_json(run_dir / "best" / "best.json", {"step": step, "val_loss": val_loss, "file": target.name})
+    prune_best(run_dir, step)
+
+
+def load_best(run_dir: Path, step: int) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    path = best_path(run_dir, step)
+    if not path.is_file():
+        raise EaselError(
+            f"train: the best weights of step {step} ({path}) are missing; set validation.keep_best: false "
+            "to save the last weights instead"
+        )
+    return load_file(str(path))
+
+
+def prune_best(run_dir: Path, current: int | None) -> None:
+    """Remove best files that neither the running state nor a kept checkpoint refers to."""
+    wanted = {current} | {json.loads((d / MARKER).read_text()).get("best_step") for d in step_dirs(run_dir)}
+    for path in (run_dir / "best").glob("step-*.safetensors"):
+        if int(path.stem.split("-")[1]) not in wanted:
+            path.unlink(missing_ok=True)
+
+
+def save_checkpoint(accelerator, run_dir: Path, step: int, keep: int, best_step: int | None = None) -> Path:
     target = run_dir / f"step-{step:08d}"
     partial = run_dir / f".step-{step:08d}.partial"
     if accelerator.is_main_process:
@@ -94,11 +135,12 @@ def save_checkpoint(accelerator, run_dir: Path, step: int, keep: int) -> Path:
     accelerator.wait_for_everyone()
     accelerator.save_state(str(partial))
     if accelerator.is_main_process:
-        atomic_write_json(partial / MARKER, {"step": step, "run": run_dir.name})
+        atomic_write_json(partial / MARKER, {"step": step, "run": run_dir.name, "best_step": best_step})
         shutil.rmtree(target, ignore_errors=True)
         partial.rename(target)  # complete, or not there: never half a checkpoint under a real name
         for old in step_dirs(run_dir)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
+        prune_best(run_dir, best_step)
     accelerator.wait_for_everyone()
     return target
 

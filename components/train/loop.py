@@ -384,7 +384,6 @@ class Trainer:
         batches_per_epoch = len(loader)
         micro = self.state.step * p.gradient_accumulation_steps
         losses: list[float] = []
-        best_weights: dict | None = None
         started = time.perf_counter()
         bar = tqdm(
             total=p.max_train_steps, initial=self.state.step, desc="train", unit="step", disable=not self.progress
@@ -445,12 +444,13 @@ class Trainer:
                     if val < self.state.best_val_loss:
                         self.state.best_val_loss, self.state.best_step = val, step
                         if p.validation.keep_best:
-                            best_weights = self._weights(unet, ema)
-                            self._save_best(best_weights, step, val)
+                            weights = self._weights(unet, ema)
+                            if acc.is_main_process:
+                                checkpoints.save_best(self.run_dir, weights, step, val)
                 curves.add(step, metrics)
                 if p.checkpoint_every and step % p.checkpoint_every == 0:
                     curves.flush()  # the curves on disk reach the checkpoint a resume starts from
-                    checkpoints.save_checkpoint(acc, self.run_dir, step, p.keep_checkpoints)
+                    checkpoints.save_checkpoint(acc, self.run_dir, step, p.keep_checkpoints, self.state.best_step)
                 if p.sample_every_n_steps and p.sample_prompts and step % p.sample_every_n_steps == 0:
                     self.sample_images(unet, step, out_dir, live)
                 bar.update(1)
@@ -461,30 +461,22 @@ class Trainer:
         curves.flush()
         seconds = time.perf_counter() - started
         acc.wait_for_everyone()
-        return self._finish(unet, ema, best_weights, losses, seconds, metrics_path, live)
+        return self._finish(unet, ema, losses, seconds, metrics_path, live)
 
     def _weights(self, unet, ema) -> dict[str, torch.Tensor]:
-        """The weights to keep: the EMA's if it is on and chosen for saving, else the U-Net's."""
+        """The weights to keep, on the CPU: the EMA's if it is on and chosen for saving, else the
+        U-Net's. Every process calls this: under FSDP or DeepSpeed the full weights are gathered."""
         model = self.accelerator.unwrap_model(unet)
-        if ema is not None and self.params.ema.use_for_save:
+        use_ema = ema is not None and self.params.ema.use_for_save
+        if use_ema:
             ema.store(model.parameters())
             ema.copy_to(model.parameters())
-            weights = {k: v.detach().clone().cpu() for k, v in model.state_dict().items()}
+        weights = {k: v.detach().to("cpu", copy=True) for k, v in self.accelerator.get_state_dict(unet).items()}
+        if use_ema:
             ema.restore(model.parameters())
-            return weights
-        return {k: v.detach().clone().cpu() for k, v in model.state_dict().items()}
+        return weights
 
-    def _save_best(self, weights: dict, step: int, val: float) -> None:
-        if not self.accelerator.is_main_process:
-            return
-        from safetensors.torch import save_file
-
-        best = self.run_dir / "best"
-        best.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in weights.items()}, str(best / "unet.safetensors"))
-        atomic_write_json(best / "best.json", {"step": step, "val_loss": val})
-
-    def _finish(self, unet, ema, best_weights, losses, seconds, metrics_path, live) -> TrainSummary:
+    def _finish(self, unet, ema, losses, seconds, metrics_path, live) -> TrainSummary:
         p = self.params
         model_dir = Path(p.out_dir) / "model"
         steps_this_run = len(losses)
@@ -500,12 +492,19 @@ class Trainer:
             ),
             "peak_memory_mb": round(peak_memory_mb(self.device), 1),
         }
+        keep_best = p.validation.keep_best and self.state.best_step is not None
+        weights = None if keep_best else self._weights(unet, ema)
         if self.accelerator.is_main_process:
-            model = self.accelerator.unwrap_model(unet)
-            weights = (
-                best_weights if (best_weights is not None and p.validation.keep_best) else self._weights(unet, ema)
-            )
-            model.load_state_dict(weights)
+            from accelerate import init_empty_weights
+            from diffusers import UNet2DConditionModel
+
+            if keep_best:
+                weights = checkpoints.load_best(self.run_dir, self.state.best_step)
+            # A fresh U-Net for the save (the training one may be wrapped or sharded), built without
+            # initialising weights that are replaced at once.
+            with init_empty_weights():
+                model = UNet2DConditionModel.from_config(self.accelerator.unwrap_model(unet).config)
+            model.load_state_dict(weights, strict=True, assign=True)
             model.to(SAVE_DTYPES[p.save_precision])
             pipe = self.pipeline(model)
             with atomic_dir(model_dir) as tmp:
