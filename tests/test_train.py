@@ -2,6 +2,7 @@
 checkpoints, caches, EMA, validation, and a saved pipeline that reloads and generates."""
 
 import json
+import math
 import random
 
 import numpy as np
@@ -380,6 +381,18 @@ def test_a_resumed_run_saves_the_best_weights_found_before_the_crash(tmp_path, t
     assert resumed.best_val_loss == pytest.approx(straight.best_val_loss)
     a, b = unet_weights(tmp_path / "a" / "train" / "model"), unet_weights(tmp_path / "b" / "train" / "model")
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5  # the best weights, not the last ones
+
+
+def test_bf16_training_then_float32_in_the_same_process(tmp_path, tiny_models):
+    """bf16 autocast runs on the CPU too; a second run in the process may use another precision."""
+    captions = captioned_set(tmp_path)
+    models = tiny_params(tiny_models)
+    bf16 = train_params(tmp_path / "bf16", max_train_steps=2, mixed_precision="bf16", save_precision="bf16")
+    assert math.isfinite(run_train(bf16, models, captions, progress=False).final_loss)
+    assert all(v.dtype == torch.bfloat16 for v in unet_weights(tmp_path / "bf16" / "train" / "model").values())
+    full = train_params(tmp_path / "full", max_train_steps=2)
+    assert math.isfinite(run_train(full, models, captions, progress=False).final_loss)
+    assert all(v.dtype == torch.float32 for v in unet_weights(tmp_path / "full" / "train" / "model").values())
 
 
 def test_bad_settings_are_refused():

@@ -138,11 +138,16 @@ class CurveLog:
 class Trainer:
     def __init__(self, params: TrainParams, models: ModelsParams, items: list[ImageCaption], progress: bool) -> None:
         from accelerate import Accelerator
+        from accelerate.state import AcceleratorState
         from accelerate.utils import set_seed
 
         self.params, self.models, self.progress = params, models, progress
         self.fingerprint = data_fingerprint(items)
         self.train_items, self.val_items = split_validation(items, params.validation.fraction)
+        # A process may train more than once (notebooks, tests, in-process flows) with another
+        # precision; accelerate would keep the first one process-wide. The distributed setup
+        # (PartialState) is kept.
+        AcceleratorState._reset_state()
         self.accelerator = Accelerator(
             mixed_precision=params.mixed_precision, gradient_accumulation_steps=params.gradient_accumulation_steps
         )
@@ -294,6 +299,8 @@ class Trainer:
             settings,
         )
         unet.train()
+        if not self.accelerator.is_main_process:
+            return  # every process generates (FSDP needs them all in the forward); one writes
         folder = out_dir / "samples" / f"step-{step:08d}"
         folder.mkdir(parents=True, exist_ok=True)
         for i, image in enumerate(images):
