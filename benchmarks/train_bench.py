@@ -140,6 +140,8 @@ def main() -> None:
             runs["example"].append(example)
             runs["easel"].append(easel)
             print(f"round {round_index + 1}: diffusers example loop {example:.2f} steps/s, Easel {easel:.2f} steps/s")
+    ratios = [e / x for e, x in zip(runs["easel"], runs["example"], strict=True)]
+    print(f"median of the rounds' ratios: {statistics.median(ratios):.3f}")
     for name, pick in (("best", max), ("median", statistics.median)):
         example, easel = pick(runs["example"]), pick(runs["easel"])
         print(

@@ -351,3 +351,25 @@ def test_per_host_rate_spaces_requests(server, tmp_path):
     arrivals = sorted(server.server.RequestHandlerClass.arrivals)
     gaps = [b - a for a, b in itertools.pairwise(arrivals)]
     assert len(arrivals) == 8 and min(gaps) >= 0.09
+
+
+def test_cleanup_spares_the_partial_files_of_live_writers(tmp_path):
+    """A shard starting up removes what killed runs left, not what another shard is writing."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from components.download.store import ImageStore
+
+    folder = tmp_path / "images" / "ab"
+    folder.mkdir(parents=True)
+    host = socket.gethostname()
+    writing = folder / f".{host}.{os.getpid()}.k3j2.part"  # this process: alive
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    killed = folder / f".{host}.{dead.pid}.a8c1.part"
+    for path in (writing, killed):
+        path.write_bytes(b"half an image")
+    assert ImageStore(tmp_path / "images").remove_partials() == 1
+    assert writing.exists() and not killed.exists()

@@ -52,7 +52,10 @@ def test_sharded_download_then_the_dvc_stage_fetches_nothing(harness, project_fa
     lines = download_sharded(shards=3, project_dir=str(project))
     assert len(lines) == 3
     fetched = sum(int(line.split("fetched ")[1].split()[0]) for line in lines)
-    assert fetched == 18  # every distinct URL of the sample sources, each by exactly one shard
+    assert fetched == 18, (
+        lines,
+        pd.read_parquet(project / "data/download/manifest.parquet")[["url", "status", "error"]].to_string(),
+    )  # every distinct URL of the sample sources, each by exactly one shard
     manifest = pd.read_parquet(project / "data/download/manifest.parquet")
     assert len(manifest) == 20 and "not_fetched" not in set(manifest["status"])
     assert "download" in (project / "dvc.lock").read_text()  # the DVC stage ran and recorded it

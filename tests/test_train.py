@@ -79,8 +79,26 @@ def test_batches_hold_one_bucket_and_every_image_once_per_epoch():
     assert sorted(i for b in first for i in b) == list(range(7)) and len(first) == len(sampler) == 4
     assert all(len({bucket_of[i] for i in b}) == 1 for b in first)
     assert sampler.batches() == first  # the same epoch, the same order
-    sampler.set_epoch(1)
+    assert next(iter(sampler)) == [(0, i) for i in first[0]]  # keys carry the epoch to the dataset
+    sampler.set_position(1, skip=1)
     assert sampler.batches() != first
+    assert [[i for _, i in b] for b in sampler] == sampler.batches()[1:]  # a resumed epoch skips ahead
+    assert {e for b in sampler for e, _ in b} == {1}
+
+
+def test_processes_share_an_epoch_evenly():
+    """Two processes: disjoint halves of the epoch's batches, padded to the same count."""
+    bucket_of = [(64, 64)] * 5 + [(48, 80)] * 2  # 3 + 1 batches of 2 -> 4; with 2 images more -> 5
+    for extra in (0, 2):
+        buckets = bucket_of + [(80, 48)] * extra
+        shards = [BucketBatchSampler(buckets, 2, seed=1, num_replicas=2, rank=r) for r in (0, 1)]
+        mine = [s.batches() for s in shards]
+        assert len(mine[0]) == len(mine[1]) == len(shards[0]) == len(shards[1])
+        every = shards[0].all_batches()
+        assert {i for b in every for i in b} == set(range(len(buckets)))
+        assert mine[0] + mine[1] == every[0::2] + every[1::2]
+        if extra:  # an odd count: the first batch is repeated so both processes take 3 steps
+            assert len(every) == 6 and every[-1] == every[0]
 
 
 def test_keep_tokens_shuffle_and_dropout():

@@ -9,8 +9,12 @@ from __future__ import annotations
 
 import hashlib
 import os
+import socket
 import tempfile
+import time
 from pathlib import Path
+
+STALE_PARTIAL_S = 3600  # a partial file of another machine older than this is abandoned
 
 EXTENSIONS = {
     "jpeg": "jpg",
@@ -38,7 +42,9 @@ class ImageStore:
         if target.is_file() and target.stat().st_size == len(data):
             return sha, rel
         target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".", suffix=".part")
+        # The writer's host and pid in the name: a run cleaning up after a killed one must not
+        # delete the partial files of a run that is still writing (another shard, say).
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{socket.gethostname()}.{os.getpid()}.", suffix=".part")
         try:
             with os.fdopen(fd, "wb") as fh:
                 fh.write(data)
@@ -49,10 +55,28 @@ class ImageStore:
         return sha, rel
 
     def remove_partials(self) -> int:
-        """Delete temp files left by a killed run."""
+        """Delete temp files left by killed runs; those of live writers stay."""
         count = 0
         if self.root.is_dir():
             for part in self.root.glob("*/.*.part"):
-                part.unlink(missing_ok=True)
-                count += 1
+                if _abandoned(part):
+                    part.unlink(missing_ok=True)
+                    count += 1
         return count
+
+
+def _abandoned(part: Path) -> bool:
+    host, _, rest = part.name[1 : -len(".part")].rpartition(".")[0].rpartition(".")
+    pid = rest if host else ""
+    if host == socket.gethostname() and pid.isdigit():
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            return True  # its writer is gone
+        except PermissionError:
+            return False
+        return False
+    try:
+        return time.time() - part.stat().st_mtime > STALE_PARTIAL_S
+    except FileNotFoundError:
+        return False

@@ -50,8 +50,9 @@ NOT_IDENTITY = {
 
 
 class TrainState:
-    """What accelerate does not save by itself: the optimizer step, the best validation loss, and
-    the generator that draws noise, timesteps and latent samples."""
+    """What accelerate does not save by itself: the optimizer step and the best validation loss
+    (saved by accelerate as a registered object), and this process's generator for noise,
+    timesteps and latent samples (saved per process, `easel_generator_<rank>.pt`)."""
 
     def __init__(self, seed: int) -> None:
         self.step = 0
@@ -60,18 +61,26 @@ class TrainState:
         self.generator = torch.Generator().manual_seed(seed)
 
     def state_dict(self) -> dict:
-        return {
-            "step": self.step,
-            "best_val_loss": self.best_val_loss,
-            "best_step": self.best_step,
-            "generator": self.generator.get_state(),
-        }
+        return {"step": self.step, "best_val_loss": self.best_val_loss, "best_step": self.best_step}
 
     def load_state_dict(self, state: dict) -> None:
         self.step = int(state["step"])
         self.best_val_loss = float(state["best_val_loss"])
         self.best_step = state["best_step"]
-        self.generator.set_state(state["generator"])
+
+
+def generator_path(checkpoint: Path, rank: int) -> Path:
+    return checkpoint / f"easel_generator_{rank}.pt"
+
+
+def load_generator(checkpoint: Path, rank: int, generator: torch.Generator) -> None:
+    path = generator_path(checkpoint, rank)
+    if not path.is_file():
+        raise EaselError(
+            f"train: {checkpoint} has no generator state for process {rank}; resume with the number of "
+            "processes it was saved with"
+        )
+    generator.set_state(torch.load(path, weights_only=True))
 
 
 def run_id(params: TrainParams, models: ModelsParams, data_fingerprint: str) -> str:
@@ -127,13 +136,24 @@ def prune_best(run_dir: Path, current: int | None) -> None:
             path.unlink(missing_ok=True)
 
 
-def save_checkpoint(accelerator, run_dir: Path, step: int, keep: int, best_step: int | None = None) -> Path:
+def save_checkpoint(
+    accelerator,
+    run_dir: Path,
+    step: int,
+    keep: int,
+    best_step: int | None = None,
+    generator: torch.Generator | None = None,
+) -> Path:
     target = run_dir / f"step-{step:08d}"
     partial = run_dir / f".step-{step:08d}.partial"
     if accelerator.is_main_process:
         shutil.rmtree(partial, ignore_errors=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(partial))
+    if generator is not None:
+        partial.mkdir(parents=True, exist_ok=True)
+        torch.save(generator.get_state(), generator_path(partial, accelerator.process_index))
+    accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         atomic_write_json(partial / MARKER, {"step": step, "run": run_dir.name, "best_step": best_step})
         shutil.rmtree(target, ignore_errors=True)

@@ -106,8 +106,8 @@ def process_caption(caption: str, shuffle: bool, keep_tokens: int, dropout: floa
 
 
 class CaptionedImages(torch.utils.data.Dataset):
-    """Items are indices; every random choice comes from (seed, epoch, index), so a resumed run
-    draws exactly what an uninterrupted one would."""
+    """Keys are (epoch, index); every random choice comes from (seed, epoch, index), so a resumed
+    run draws exactly what an uninterrupted one would."""
 
     def __init__(
         self,
@@ -133,20 +133,14 @@ class CaptionedImages(torch.utils.data.Dataset):
         self.caption_dropout = caption_dropout
         self.seed = seed
         self.latents = latents
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
 
     def __len__(self) -> int:
         return len(self.items)
 
-    def rng(self, index: int) -> random.Random:
-        return random.Random(f"{self.seed}:{self.epoch}:{index}")
-
-    def __getitem__(self, index: int) -> dict:
+    def __getitem__(self, key: tuple[int, int]) -> dict:
+        epoch, index = key
         item = self.items[index]
-        rng = self.rng(index)
+        rng = random.Random(f"{self.seed}:{epoch}:{index}")
         flip = self.random_flip and rng.random() < 0.5
         caption = process_caption(item.caption, self.shuffle_caption, self.keep_tokens, self.caption_dropout, rng)
         size = self.bucket_of[index]
@@ -158,19 +152,32 @@ class CaptionedImages(torch.utils.data.Dataset):
         return example | {"pixel_values": to_tensor(image), "crop_top_left": crop}
 
 
-class BucketBatchSampler(torch.utils.data.Sampler[list[int]]):
-    """Batches of one bucket each; the order depends only on (seed, epoch)."""
+class BucketBatchSampler(torch.utils.data.Sampler[list[tuple[int, int]]]):
+    """Batches of one bucket each, as (epoch, index) keys; the order depends only on (seed, epoch).
 
-    def __init__(self, bucket_of: list[tuple[int, int]], batch_size: int, seed: int) -> None:
+    The sampler is the one place that decides what each process draws, so accelerate's
+    wrappers are not used. With several processes the epoch's batches are padded by repeating
+    its first ones until they divide evenly (every process must take the same number of steps),
+    and process r takes batches r, r + n, r + 2n, ... `set_position(epoch, skip)` starts an
+    epoch after its first `skip` batches of this process, which is how a resumed run continues.
+    The epoch travels in each key, so DataLoader worker processes need no notice of it."""
+
+    def __init__(
+        self, bucket_of: list[tuple[int, int]], batch_size: int, seed: int, num_replicas: int = 1, rank: int = 0
+    ) -> None:
         self.bucket_of = bucket_of
         self.batch_size = batch_size
         self.seed = seed
+        self.num_replicas = num_replicas
+        self.rank = rank
         self.epoch = 0
+        self.skip = 0
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def set_position(self, epoch: int, skip: int = 0) -> None:
+        self.epoch, self.skip = epoch, skip
 
-    def batches(self) -> list[list[int]]:
+    def all_batches(self) -> list[list[int]]:
+        """Every process's batches of this epoch, in order, before sharding."""
         rng = random.Random(f"{self.seed}:batches:{self.epoch}")
         by_bucket: dict[tuple[int, int], list[int]] = defaultdict(list)
         for index, bucket in enumerate(self.bucket_of):
@@ -181,16 +188,24 @@ class BucketBatchSampler(torch.utils.data.Sampler[list[int]]):
             rng.shuffle(indices)
             batches += [indices[i : i + self.batch_size] for i in range(0, len(indices), self.batch_size)]
         rng.shuffle(batches)
-        return batches
+        padded = batches + batches[: (-len(batches)) % self.num_replicas]
+        return padded
 
-    def __iter__(self) -> Iterator[list[int]]:
-        return iter(self.batches())
+    def batches(self) -> list[list[int]]:
+        """This process's batches of this epoch."""
+        return self.all_batches()[self.rank :: self.num_replicas]
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        for batch in self.batches()[self.skip :]:
+            yield [(self.epoch, index) for index in batch]
 
     def __len__(self) -> int:
+        """Batches per epoch for one process (before any skip)."""
         counts: dict[tuple[int, int], int] = defaultdict(int)
         for bucket in self.bucket_of:
             counts[bucket] += 1
-        return sum(math.ceil(n / self.batch_size) for n in counts.values())
+        total = sum(math.ceil(n / self.batch_size) for n in counts.values())
+        return math.ceil(total / self.num_replicas)
 
 
 def collate(batch: list[dict]) -> dict:

@@ -160,7 +160,8 @@ class Trainer:
         self.parts = load_sdxl_parts(models)
         if params.prediction_type:
             self.parts.noise_scheduler.register_to_config(prediction_type=params.prediction_type)
-        self.state = checkpoints.TrainState(params.seed)
+        # Each process draws its own noise and timesteps.
+        self.state = checkpoints.TrainState(params.seed + self.accelerator.process_index)
         self.run_dir = Path(params.checkpoint_dir) / checkpoints.run_id(params, models, self.fingerprint)
         self.buckets = make_buckets(params.resolution, params.bucketing)
 
@@ -323,7 +324,8 @@ class Trainer:
             )
         self._frozen_parts()
         train_bucket_of, val_bucket_of = self._bucket_of(self.train_items), self._bucket_of(self.val_items)
-        latents_cache, texts = self._caches(train_bucket_of, val_bucket_of)
+        with self.accelerator.main_process_first():  # the others then find the caches filled
+            latents_cache, texts = self._caches(train_bucket_of, val_bucket_of)
         unet = parts.unet
         if p.attention == "xformers":
             try:
@@ -355,7 +357,11 @@ class Trainer:
             seed=p.seed,
             latents=latents_cache,
         )
-        sampler = BucketBatchSampler(train_bucket_of, p.train_batch_size, p.seed)
+        # Not passed to accelerate.prepare: the sampler shards the batches itself (see data.py), and
+        # batches are moved to the device where they are used.
+        sampler = BucketBatchSampler(
+            train_bucket_of, p.train_batch_size, p.seed, num_replicas=acc.num_processes, rank=acc.process_index
+        )
         loader = torch.utils.data.DataLoader(
             dataset,
             batch_sampler=sampler,
@@ -369,13 +375,14 @@ class Trainer:
             val_loader = torch.utils.data.DataLoader(
                 val_set, batch_sampler=BucketBatchSampler(val_bucket_of, p.train_batch_size, p.seed), collate_fn=collate
             )
-        unet, optimizer, lr_scheduler, loader = acc.prepare(unet, optimizer, lr_scheduler, loader)
+        unet, optimizer, lr_scheduler = acc.prepare(unet, optimizer, lr_scheduler)
         acc.register_for_checkpointing(self.state)
         if ema is not None:
             acc.register_for_checkpointing(ema)
         resume = checkpoints.resolve_resume(p.resume_from_checkpoint, self.run_dir)
         if resume is not None:
             acc.load_state(str(resume))
+            checkpoints.load_generator(resume, acc.process_index, self.state.generator)
             log.info("resumed from %s at step %d", resume, self.state.step)
         elif p.resume_from_checkpoint == "latest":
             log.info("no checkpoint of this run in %s yet: starting from step 0", self.run_dir)
@@ -388,28 +395,26 @@ class Trainer:
         curves = CurveLog(live, p.log_every_n_steps)
         curves.forget_after(self.state.step)
         out_dir = Path(p.out_dir)
-        batches_per_epoch = len(loader)
+        batches_per_epoch = len(sampler)
         micro = self.state.step * p.gradient_accumulation_steps
         losses: list[float] = []
         started = time.perf_counter()
         bar = tqdm(
-            total=p.max_train_steps, initial=self.state.step, desc="train", unit="step", disable=not self.progress
+            total=p.max_train_steps,
+            initial=self.state.step,
+            desc="train",
+            unit="step",
+            disable=not (self.progress and acc.is_local_main_process),
         )
         step_start = time.perf_counter()
         while self.state.step < p.max_train_steps:
-            epoch, skip = divmod(micro, batches_per_epoch)
-            epoch_loader = acc.skip_first_batches(loader, skip) if skip else loader
-            # Through the prepared loader: accelerate re-applies its own epoch counter on every
-            # iteration, and it must be this epoch (a resumed run's loader starts counting at 0).
-            epoch_loader.set_epoch(epoch)
-            # And on our sampler itself: accelerate does not pass the epoch through the wrappers it
-            # puts around a batch sampler (skipping batches on resume, sharding over processes).
-            sampler.set_epoch(epoch)
-            for batch in epoch_loader:
+            sampler.set_position(*divmod(micro, batches_per_epoch))  # (epoch, batches already done)
+            for batch in loader:
                 micro += 1
                 with acc.accumulate(unet):
                     loss = self.loss(unet, batch, texts, self.state.generator)
-                    loss_value = loss.item()
+                    # The mean over processes: what is logged, and a NaN anywhere stops every process.
+                    loss_value = acc.gather(loss.detach().reshape(1)).mean().item()
                     if not math.isfinite(loss_value):
                         curves.flush()
                         last = checkpoints.step_dirs(self.run_dir)
@@ -457,7 +462,9 @@ class Trainer:
                 curves.add(step, metrics)
                 if p.checkpoint_every and step % p.checkpoint_every == 0:
                     curves.flush()  # the curves on disk reach the checkpoint a resume starts from
-                    checkpoints.save_checkpoint(acc, self.run_dir, step, p.keep_checkpoints, self.state.best_step)
+                    checkpoints.save_checkpoint(
+                        acc, self.run_dir, step, p.keep_checkpoints, self.state.best_step, self.state.generator
+                    )
                 if p.sample_every_n_steps and p.sample_prompts and step % p.sample_every_n_steps == 0:
                     self.sample_images(unet, step, out_dir, live)
                 bar.update(1)
