@@ -130,8 +130,13 @@ def cmd_train(args) -> int:
         PLOTS_DIR / "train",
         progress=_progress(args),
     )
-    print(f"train: {summary.steps} steps, final loss {summary.final_loss:.4f}, {summary.images_per_second:.2f} img/s")
-    print(f"model: {summary.model_dir}")
+    from accelerate import PartialState
+
+    if PartialState().is_main_process:  # one line per run, not per process
+        print(
+            f"train: {summary.steps} steps, final loss {summary.final_loss:.4f}, {summary.images_per_second:.2f} img/s"
+        )
+        print(f"model: {summary.model_dir}")
     return 0
 
 
