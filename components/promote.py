@@ -144,23 +144,7 @@ def pr_comment(decision: dict, summary: dict, report_url: str | None = None) -> 
             f"Paired by prompt, {comparison.get('confidence', 0.95):.0%} bootstrap CI of candidate - {reference}:",
             "",
         ]
-        lines.append(
-            report.table_md(
-                ["metric", "mean difference", "CI low", "CI high", "win rate", "prompts"],
-                [
-                    (
-                        m,
-                        report.fmt(v["mean_diff"]),
-                        report.fmt(v["ci_low"]),
-                        report.fmt(v["ci_high"]),
-                        f"{v['win_rate']:.0%}",
-                        v["prompts"],
-                    )
-                    for m, v in comparison.items()
-                    if isinstance(v, dict)
-                ],
-            )
-        )
+        lines.append(report.comparison_table_md(comparison))
         lines.append("")
     lines.append(decision_markdown(decision))
     if report_url:

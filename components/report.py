@@ -116,3 +116,20 @@ def write_html(path: Path | str, title: str, sections: Iterable[tuple[str, str]]
     parts.append("</body></html>\n")
     atomic_write_text(path, "".join(parts))
     return Path(path)
+
+
+def comparison_table_md(comparison: dict) -> str:
+    """A paired comparison (evaluate.stats.paired_comparison) as a Markdown table, one row per metric."""
+    rows = [
+        (
+            metric,
+            fmt(v["mean_diff"]),
+            fmt(v["ci_low"]),
+            fmt(v["ci_high"]),
+            f"{v['win_rate']:.0%}",
+            v["prompts"],
+        )
+        for metric, v in comparison.items()
+        if isinstance(v, dict)  # the other keys (confidence) describe the whole comparison
+    ]
+    return table_md(["metric", "mean difference", "CI low", "CI high", "win rate", "prompts"], rows)

@@ -134,23 +134,7 @@ def _markdown(summary: dict) -> str:
             f"**Candidate {name.replace('_', ' ')}** (paired by prompt, {comp['confidence']:.0%} bootstrap CI)",
             "",
         ]
-        lines.append(
-            report.table_md(
-                ["metric", "mean difference", "CI low", "CI high", "win rate", "prompts"],
-                [
-                    (
-                        m,
-                        report.fmt(v["mean_diff"]),
-                        report.fmt(v["ci_low"]),
-                        report.fmt(v["ci_high"]),
-                        f"{v['win_rate']:.0%}",
-                        v["prompts"],
-                    )
-                    for m, v in comp.items()
-                    if m != "confidence"
-                ],
-            )
-        )
+        lines.append(report.comparison_table_md(comp))
     lines += ["", f"_{CLIP_SCORE_DEFINITION}. {AESTHETIC_DEFINITION}._", ""]
     return "\n".join(lines)
 
