@@ -170,34 +170,19 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
-def _gate_paths(params) -> dict:
-    return {
-        "model_dir": Path(params.train.out_dir) / "model",
-        "eval_dir": Path(params.evaluate.out_dir),
-        "prompts_path": Path(params.evaluate.prompts),
-    }
-
-
 def cmd_gate(args) -> int:
     """The gate alone: decide and record, publish nothing (the PR eval gate runs this)."""
-    from components.evaluate import read_summary
     from components.fsutil import atomic_write_text
-    from components.gate import failed_rules_message
-    from components.promote import pr_comment, run_gate
+    from components.promote import pr_comment, raise_unless_promoted, run_gate
 
     params = _load(args)
     out_dir = Path(args.out) if args.out else Path("data/gate")
-    paths = _gate_paths(params)
-    decision = run_gate(params.gate, params.promote, params.storage, out_dir=out_dir, **paths)
+    model_dir = Path(params.train.out_dir) / "model"
+    decision = run_gate(params.gate, params.promote, params.storage, params.evaluate, model_dir, out_dir=out_dir)
     if args.comment:
-        try:
-            summary = read_summary(paths["eval_dir"] / "summary.json")
-        except EaselError:
-            summary = {}
-        atomic_write_text(args.comment, pr_comment(decision, summary, args.report_url))
+        atomic_write_text(args.comment, pr_comment(decision, args.report_url))
     print(f"gate: {decision['verdict']} ({out_dir / 'decision.md'})")
-    if not decision["promote"]:
-        raise GateRejected("gate: rejected. Failed: " + failed_rules_message(decision))
+    raise_unless_promoted(decision, "gate:")
     return 0
 
 
@@ -205,17 +190,19 @@ def cmd_promote(args) -> int:
     from components.promote import run_promote
 
     params = _load(args)
-    paths = _gate_paths(params)
+    model_dir = Path(params.train.out_dir) / "model"
+    eval_dir = Path(params.evaluate.out_dir)
     decision = run_promote(
         params.gate,
         params.promote,
         params.storage,
+        params.evaluate,
+        model_dir,
         extras={
-            "evaluation_report.html": paths["eval_dir"] / "report.html",
-            "evaluation_report.md": paths["eval_dir"] / "report.md",
-            "model_card.md": paths["model_dir"] / "README.md",
+            "evaluation_report.html": eval_dir / "report.html",
+            "evaluation_report.md": eval_dir / "report.md",
+            "model_card.md": model_dir / "README.md",
         },
-        **paths,
     )
     reg = decision["registry"]
     print(f"promote: {params.promote.model_name} {reg['version']} is now {reg['alias']} (was {reg['previous']})")
@@ -370,7 +357,7 @@ def build_parser() -> argparse.ArgumentParser:
         "caption": "Caption each accepted image with BLIP.",
         "train": "Fine-tune the SDXL U-Net on the captioned images and save a diffusers pipeline.",
         "evaluate": "Generate the prompt set with fixed seeds; score CLIP and aesthetic; summarise and report.",
-        "promote": "Run the gate; if it passes, publish to the S3 registry and move the alias (exit 3 if not).",
+        "promote": "Run the gate; on promote, publish to the registry, move the alias (exit 3 reject, 4 inconclusive).",
     }
     funcs = {
         "download": cmd_download,
@@ -389,7 +376,12 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--shard", help="fetch only shard K of N (K/N), for fanning out over workers")
             p.add_argument("--no-manifest", action="store_true", help="fetch only; a later run writes the manifest")
 
-    p = add("gate", cmd_gate, "Run the promotion gate on the evaluation; record the decision; publish nothing.")
+    p = add(
+        "gate",
+        cmd_gate,
+        "Run the promotion gate on the evaluation; record the decision; publish nothing "
+        "(exit 0 promote, 3 reject, 4 inconclusive, 2 unusable input).",
+    )
     p.add_argument("--out", help="decision folder (default: data/gate)")
     p.add_argument("--comment", help="also write the PR comment (Markdown) to this file")
     p.add_argument("--report-url", help="link to the evaluation report, for the comment")
@@ -426,12 +418,12 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         return args.func(args)
-    except GateRejected as exc:
+    except GateRejected as exc:  # a verdict, not an error: 3 reject, 4 inconclusive
         print(f"easel {args.command}: {exc}", file=sys.stderr)
-        return 3
+        return exc.exit_code
     except EaselError as exc:
         print(f"easel {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+        return exc.exit_code
 
 
 if __name__ == "__main__":

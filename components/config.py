@@ -23,8 +23,9 @@ PROFILE_SECTIONS = ("models", "train", "evaluate", "gate")
 
 
 class Section(BaseModel):
-    # Unknown keys are typos until proven otherwise: refuse them instead of ignoring them.
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # Unknown keys are typos until proven otherwise: refuse them instead of ignoring them. No
+    # setting means anything as NaN or infinity (an infinite margin would pass every model).
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class ModelsParams(Section):
@@ -347,6 +348,7 @@ class BootstrapParams(Section):
 class EvaluateParams(Section):
     out_dir: str = "data/evaluate"
     prompts: str = "data/prompts/eval_prompts.csv"
+    max_prompts: int | None = Field(None, ge=1)  # a quick subset: this many, taken round-robin over categories
     seeds: list[int] = Field([0, 1], min_length=1)
     negative_prompt: str | None = "basic"  # for prompts with none: a preset name or literal text
     guidance: GuidanceParams = GuidanceParams()
@@ -369,8 +371,9 @@ class PromoteParams(Section):
 
 
 class MarginParams(Section):
-    aesthetic: float = Field(0.05, ge=0)
-    clip_score: float = Field(0.01, ge=0)
+    # > 0: at a margin of 0 no number of prompts has the power to show non-inferiority
+    aesthetic: float = Field(0.05, gt=0)
+    clip_score: float = Field(0.01, gt=0)
 
 
 class GateParams(Section):
@@ -380,6 +383,9 @@ class GateParams(Section):
     max_share_below_floor: float = Field(0.1, ge=0, le=1)  # ...and at most this share may be poor
     margins: MarginParams = MarginParams()  # non-inferiority against production (or base)
     superiority: Literal["aesthetic", "clip_score"] | None = None  # optionally require a real gain
+    # Enough evidence: fewer paired prompts, or less power to detect a margin, is "inconclusive".
+    min_prompts: int = Field(10, ge=2)
+    min_power: float = Field(0.8, gt=0, lt=1)
 
 
 class Params(Section):
@@ -397,7 +403,7 @@ class Params(Section):
     gate: GateParams
 
     # `validate` shadows a pydantic method name, hence the alias; read it as params.validate_.
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True, allow_inf_nan=False)
 
 
 def deep_merge(base: dict[str, Any], overlay: dict[str, Any]) -> dict[str, Any]:
@@ -447,6 +453,14 @@ def _format_validation_error(exc: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """PyYAML's several-line message as one line: what and where."""
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"{problem}{where}"
+
+
 def load_params(path: str | Path = DEFAULT_PARAMS) -> Params:
     """Load and validate params.yaml with the active profile applied."""
     path = Path(path)
@@ -460,7 +474,7 @@ def load_params(path: str | Path = DEFAULT_PARAMS) -> Params:
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{source}: is not valid YAML: {exc}") from None
+        raise ConfigError(f"{source}: is not valid YAML: {_yaml_problem(exc)}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: must be a mapping of sections, got {type(raw).__name__}")
     resolved = resolve_profile(raw, source)

@@ -7,12 +7,12 @@ results to the DVC remote in S3. Ends by printing where everything is.
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
 from components.config import load_params
 from components.errors import EaselError
+from components.numbers import lookup, number_at, read_json, text_at
 from components.pipeline import read_metrics
 
 
@@ -70,16 +70,22 @@ def run_demo(params_path: Path, stages: list[str] | None = None) -> int:
     for label, path in where:
         if path.exists():
             print(f"    {label:<19} {path}")
-    decision_path = Path(params.promote.out_dir) / "decision.json"
-    if decision_path.is_file():
-        registry = json.loads(decision_path.read_text()).get("registry")
-        if registry:
-            print(f"    {'registry entry':<19} {registry['uri']} ({registry['alias']} -> {registry['version']})")
-    if "evaluate" in metrics:
-        ev = metrics["evaluate"]
+    decision, _ = read_json(Path(params.promote.out_dir) / "decision.json")
+    verdict = text_at(decision, "verdict")
+    if verdict:
+        print(f"    {'gate verdict':<19} {verdict}")
+    registry = lookup(decision, "registry")
+    if isinstance(registry, dict) and verdict == "promote":
         print(
-            f"    aesthetic mean {ev['aesthetic']['mean']:.4f}, CLIP score mean {ev['clip_score']['mean']:.4f} "
+            f"    {'registry entry':<19} {registry.get('uri')} ({registry.get('alias')} -> {registry.get('version')})"
+        )
+    aesthetic, _ = number_at(metrics.get("evaluate"), "aesthetic.mean")
+    clip, _ = number_at(metrics.get("evaluate"), "clip_score.mean")
+    if aesthetic is not None and clip is not None:
+        print(
+            f"    aesthetic mean {aesthetic:.4f}, CLIP score mean {clip:.4f} "
             "(tiny random models: the numbers only show the plumbing)"
         )
     print("    next: `dvc metrics show`, `dvc plots show`, `dvc dag`, `easel registry list`")
-    return 0
+    stopped = next((r for r in runs if r.verdict), None)
+    return stopped.returncode if stopped else 0

@@ -36,7 +36,10 @@ def atomic_write_text(path: Path | str, text: str) -> None:
 
 
 def atomic_write_json(path: Path | str, data: Any) -> None:
-    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
+    """Strict JSON (RFC 8259): a NaN or infinity is written as null, never as a bare NaN token."""
+    from components.numbers import strict_json
+
+    atomic_write_text(path, json.dumps(strict_json(data), indent=2, sort_keys=False, allow_nan=False) + "\n")
 
 
 def atomic_write_parquet(path: Path | str, frame) -> None:

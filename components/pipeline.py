@@ -6,8 +6,8 @@ to date and records dvc.lock exactly as a person running `dvc repro` would.
 
 from __future__ import annotations
 
-import json
 import os
+import re
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -15,6 +15,7 @@ from pathlib import Path
 
 from components import report
 from components.errors import EaselError
+from components.numbers import number_at, read_json
 
 STAGES = ("download", "validate", "caption", "train", "evaluate", "promote")
 METRICS_DIR = Path("data/metrics")
@@ -26,6 +27,11 @@ class StageRun:
     ran: bool  # False when DVC found it up to date
     returncode: int
     output: str
+    verdict: str | None = None  # the promote stage's gate verdict when it did not promote: reject | inconclusive
+
+
+# The exit codes of `easel promote` that are verdicts, not errors (components.errors).
+GATE_VERDICTS = {3: "reject", 4: "inconclusive"}
 
 
 def _env() -> dict[str, str]:
@@ -58,6 +64,12 @@ def repro_stage(stage: str, project_dir: Path | str) -> StageRun:
         raise EaselError(f"unknown stage {stage!r}; stages are {', '.join(STAGES)}")
     proc = dvc(["repro", "--single-item", stage], project_dir, check=False)
     output = proc.stdout + proc.stderr
+    if proc.returncode != 0 and stage == "promote":
+        # DVC reports the command's own status: "failed to run: easel promote, exited with 3".
+        status = re.search(r"failed to run: .*, exited with (\d+)", output)
+        verdict = GATE_VERDICTS.get(int(status.group(1))) if status else None
+        if verdict:
+            return StageRun(stage, True, int(status.group(1)), output, verdict)
     if proc.returncode != 0:
         # The stage's own `easel ...: error:` line says what is wrong; show it first.
         lines = output.strip().splitlines()
@@ -87,13 +99,14 @@ def dvc_push(project_dir: Path | str) -> str:
     return lines[-1] if lines else ""
 
 
-def read_metrics(project_dir: Path | str) -> dict[str, dict]:
+def read_metrics(project_dir: Path | str) -> dict[str, object]:
+    """Each stage's metrics file as parsed JSON (any shape: read values through components.numbers)."""
     folder = Path(project_dir) / METRICS_DIR
     metrics = {}
     for stage in STAGES:
-        path = folder / f"{stage}.json"
-        if path.is_file():
-            metrics[stage] = json.loads(path.read_text())
+        value, problem = read_json(folder / f"{stage}.json")
+        if problem is None:
+            metrics[stage] = value
     return metrics
 
 
@@ -102,30 +115,28 @@ def run_summary_markdown(project_dir: Path | str, runs: list[StageRun], failure:
     project_dir = Path(project_dir)
     metrics = read_metrics(project_dir)
     lines = ["# Easel pipeline run", ""]
-    lines.append(report.table_md(["stage", "status"], [(r.stage, "ran" if r.ran else "up to date") for r in runs]))
+    status = {True: "ran", False: "up to date"}
+    rows = [(r.stage, f"gate verdict: {r.verdict}" if r.verdict else status[r.ran]) for r in runs]
+    lines.append(report.table_md(["stage", "status"], rows))
     if failure:
         lines += ["", f"**Failed:** {failure}"]
+
+    def value(stage: str, dotted: str) -> str:
+        number, problem = number_at(metrics.get(stage), dotted)
+        return report.fmt(number) if problem is None else "-"
+
     key = []
     if "download" in metrics:
-        key.append(("download: distinct images", metrics["download"].get("distinct_images")))
+        key.append(("download: distinct images", value("download", "distinct_images")))
     if "validate" in metrics:
         key.append(
-            (
-                "validate: accepted / rejected",
-                f"{metrics['validate']['accepted']} / {metrics['validate']['rejected']}",
-            )
+            ("validate: accepted / rejected", f"{value('validate', 'accepted')} / {value('validate', 'rejected')}")
         )
     if "train" in metrics:
-        key.append(
-            (
-                "train: steps, final loss",
-                f"{metrics['train']['steps']}, {report.fmt(metrics['train']['final_loss'])}",
-            )
-        )
+        key.append(("train: steps, final loss", f"{value('train', 'steps')}, {value('train', 'final_loss')}"))
     if "evaluate" in metrics:
-        ev = metrics["evaluate"]
-        key.append(("evaluate: aesthetic mean", report.fmt(ev["aesthetic"]["mean"])))
-        key.append(("evaluate: CLIP score mean", report.fmt(ev["clip_score"]["mean"])))
+        key.append(("evaluate: aesthetic mean", value("evaluate", "aesthetic.mean")))
+        key.append(("evaluate: CLIP score mean", value("evaluate", "clip_score.mean")))
     if key:
         lines += ["", report.table_md(["metric", "value"], key)]
     decision = project_dir / "data/promote/decision.md"

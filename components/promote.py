@@ -11,15 +11,18 @@ from __future__ import annotations
 from pathlib import Path
 
 from components import report
-from components.config import GateParams, PromoteParams, StorageParams
-from components.errors import GateRejected
+from components.config import EvaluateParams, GateParams, PromoteParams, StorageParams
+from components.errors import GateInconclusive, GateRejected
 from components.fsutil import atomic_write_json, atomic_write_text
 from components.gate import (
+    PASS,
+    VERDICT_MEANING,
     decision_markdown,
     decision_record,
-    evaluate_gate,
+    evidence_table_md,
     failed_rules_message,
     gather_inputs,
+    judge,
 )
 
 COMMENT_MARKER = "<!-- easel-eval-gate -->"
@@ -37,21 +40,31 @@ def run_gate(
     gate: GateParams,
     promote: PromoteParams,
     storage: StorageParams,
+    evaluate: EvaluateParams,
     model_dir: Path,
-    eval_dir: Path,
-    prompts_path: Path,
     out_dir: Path | None = None,
 ) -> dict:
     """Decide (without changing anything) and write decision.json / decision.md; returns the decision."""
     registry = open_registry(storage)
     alias = registry.alias(promote.model_name, promote.alias)
+    eval_dir = Path(evaluate.out_dir)
     inputs = gather_inputs(
-        eval_dir / "summary.json", eval_dir / "scores.csv", model_dir, prompts_path, alias["version"] if alias else None
+        eval_dir / "summary.json", eval_dir / "scores.csv", model_dir, evaluate, alias["version"] if alias else None
     )
-    rules, reference = evaluate_gate(inputs, gate)
-    decision = decision_record(inputs, rules, reference, promote.model_name, promote.alias)
+    result = judge(inputs, gate, evaluate.bootstrap)
+    decision = decision_record(inputs, result, gate, promote.model_name, promote.alias)
     _write(decision, Path(out_dir or promote.out_dir))
     return decision
+
+
+def raise_unless_promoted(decision: dict, prefix: str) -> None:
+    """GateRejected (exit 3) or GateInconclusive (exit 4) with one line of reasons, unless promoted."""
+    if decision["verdict"] == "promote":
+        return
+    error = GateInconclusive if decision["verdict"] == "inconclusive" else GateRejected
+    raise error(
+        f"{prefix} {decision['verdict']}: {VERDICT_MEANING[decision['verdict']]}. {failed_rules_message(decision)}"
+    )
 
 
 def _write(decision: dict, out_dir: Path) -> None:
@@ -63,20 +76,15 @@ def run_promote(
     gate: GateParams,
     promote: PromoteParams,
     storage: StorageParams,
+    evaluate: EvaluateParams,
     model_dir: Path,
-    eval_dir: Path,
-    prompts_path: Path,
     extras: dict[str, Path] | None = None,
 ) -> dict:
-    """Gate; on a pass publish the model and move the alias. Raises GateRejected on a fail."""
-    decision = run_gate(gate, promote, storage, model_dir, eval_dir, prompts_path)
-    if not decision["promote"]:
-        raise GateRejected(
-            f"promote: the gate rejected {promote.model_name}; {promote.alias} is unchanged. Failed: "
-            + failed_rules_message(decision)
-        )
+    """Gate; on promote publish the model and move the alias. Raises GateRejected / GateInconclusive."""
+    decision = run_gate(gate, promote, storage, evaluate, model_dir)
+    raise_unless_promoted(decision, f"the gate's verdict on {promote.model_name} ({promote.alias} unchanged) is")
     registry = open_registry(storage)
-    summary_path = eval_dir / "summary.json"
+    summary_path = Path(evaluate.out_dir) / "summary.json"
     files = {"evaluation_summary.json": summary_path, "decision.json": Path(promote.out_dir) / "decision.json"}
     files |= {name: path for name, path in (extras or {}).items() if path.is_file()}
     manifest = registry.publish(
@@ -106,12 +114,26 @@ def run_promote(
     return decision
 
 
-def pr_comment(decision: dict, summary: dict, report_url: str | None = None) -> str:
-    """The sticky PR comment: metrics against production, the paired comparison, the gate's rules."""
-    verdict = "passes the gate" if decision["promote"] else "**fails the gate**"
+def pr_comment(decision: dict, report_url: str | None = None) -> str:
+    """The sticky PR comment: the verdict, the failing rules, the evidence, and the metrics against the reference.
+
+    Everything comes from the decision, whose numbers the gate recomputed and checked; the
+    evaluation summary itself is never read here.
+    """
+    verdict = decision["verdict"]
     reference = decision.get("reference") or "production"
-    lines = [COMMENT_MARKER, f"## Easel eval gate: the candidate {verdict}", ""]
-    other = (summary.get("models") or {}).get(reference)
+    headline = {"promote": "passes the gate", "reject": "**fails the gate**", "inconclusive": "is **inconclusive**"}
+    lines = [COMMENT_MARKER, f"## Easel eval gate: the candidate {headline[verdict]}", ""]
+    lines += [f"Verdict **{verdict}**: {VERDICT_MEANING[verdict]}.", ""]
+    failing = [r for r in decision["rules"] if r["status"] != PASS]
+    if failing:
+        lines += ["Rules that did not pass:", ""]
+        lines += [f"- `{r['rule']}` ({r['status']}): {r['note'] or 'see the table below'}" for r in failing]
+        lines.append("")
+    if decision.get("evidence"):
+        lines += [f"Power of the paired prompts against **{reference}**:", "", evidence_table_md(decision), ""]
+    metrics = decision.get("metrics") or {}
+    new, old = metrics.get("candidate") or {}, metrics.get(reference) or {}
     rows = []
     for metric, stat in (
         ("aesthetic", "mean"),
@@ -120,32 +142,18 @@ def pr_comment(decision: dict, summary: dict, report_url: str | None = None) -> 
         ("clip_score", "mean"),
         ("clip_score", "std"),
     ):
-        new = (summary.get(metric) or {}).get(stat)
-        old = (other or {}).get(metric, {}).get(stat) if other else None
-        change = new - old if isinstance(new, int | float) and isinstance(old, int | float) else None
+        a, b = (new.get(metric) or {}).get(stat), (old.get(metric) or {}).get(stat)
+        change = a - b if isinstance(a, float) and isinstance(b, float) else None
         rows.append(
-            (
-                "data/metrics/evaluate.json",
-                f"{metric}.{stat}",
-                report.fmt(old) if old is not None else "-",
-                report.fmt(new) if new is not None else "-",
-                report.fmt(change) if change is not None else "-",
-            )
+            ("data/metrics/evaluate.json", f"{metric}.{stat}", report.fmt(b), report.fmt(a), report.fmt(change))
         )
-    lines += [
-        f"Candidate against **{reference}** (`dvc metrics diff` style):",
-        "",
-        report.table_md(["Path", "Metric", reference, "candidate", "Change"], rows),
-        "",
-    ]
-    comparison = (summary.get("comparisons") or {}).get(f"vs_{reference}")
-    if comparison:
+    if metrics:
         lines += [
-            f"Paired by prompt, {comparison.get('confidence', 0.95):.0%} bootstrap CI of candidate - {reference}:",
+            f"Candidate against **{reference}** (`dvc metrics diff` style, recomputed from scores.csv):",
+            "",
+            report.table_md(["Path", "Metric", reference, "candidate", "Change"], rows),
             "",
         ]
-        lines.append(report.comparison_table_md(comparison))
-        lines.append("")
     lines.append(decision_markdown(decision))
     if report_url:
         lines.append(f"[Evaluation report and images]({report_url})")

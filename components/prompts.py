@@ -49,15 +49,25 @@ def resolve_negative(value: str | None, default: str | None) -> str:
     return NEGATIVE_PRESETS.get(text, text)
 
 
-def load_prompt_set(path: Path | str, default_negative: str | None = None) -> pd.DataFrame:
-    """Read and check a prompt set; returns id, prompt, negative_prompt (resolved), category."""
+def load_prompt_set(
+    path: Path | str, default_negative: str | None = None, max_prompts: int | None = None
+) -> pd.DataFrame:
+    """Read and check a prompt set; returns id, prompt, negative_prompt (resolved), category.
+
+    With `max_prompts`, a stable subset of that many: the categories take turns, each in file order,
+    so a quick run still covers every category.
+    """
     path = Path(path)
     try:
         table = pd.read_csv(path, dtype=str, keep_default_na=False)
     except FileNotFoundError:
         raise EaselError(f"{path}: prompt set not found") from None
+    except pd.errors.EmptyDataError:
+        raise EaselError(f"{path}: the prompt set is empty (not even a header)") from None
     except (pd.errors.ParserError, UnicodeDecodeError) as exc:
-        raise EaselError(f"{path}: cannot be read as CSV: {exc}") from None
+        raise EaselError(f"{path}: cannot be read as CSV: {str(exc).strip().splitlines()[0]}") from None
+    except OSError as exc:
+        raise EaselError(f"{path}: prompt set cannot be read ({exc.strerror})") from None
     missing = [c for c in REQUIRED_COLUMNS if c not in table.columns]
     if missing:
         raise EaselError(f"{path}: missing column(s) {', '.join(missing)}; have {', '.join(table.columns)}")
@@ -74,7 +84,7 @@ def load_prompt_set(path: Path | str, default_negative: str | None = None) -> pd
         raise EaselError(f"{path}: row(s) {', '.join(str(i + 2) for i in empty)} have an empty prompt")
     negatives = table["negative_prompt"] if "negative_prompt" in table.columns else [""] * len(table)
     categories = table["category"] if "category" in table.columns else ["all"] * len(table)
-    return pd.DataFrame(
+    prompts = pd.DataFrame(
         {
             "id": table["id"].str.strip(),
             "prompt": table["prompt"].str.strip(),
@@ -82,6 +92,12 @@ def load_prompt_set(path: Path | str, default_negative: str | None = None) -> pd
             "category": [c.strip() or "all" for c in categories],
         }
     )
+    if max_prompts is None or max_prompts >= len(prompts):
+        return prompts
+    turn = prompts.groupby("category", sort=False).cumcount()  # 0 for each category's first prompt, ...
+    order = pd.DataFrame({"turn": turn, "row": range(len(prompts))}).sort_values(["turn", "row"], kind="stable")
+    chosen = sorted(order["row"].iloc[:max_prompts])
+    return prompts.iloc[chosen].reset_index(drop=True)
 
 
 def prompt_set_hash(path: Path | str) -> str:

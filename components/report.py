@@ -100,9 +100,17 @@ def grid(cards: Iterable[str]) -> str:
 
 
 def fmt(value: object, digits: int = 4) -> str:
+    if value is None:
+        return "-"
     if isinstance(value, float):
+        if value.is_integer() and abs(value) < 1e15:
+            return str(int(value))  # counts read back as floats stay counts
         return f"{value:.{digits}g}" if value == value else "NaN"
     return str(value)
+
+
+def percent(value: object) -> str:
+    return f"{value:.0%}" if isinstance(value, float) and value == value else fmt(value)
 
 
 def write_html(path: Path | str, title: str, sections: Iterable[tuple[str, str]], intro: str = "") -> Path:
@@ -123,13 +131,16 @@ def comparison_table_md(comparison: dict) -> str:
     rows = [
         (
             metric,
-            fmt(v["mean_diff"]),
-            fmt(v["ci_low"]),
-            fmt(v["ci_high"]),
-            f"{v['win_rate']:.0%}",
-            v["prompts"],
+            fmt(v.get("mean_diff")),
+            fmt(v.get("ci_low")),
+            fmt(v.get("ci_high")),
+            percent(v.get("win_rate")),
+            fmt(v.get("prompts")),
+            fmt(v.get("sd_diff")),
+            fmt(v.get("mde_80")),
         )
         for metric, v in comparison.items()
         if isinstance(v, dict)  # the other keys (confidence) describe the whole comparison
     ]
-    return table_md(["metric", "mean difference", "CI low", "CI high", "win rate", "prompts"], rows)
+    headers = ["metric", "mean difference", "CI low", "CI high", "win rate", "prompts", "sd of differences"]
+    return table_md([*headers, "detectable at 80% power"], rows)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
+from prefect.states import Completed, State
 
 from components.config import load_params
 from components.pipeline import STAGES, StageRun, dvc_push, repro_stage, run_summary_markdown
@@ -41,11 +42,19 @@ def push(project_dir: str) -> str:
     return dvc_push(project_dir)
 
 
+# A gate that does not promote is an outcome of the run, not a failure of it.
+VERDICT_STATES = {"reject": "Rejected", "inconclusive": "Inconclusive"}
+
+
 @flow(name="easel-pipeline", log_prints=True)
 def easel_pipeline(
     stages: list[str] | None = None, project_dir: str = ".", push_to_remote: bool = True
-) -> list[StageRun]:
-    """Run the chosen stages (default: all six, in order) and push the results to the DVC remote."""
+) -> list[StageRun] | State:
+    """Run the chosen stages (default: all six, in order) and push the results to the DVC remote.
+
+    Ends Completed when the gate promotes (or is not run), in a Completed state named Rejected or
+    Inconclusive when it does not, and Failed only on an error.
+    """
     project_dir = str(Path(project_dir).resolve())
     prepare_storage(project_dir)
     runs: list[StageRun] = []
@@ -64,6 +73,13 @@ def easel_pipeline(
             key="easel-run-summary",
             markdown=run_summary_markdown(project_dir, runs, failure),
             description="Easel pipeline run: stages, key metrics, promotion decision",
+        )
+    verdict = next((r.verdict for r in runs if r.verdict), None)
+    if verdict:
+        return Completed(
+            name=VERDICT_STATES[verdict],
+            message=f"gate verdict: {verdict}; production is unchanged (see data/promote/decision.md)",
+            data=runs,
         )
     return runs
 

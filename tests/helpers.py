@@ -62,3 +62,139 @@ def accepted_set(root, count: int = 4, size=(96, 80)):
     manifest["image_path"] = [str(download / p) for p in manifest["path"]]
     manifest[["sha256", "path", "image_path", "url", "source"]].to_parquet(validate / "accepted.parquet")
     return download, validate
+
+
+# -- evaluations, as the evaluate stage writes them, for the gate -----------------------------------
+
+
+def write_prompts(path, n: int = 12, categories: tuple[str, ...] = ("poster", "ad", "product")):
+    rows = [
+        f"p{i:02d},a {categories[i % len(categories)]} of thing {i},basic,{categories[i % len(categories)]}"
+        for i in range(n)
+    ]
+    path.write_text("id,prompt,negative_prompt,category\n" + "\n".join(rows) + "\n")
+    return path
+
+
+def evaluation_scores(
+    prompt_ids: list[str],
+    seeds=(0, 1),
+    references=("base",),
+    aesthetic=6.2,
+    aesthetic_diff=0.05,
+    clip=0.28,
+    clip_diff=0.005,
+    noise=0.01,
+    rng_seed=0,
+) -> pd.DataFrame:
+    """scores.csv rows: the candidate, and each reference scoring `*_diff` lower, with a little noise."""
+    rng = np.random.default_rng(rng_seed)
+    rows = []
+    for model in ("candidate", *references):
+        for prompt_id in prompt_ids:
+            for seed in seeds:
+                lower = 0.0 if model == "candidate" else 1.0
+                rows.append(
+                    {
+                        "model": model,
+                        "prompt_id": prompt_id,
+                        "category": "poster",
+                        "seed": seed,
+                        "prompt": f"prompt {prompt_id}",
+                        "negative_prompt": "",
+                        "aesthetic_score": aesthetic - lower * aesthetic_diff + rng.normal(0, noise),
+                        "clip_score": clip - lower * clip_diff + rng.normal(0, noise / 5),
+                        "image": f"images/{model}/{prompt_id}__seed{seed}.png",
+                    }
+                )
+    return pd.DataFrame(rows)
+
+
+def write_evaluation(
+    folder,
+    model_dir,
+    prompts_path,
+    scores: pd.DataFrame | None = None,
+    production_version=None,
+    bootstrap=(0.95, 2000, 0),
+    **score_kw,
+):
+    """summary.json + scores.csv as the evaluate stage writes them (same statistics code, same bindings)."""
+    import hashlib
+    import json
+
+    from components.evaluate.models import folder_fingerprint
+    from components.evaluate.stats import score_summary
+    from components.fsutil import sha256_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    if scores is None:
+        ids = pd.read_csv(prompts_path, dtype=str)["id"].tolist()
+        references = ("production", "base") if production_version else ("base",)
+        scores = evaluation_scores(ids, references=references, **score_kw)
+    data = scores.to_csv(index=False).encode()
+    (folder / "scores.csv").write_bytes(data)
+    others = [m for m in dict.fromkeys(scores["model"]) if m != "candidate"]
+    summary = score_summary(scores, others, *bootstrap) | {
+        "model_fingerprint": folder_fingerprint(model_dir),
+        "production_version": production_version,
+        "prompt_set_sha256": sha256_file(prompts_path),
+        "scores_sha256": hashlib.sha256(data).hexdigest(),
+    }
+    (folder / "summary.json").write_text(json.dumps(summary))
+    return folder
+
+
+def make_model(folder, content: bytes = b"weights"):
+    """A folder the gate and the registry take for a diffusers pipeline (they read, not load, it)."""
+    (folder / "unet").mkdir(parents=True)
+    (folder / "model_index.json").write_text('{"_class_name": "StableDiffusionXLPipeline"}')
+    (folder / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(content)
+    return folder
+
+
+def tiny_evaluate_params(tmp_path, prompts, **overrides):
+    """Evaluate settings for the tiny models: 64 px, few steps, a small bootstrap, files under tmp_path."""
+    from components.config import EvaluateParams
+
+    settings = {
+        "out_dir": str(tmp_path / "eval"),
+        "prompts": str(prompts),
+        "seeds": [0, 1],
+        "height": 64,
+        "width": 64,
+        "num_inference_steps": 2,
+        "batch_size": 4,
+        "cache_dir": str(tmp_path / "cache"),
+        "scorer_workers": 0,
+        "bootstrap": {"resamples": 500, "confidence": 0.95, "seed": 0},
+    }
+    return EvaluateParams(**(settings | overrides))
+
+
+def put_in_production(s3_settings, bucket: str, model_dir, name: str = "posters"):
+    """Publish `model_dir` to the registry in `bucket` and point production at it, as a promote would."""
+    from components.evaluate.models import folder_fingerprint
+    from components.registry import Registry
+    from components.storage import ensure_bucket, make_client
+
+    client = make_client(s3_settings)
+    ensure_bucket(client, bucket)
+    registry = Registry(client, s3_settings, bucket, "registry")
+    manifest = registry.publish(name, model_dir, {}, {"model_fingerprint": folder_fingerprint(model_dir)})
+    registry.set_alias(name, "production", manifest["version"], "the model in production")
+    return registry, manifest["version"]
+
+
+def sdxl_gate_params(**overrides):
+    """The sdxl profile's gate thresholds, as the gate and registry tests use them."""
+    from components.config import GateParams
+
+    settings = {
+        "min_aesthetic_mean": 6.0,
+        "min_clip_score_mean": 0.25,
+        "aesthetic_floor": 5.0,
+        "max_share_below_floor": 0.2,
+        "margins": {"aesthetic": 0.05, "clip_score": 0.01},
+    }
+    return GateParams(**(settings | overrides))

@@ -121,3 +121,16 @@ def test_curation_needs_a_criterion(tmp_path):
     data["validate"]["curate"]["enabled"] = True
     with pytest.raises(ConfigError, match="sets neither keep_top_share nor min_aesthetic"):
         load_params(write(tmp_path, data))
+
+
+def test_gate_settings_refuse_infinities_nan_and_zero_margins(tmp_path):
+    for key, value, message in (
+        ("margins", {"aesthetic": float("inf")}, "margins.aesthetic: Input should be a finite number"),
+        ("min_aesthetic_mean", float("nan"), "min_aesthetic_mean: Input should be a finite number"),
+        ("margins", {"clip_score": 0}, "margins.clip_score: Input should be greater than 0"),
+        ("min_power", 1.0, "min_power: Input should be less than 1"),
+    ):
+        params = repo_params()
+        params["profiles"]["tiny"]["gate"][key] = value  # the active profile's gate
+        with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
+            load_params(write(tmp_path, params))

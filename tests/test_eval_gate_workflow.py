@@ -1,6 +1,7 @@
 """The PR eval gate workflow: it lints clean, and its steps, run here in the same order, gate a
 passing and a failing candidate on the tiny models against the (embedded) S3."""
 
+import hashlib
 import os
 import re
 import shutil
@@ -73,6 +74,12 @@ def gate_project(tmp_path, s3_server, tiny_models):
     # is the one these tests run in (setup finds it up to date and installs nothing).
     shutil.copytree(REPO / "infra", project / "infra")
     shutil.copy(REPO / "pyproject.toml", project / "pyproject.toml")
+    # A venv set up from another lock would be reinstalled by the setup step, with this throwaway
+    # project as its editable source: refuse instead of breaking the venv the suite runs in.
+    want = hashlib.sha256((REPO / "infra/requirements.lock").read_bytes() + (REPO / "pyproject.toml").read_bytes())
+    stamp = REPO / ".venv" / ".easel-install-stamp"
+    if not stamp.is_file() or stamp.read_text().strip() != want.hexdigest():
+        pytest.fail("the venv is not set up from the current lock: run `bash infra/easel.sh setup` first")
     (project / ".venv").symlink_to(REPO / ".venv")
     settings = s3_server.settings()
     env = {

@@ -9,12 +9,13 @@ import pytest
 import scipy.stats
 import torch
 
-from components.config import EvaluateParams, PromoteParams, StorageParams
+from components.config import PromoteParams, StorageParams
 from components.errors import EaselError
 from components.evaluate import run_evaluate
 from components.evaluate.stats import bootstrap_mean_ci, paired_comparison, summarize
 from components.prompts import NEGATIVE_PRESETS, load_prompt_set
 from components.scoring import ImageTextScorer
+from tests.helpers import put_in_production, tiny_evaluate_params
 from tests.test_models import tiny_params
 
 
@@ -92,6 +93,20 @@ def test_prompt_set_presets_and_errors(tmp_path):
     path.write_text("name,text\na,x\n")
     with pytest.raises(EaselError, match="missing column"):
         load_prompt_set(path)
+
+
+def test_the_default_prompt_set_and_its_quick_subset():
+    from tests.conftest import REPO
+
+    full = load_prompt_set(REPO / "data/prompts/eval_prompts.csv")
+    assert len(full) >= 64 and set(full["category"]) == {"poster", "ad", "product"}
+    guide = full.set_index("id").loc[["pet-bag", "skincare"]]
+    assert guide["prompt"].str.startswith(("A feline peering", "Four amber glass bottles")).all()
+    assert set(guide["category"]) == {"product"}
+    quick = load_prompt_set(REPO / "data/prompts/eval_prompts.csv", max_prompts=6)
+    # the categories take turns, each in file order; the subset keeps the file's order
+    assert quick["id"].tolist() == ["pet-bag", "skincare", "coffee-poster", "movie-poster", "travel-ad", "car-ad"]
+    assert quick["category"].value_counts().to_dict() == {"product": 2, "poster": 2, "ad": 2}
 
 
 def open_clip_to_hf(clip, config: dict):
@@ -212,22 +227,6 @@ def test_one_embedding_pass_serves_both_scores(tiny_models, tmp_path, monkeypatc
     assert sum(calls) == 5  # each image encoded once, not once per metric
 
 
-def evaluate_params(tmp_path, prompts, **kw) -> EvaluateParams:
-    base = dict(
-        out_dir=str(tmp_path / "eval"),
-        prompts=str(prompts),
-        seeds=[0, 1],
-        height=64,
-        width=64,
-        num_inference_steps=2,
-        batch_size=4,
-        cache_dir=str(tmp_path / "cache"),
-        scorer_workers=0,
-        bootstrap={"resamples": 500, "confidence": 0.95, "seed": 0},
-    )
-    return EvaluateParams(**(base | kw))
-
-
 def write_prompts(tmp_path):
     prompts = tmp_path / "prompts.csv"
     prompts.write_text(
@@ -238,7 +237,7 @@ def write_prompts(tmp_path):
 
 
 def test_evaluate_against_base_is_reproducible_and_reports(tmp_path, tiny_models):
-    params = evaluate_params(tmp_path, write_prompts(tmp_path), compare_with=["base"])
+    params = tiny_evaluate_params(tmp_path, write_prompts(tmp_path), compare_with=["base"])
     models = tiny_params(tiny_models)
     first = run_evaluate(
         params, models, tiny_models / "sdxl", tmp_path / "m.json", tmp_path / "plot.csv", progress=False
@@ -257,6 +256,11 @@ def test_evaluate_against_base_is_reproducible_and_reports(tmp_path, tiny_models
     assert vs_base["mean_diff"] == 0 and vs_base["win_rate"] == 0.5  # the same weights: no difference
     metrics = json.loads((tmp_path / "m.json").read_text())
     assert metrics["model_fingerprint"] == first.summary["model_fingerprint"]
+    from components.fsutil import sha256_file
+
+    written = json.loads((tmp_path / "eval" / "summary.json").read_text(), parse_constant=pytest.fail)  # strict JSON
+    assert written["scores_sha256"] == sha256_file(tmp_path / "eval" / "scores.csv")  # bound to the gate's input
+    assert written["comparisons"]["vs_base"]["aesthetic"]["mde_80"] is None  # no spread: nothing to plan with
     assert set(metrics["by_category"]) == {"poster", "ad"}
     html = (tmp_path / "eval" / "report.html").read_text()
     assert "cosine similarity" in html and html.count("<img") >= 12
@@ -264,24 +268,12 @@ def test_evaluate_against_base_is_reproducible_and_reports(tmp_path, tiny_models
 
 
 def test_production_comes_from_the_registry_and_its_images_are_cached(tmp_path, tiny_models, s3_server, monkeypatch):
-    from components.evaluate.models import folder_fingerprint
-    from components.registry import Registry
-    from components.storage import ensure_bucket, make_client
-
     monkeypatch.delenv("EASEL_S3_ENDPOINT", raising=False)
     monkeypatch.chdir(tmp_path)  # the registry download cache is project-relative
-    settings = s3_server.settings()
-    client = make_client(settings)
-    ensure_bucket(client, "evalprod")
-    registry = Registry(client, settings, "evalprod", "registry")
-    production_model = tiny_models / "sdxl"
-    version = registry.publish(
-        "posters", production_model, {}, {"model_fingerprint": folder_fingerprint(production_model)}
-    )["version"]
-    registry.set_alias("posters", "production", version, "test")
+    _, version = put_in_production(s3_server.settings(), "evalprod", tiny_models / "sdxl")
     storage = StorageParams(bucket="evalprod", embedded={"port": s3_server.port, "data_dir": str(s3_server.data_dir)})
     promote = PromoteParams(model_name="posters")
-    params = evaluate_params(tmp_path, write_prompts(tmp_path), compare_with=["production", "base"])
+    params = tiny_evaluate_params(tmp_path, write_prompts(tmp_path), compare_with=["production", "base"])
     result = run_evaluate(
         params, tiny_params(tiny_models), tiny_models / "sdxl", progress=False, storage=storage, promote=promote
     )

@@ -47,7 +47,7 @@ def test_dvc_repro_runs_all_six_stages_then_nothing(project_factory, s3_server):
     assert len(pd.read_parquet(project / "data/caption/captions.parquet")) == 9
     assert (project / "data/train/model/unet/diffusion_pytorch_model.safetensors").is_file()
     evaluate = json.loads((project / "data/metrics/evaluate.json").read_text())
-    assert evaluate["aesthetic"]["count"] == 12  # 6 prompts x 2 seeds
+    assert evaluate["aesthetic"]["count"] == 48  # the tiny profile's 24 prompts x 2 seeds
     decision = json.loads((project / "data/promote/decision.json").read_text())
     assert decision["promote"] is True
 
@@ -70,6 +70,23 @@ def test_dvc_repro_runs_all_six_stages_then_nothing(project_factory, s3_server):
     assert metrics[""]["data"]["data/metrics/validate.json"]["data"]["accepted"] == 9
     pushed = sh(["dvc", "push"], project)
     assert "pushed" in pushed.stdout or "up to date" in pushed.stdout
+
+    # A pull request that raises the bar: the flow ends Rejected (not Failed), production stays.
+    from prefect.artifacts import Artifact
+    from prefect.testing.utilities import prefect_test_harness
+
+    from flows.pipeline import easel_pipeline
+
+    params["profiles"]["tiny"]["gate"]["min_aesthetic_mean"] = 100.0
+    (project / "params.yaml").write_text(__import__("yaml").safe_dump(params, sort_keys=False))
+    with prefect_test_harness(server_startup_timeout=120):
+        state = easel_pipeline(stages=["promote"], project_dir=str(project), push_to_remote=False, return_state=True)
+        summary = Artifact.get("easel-run-summary").data
+    assert state.is_completed() and state.name == "Rejected", state
+    assert "| promote | gate verdict: reject |" in summary and "| aesthetic_mean |" in summary and "FAIL" in summary
+    assert registry.alias("sdxl-posters", "production")["version"] == production["version"]
+    rejected = sh(["easel", "promote"], project, check=False)
+    assert rejected.returncode == 3 and rejected.stderr.count("\n") == 1 and "aesthetic_mean" in rejected.stderr
 
 
 def test_a_stage_that_fails_says_why_through_dvc(project_factory):

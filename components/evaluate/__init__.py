@@ -8,21 +8,7 @@ compares and reports.
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
-from components.errors import EaselError
-
-__all__ = ["read_summary", "run_evaluate"]
-
-
-def read_summary(path: Path | str) -> dict:
-    try:
-        return json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise EaselError(f"{path}: evaluation summary not found; run the evaluate stage first") from None
-    except json.JSONDecodeError as exc:
-        raise EaselError(f"{path}: evaluation summary is not valid JSON: {exc}") from None
+__all__ = ["run_evaluate"]
 
 
 def __getattr__(name: str):

@@ -12,6 +12,7 @@ once for both metrics. Outputs in out_dir:
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import shutil
 from dataclasses import dataclass
@@ -25,8 +26,8 @@ from components.config import EvaluateParams, ModelsParams, PromoteParams, Stora
 from components.errors import EaselError
 from components.evaluate import models as model_sources
 from components.evaluate.cache import ImageCache, image_key
-from components.evaluate.stats import AESTHETIC_STATS, by_category, paired_comparison, summarize
-from components.fsutil import atomic_dir, atomic_write_json, atomic_write_text
+from components.evaluate.stats import AESTHETIC_STATS, score_summary
+from components.fsutil import atomic_dir, atomic_write_bytes, atomic_write_json, atomic_write_text
 from components.generation import GenerationSettings, generate
 from components.guidance import Guidance
 from components.prompts import load_prompt_set, prompt_set_hash
@@ -135,6 +136,13 @@ def _markdown(summary: dict) -> str:
             "",
         ]
         lines.append(report.comparison_table_md(comp))
+    if summary["comparisons"]:
+        lines += [
+            "",
+            "_Detectable at 80% power: the smallest non-inferiority margin that these paired prompts show with "
+            "80% power at the CI's one-sided level, given the spread (sd) of the per-prompt differences; a gate "
+            "margin below it makes the gate's verdict inconclusive._",
+        ]
     lines += ["", f"_{CLIP_SCORE_DEFINITION}. {AESTHETIC_DEFINITION}._", ""]
     return "\n".join(lines)
 
@@ -196,7 +204,7 @@ def run_evaluate(
 ) -> EvaluateSummary:
     if not (model_dir / "model_index.json").is_file():
         raise EaselError(f"evaluate: {model_dir} is not a diffusers pipeline folder; run the train stage first")
-    prompts = load_prompt_set(params.prompts, params.negative_prompt)
+    prompts = load_prompt_set(params.prompts, params.negative_prompt, params.max_prompts)
     cache = ImageCache(params.cache_dir)
     chosen = resolve_models(params, models, model_dir, storage, promote)
     jobs = pd.concat(
@@ -209,19 +217,15 @@ def run_evaluate(
         f"images/{m}/{p}__seed{s}.png"
         for m, p, s in zip(scores["model"], scores["prompt_id"], scores["seed"], strict=True)
     ]
-    candidate_scores = scores[scores["model"] == "candidate"]
-    b = params.bootstrap
+    # The gate reads this file: the summary records its sha256 so that a swapped or edited copy is stale.
+    scores_csv = scores.drop(columns=["key"]).to_csv(index=False).encode("utf-8")
     others = [m.name for m in chosen if m.name != "candidate"]
-    summary = summarize(candidate_scores) | {
-        "models": {name: summarize(scores[scores["model"] == name]) for name in others},
-        "comparisons": {
-            f"vs_{name}": paired_comparison(scores, "candidate", name, b.confidence, b.resamples, b.seed)
-            for name in others
-        },
-        "by_category": by_category(candidate_scores),
+    b = params.bootstrap
+    summary = score_summary(scores, others, b.confidence, b.resamples, b.seed) | {
         "model_fingerprint": chosen[0].identity.removeprefix("sha256:"),
         "production_version": next((m.version for m in chosen if m.name == "production"), None),
         "prompt_set_sha256": prompt_set_hash(params.prompts),
+        "scores_sha256": hashlib.sha256(scores_csv).hexdigest(),
         "prompts": len(prompts),
         "seeds": list(params.seeds),
         "scorer": scorer.model_name,
@@ -239,7 +243,7 @@ def run_evaluate(
             target = tmp / row.image
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(cache.path(row.key), target)
-        scores.drop(columns=["key"]).to_csv(tmp / "scores.csv", index=False)
+        atomic_write_bytes(tmp / "scores.csv", scores_csv)
         atomic_write_json(
             tmp / "summary.json",
             summary
@@ -254,4 +258,6 @@ def run_evaluate(
     if plots_path is not None:  # per-image scores for `dvc plots` (outside the stage's out folder)
         columns = ["model", "prompt_id", "category", "seed", "aesthetic_score", "clip_score"]
         atomic_write_text(plots_path, scores[columns].to_csv(index=False))
-    return EvaluateSummary(len(candidate_scores), summary, out_dir / "report.html", out_dir / "scores.csv")
+    return EvaluateSummary(
+        int((scores["model"] == "candidate").sum()), summary, out_dir / "report.html", out_dir / "scores.csv"
+    )
