@@ -16,11 +16,14 @@ from safetensors import safe_open
 from components.cli import main
 from components.config import ModelsParams
 from components.errors import ConfigError, EaselError
+from components.evaluate.models import base as base_model
+from components.fsutil import sha256_file
 from components.generation import GenerationSettings, generate
 from components.models import single_file as sf
 from components.models.hub_cache import SmallSizes, small_sdxl
 from components.models.loaders import load_sdxl_parts, load_sdxl_pipeline
 from components.train import run_train
+from components.train.cache import folder_identity
 from tests.test_models import tiny_params
 from tests.test_train import captioned_set, train_params
 
@@ -106,6 +109,8 @@ def test_fine_tuned_from_a_single_file_base_then_exported(tiny_models, tmp_path)
     models = tiny_params(tiny_models).model_copy(
         update={"sdxl": str(base), "sdxl_config": str(tiny_models / "sdxl"), "vae": str(tmp_path / "vae")}
     )
+    identity = base_model(models).identity  # the evaluation's image cache keys on the file's content
+    assert identity.startswith(f"sha256:{sha256_file(base)}+config:") and folder_identity(str(base)) in identity
     parts = load_sdxl_parts(models)
     assert parts.config_source == str(tiny_models / "sdxl") and same_weights(parts.vae, override)
     assert same_weights(parts.text_encoder_2, load_sdxl_pipeline(str(tiny_models / "sdxl")).text_encoder_2)
