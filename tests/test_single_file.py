@@ -55,6 +55,8 @@ def test_sgm_names_at_sdxl_topology_and_diffusers_reads_them_back(small_sdxl_dir
     prefixes = (sf.UNET_PREFIX, sf.VAE_PREFIX, sf.TEXT_ENCODER_PREFIX, sf.TEXT_ENCODER_2_PREFIX)
     counts = [len(components[n]) for n in sf.COMPONENTS]
     counts[3] -= 2 * 4  # per layer of the two, q/k/v weights and biases fuse into in_proj_weight and in_proj_bias
+    counts[2] += 1  # CLIP-L's position_ids and OpenCLIP's logit_scale, as in SDXL base 1.0's own file
+    counts[3] += 1
     assert [sum(k.startswith(p) for k in sgm) for p in prefixes] == counts
     unet = {k.removeprefix(sf.UNET_PREFIX) for k in sgm if k.startswith(sf.UNET_PREFIX)}
     # SDXL's numbering: input_blocks 1-8 (no attention at level 0), downsamplers at 3 and 6,
@@ -80,6 +82,9 @@ def test_sgm_names_at_sdxl_topology_and_diffusers_reads_them_back(small_sdxl_dir
     assert torch.equal(fused, torch.cat([q, k, v]))
     assert torch.equal(sgm["conditioner.embedders.1.model.text_projection"], te2["text_projection.weight"].t())
     assert "conditioner.embedders.0.transformer.text_model.embeddings.token_embedding.weight" in sgm
+    positions = sgm["conditioner.embedders.0.transformer.text_model.embeddings.position_ids"]
+    assert positions.dtype == torch.int64 and positions.tolist() == [list(range(77))]
+    assert abs(float(sgm["conditioner.embedders.1.model.logit_scale"]) - 4.6052) < 1e-4
     # Both ways: Easel's reading and diffusers' own converters give back every tensor unchanged.
     back = sf.sgm_to_diffusers(sgm, {n: list(sd) for n, sd in components.items()})
     assert all(torch.equal(back[n][k], v) for n, sd in components.items() for k, v in sd.items())
@@ -132,7 +137,9 @@ def test_fine_tuned_from_a_single_file_base_then_exported(tiny_models, tmp_path)
         path = sf.export_single_file(model, tmp_path / "out" / f"poster-{precision}.safetensors", precision)
         with safe_open(str(path), "pt") as fh:
             meta = fh.metadata()
-            assert {fh.get_slice(k).get_dtype() for k in fh.keys()} == {stored}  # noqa: SIM118 (not a dict)
+            dtypes = {k: fh.get_slice(k).get_dtype() for k in fh.keys()}  # noqa: SIM118 (not a dict)
+        assert dtypes.pop(f"{sf.TEXT_ENCODER_PREFIX}text_model.embeddings.position_ids") == "I64"
+        assert set(dtypes.values()) == {stored}
         assert meta["modelspec.architecture"] == "stable-diffusion-xl-v1-base"
         assert meta["modelspec.resolution"] == "64x64" and json.loads(meta["easel.train"])["steps"] == 2
         pipe = load_sdxl_pipeline(str(path), ModelsParams(sdxl=str(path), sdxl_config=str(model)), dtype=torch.float32)

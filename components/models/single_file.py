@@ -11,6 +11,9 @@ One safetensors file holds the whole pipeline under four prefixes:
   with a fused `attn.in_proj_weight`, `ln_final`, `positional_embedding`, `text_projection` as a matrix
   that multiplies from the right).
 
+Like SDXL base 1.0's own file, an export also carries CLIP-L's `position_ids` and OpenCLIP's `logit_scale`,
+which no diffusers module holds.
+
 The mapping is derived from the state dict's own keys (block counts, layers per block, which blocks have
 attention), not from SDXL's sizes, so the tiny test models map the same way as the real ones. The same
 plan maps both ways: `diffusers_to_sgm` writes a checkpoint, `sgm_to_diffusers` reads one back (used to
@@ -24,8 +27,9 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -242,6 +246,9 @@ def plan_for(component: str, keys: Iterable[str]) -> list[Entry]:
 # -- both directions --------------------------------------------------------------------------------
 
 
+_TE_POSITIONS = "embeddings.position_embedding.weight"
+
+
 def diffusers_to_sgm(components: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     """Component state dicts (diffusers/transformers naming; any of the four) as one SGM state dict."""
     unknown = set(components) - set(COMPONENTS)
@@ -263,10 +270,20 @@ def diffusers_to_sgm(components: dict[str, dict[str, torch.Tensor]]) -> dict[str
             if entry.sgm in out:
                 raise EaselError(f"{name}: two tensors map to {entry.sgm}")
             out[entry.sgm] = value.contiguous()
+    # Two tensors SDXL base 1.0's own file carries that no diffusers module holds; tools that repair
+    # "broken" SDXL files add them back, so an export has them: CLIP-L's position ids (int64, 1 x 77) and
+    # OpenCLIP's logit scale (ln 100, the trained value; no generation uses it).
+    if "text_encoder" in components:
+        state = components["text_encoder"]
+        positions = state[_TE_POSITIONS if _TE_POSITIONS in state else "text_model." + _TE_POSITIONS].shape[0]
+        out[TEXT_ENCODER_PREFIX + "text_model.embeddings.position_ids"] = torch.arange(positions)[None]
+    if "text_encoder_2" in components:
+        dtype = components["text_encoder_2"]["text_projection.weight"].dtype
+        out[TEXT_ENCODER_2_PREFIX + "logit_scale"] = torch.tensor(math.log(100.0), dtype=dtype)
     return out
 
 
-def sgm_to_diffusers(checkpoint: dict[str, torch.Tensor], expected: dict[str, list[str]]) -> dict[str, dict]:
+def sgm_to_diffusers(checkpoint: Mapping[str, torch.Tensor], expected: dict[str, list[str]]) -> dict[str, dict]:
     """An SGM state dict back into component state dicts, given each component's diffusers keys.
 
     Every expected tensor must be present; SGM tensors no component expects (e.g. open_clip's
@@ -347,6 +364,38 @@ def _modelspec(folder: Path, title: str, prediction_type: str, resolution: int) 
     return meta
 
 
+class _FileTensors(Mapping):
+    """The tensors of an open safetensors file, read one at a time (an SDXL file is 7 GB in fp16)."""
+
+    def __init__(self, handle) -> None:
+        self.handle = handle
+        self.names = set(handle.keys())
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        if key not in self.names:
+            raise KeyError(key)
+        return self.handle.get_tensor(key)
+
+    def __iter__(self):
+        return iter(self.names)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+
+def _verify(path: Path, components: dict[str, dict[str, torch.Tensor]]) -> None:
+    """Every component tensor reads back from the written file unchanged (one component in memory at a time)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as handle:
+        written = _FileTensors(handle)
+        for name, state in components.items():
+            back = sgm_to_diffusers(written, {name: list(state)})[name]
+            for key, value in state.items():
+                if not torch.equal(back[key], value):
+                    raise EaselError(f"export verification failed: {name}.{key} does not read back unchanged")
+
+
 def export_single_file(model_dir: str | Path, dest: str | Path, precision: str = "fp16") -> Path:
     """Write the diffusers SDXL pipeline in `model_dir` as one SGM-layout safetensors file at `dest`.
 
@@ -355,7 +404,7 @@ def export_single_file(model_dir: str | Path, dest: str | Path, precision: str =
     renamed into place: every tensor maps back to the folder's tensor, in the new precision.
     Returns the path of the safetensors file.
     """
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import save_file
 
     from components.fsutil import atomic_write_text
 
@@ -384,11 +433,9 @@ def export_single_file(model_dir: str | Path, dest: str | Path, precision: str =
     tmp = dest.with_name(f".{dest.name}.tmp")
     try:
         save_file(checkpoint, str(tmp), metadata=metadata)
-        back = sgm_to_diffusers(load_file(str(tmp)), {n: list(sd) for n, sd in components.items()})
-        for name, state in components.items():
-            for key, value in state.items():
-                if not torch.equal(back[name][key], value):
-                    raise EaselError(f"export verification failed: {name}.{key} does not read back unchanged")
+        tensors = len(checkpoint)
+        del checkpoint  # the fused and transposed copies; the rest are views of `components`
+        _verify(tmp, components)
         tmp.replace(dest)
     finally:
         tmp.unlink(missing_ok=True)
@@ -400,7 +447,7 @@ def export_single_file(model_dir: str | Path, dest: str | Path, precision: str =
         + f"\n\n## Single-file checkpoint\n\n`{dest.name}`: the same weights in the original SDXL (SGM) layout, "
         f"{precision}, for ComfyUI, AUTOMATIC1111, Forge and kohya's scripts.\n",
     )
-    log.info("exported %s (%s, %d tensors)", dest, precision, len(checkpoint))
+    log.info("exported %s (%s, %d tensors)", dest, precision, tensors)
     return dest
 
 
@@ -436,13 +483,13 @@ def _text_encoder_2_from(checkpoint_path: Path, config: str, dtype: torch.dtype)
     encoders are equally wide (small test models; never the real SDXL, 768 vs 1280) it would load CLIP-L
     into text_encoder_2. Then Easel reads that encoder itself.
     """
-    from safetensors.torch import load_file
+    from safetensors import safe_open
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
     folder = Path(config) / "text_encoder_2"
     model = CLIPTextModelWithProjection(CLIPTextConfig.from_pretrained(folder))
-    keys = list(model.state_dict())
-    state = sgm_to_diffusers(load_file(str(checkpoint_path)), {"text_encoder_2": keys})["text_encoder_2"]
+    with safe_open(str(checkpoint_path), "pt") as handle:
+        state = sgm_to_diffusers(_FileTensors(handle), {"text_encoder_2": list(model.state_dict())})["text_encoder_2"]
     model.load_state_dict(state, strict=True)
     return model.to(dtype).eval()
 
