@@ -4,6 +4,7 @@ base (and VAE) through diffusers' single-file loader, offline, for training and 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -144,6 +145,22 @@ def test_fine_tuned_from_a_single_file_base_then_exported(tiny_models, tmp_path)
         assert meta["modelspec.resolution"] == "64x64" and json.loads(meta["easel.train"])["steps"] == 2
         pipe = load_sdxl_pipeline(str(path), ModelsParams(sdxl=str(path), sdxl_config=str(model)), dtype=torch.float32)
         assert np.isfinite(images(pipe)).all()
+
+
+def test_export_reads_sharded_weights(tiny_models, tmp_path):
+    """diffusers shards weights over 10 GB (SDXL's U-Net in fp32): the export reads the shards."""
+    from diffusers import UNet2DConditionModel
+    from safetensors.torch import load_file
+
+    folder = Path(shutil.copytree(tiny_models / "sdxl", tmp_path / "sharded"))
+    (folder / "unet" / "diffusion_pytorch_model.safetensors").unlink()
+    UNet2DConditionModel.from_pretrained(str(tiny_models / "sdxl" / "unet")).save_pretrained(
+        str(folder / "unet"), max_shard_size="200KB"
+    )
+    assert len(list((folder / "unet").glob("diffusion_pytorch_model-*.safetensors"))) > 1
+    whole = load_file(str(sf.export_single_file(tiny_models / "sdxl", tmp_path / "whole.safetensors", "fp32")))
+    shards = load_file(str(sf.export_single_file(folder, tmp_path / "shards.safetensors", "fp32")))
+    assert whole.keys() == shards.keys() and all(torch.equal(whole[k], shards[k]) for k in whole)
 
 
 def test_easel_export_command(tiny_models, tmp_path, capsys):

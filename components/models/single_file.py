@@ -319,18 +319,27 @@ _WEIGHT_FILES = {
 }
 
 
-def _component_file(folder: Path, name: str) -> Path:
+def _component_state(folder: Path, name: str) -> dict[str, torch.Tensor]:
+    """One component's tensors: a single safetensors file, or the shards its index names (diffusers shards
+    weights over 10 GB, e.g. SDXL's U-Net in fp32); the plain files first, then the fp16 variant."""
+    from safetensors.torch import load_file
+
     base = _WEIGHT_FILES[name]
-    for candidate in (folder / name / f"{base}.safetensors", folder / name / f"{base}.fp16.safetensors"):
-        if candidate.is_file():
-            return candidate
+    for variant in ("", ".fp16"):
+        single, index = (
+            folder / name / f"{base}{variant}.safetensors",
+            folder / name / f"{base}{variant}.safetensors.index.json",
+        )
+        if single.is_file():
+            return load_file(str(single))
+        if index.is_file():
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            return {k: v for shard in shards for k, v in load_file(str(folder / name / shard)).items()}
     raise EaselError(f"{folder}: {name}/{base}.safetensors not found (export reads safetensors only)")
 
 
 def read_pipeline_folder(folder: Path) -> dict[str, dict[str, torch.Tensor]]:
     """The four weight sets of a diffusers SDXL folder, straight from its safetensors files."""
-    from safetensors.torch import load_file
-
     index = folder / "model_index.json"
     try:
         pipeline_class = json.loads(index.read_text()).get("_class_name")
@@ -338,7 +347,7 @@ def read_pipeline_folder(folder: Path) -> dict[str, dict[str, torch.Tensor]]:
         raise EaselError(f"{index}: not a diffusers pipeline folder ({exc})") from None
     if pipeline_class != "StableDiffusionXLPipeline":
         raise EaselError(f"{index}: {pipeline_class!r} is not a StableDiffusionXLPipeline")
-    return {name: load_file(str(_component_file(folder, name))) for name in COMPONENTS}
+    return {name: _component_state(folder, name) for name in COMPONENTS}
 
 
 # -- export -----------------------------------------------------------------------------------------
