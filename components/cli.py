@@ -246,6 +246,17 @@ def cmd_models(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from components.models.single_file import export_single_file
+
+    params = _load(args)
+    model_dir = Path(args.model) if args.model else Path(params.train.out_dir) / "model"
+    out = Path(args.out) if args.out else Path(".easel/export") / f"{params.promote.model_name}.safetensors"
+    path = export_single_file(model_dir, out, args.precision)
+    print(f"export: {path} ({args.precision}); model card {path.with_suffix('.md')}")
+    return 0
+
+
 def cmd_sample_source(args) -> int:
     from components import procs
     from components.sample_source import SampleSite, build_site
@@ -392,6 +403,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("action", choices=["build-tiny"])
     p.add_argument("--out", help="folder (default: .easel/models/tiny)")
     p.add_argument("--force", action="store_true", help="rebuild even if present")
+    p = add("export", cmd_export, "Write the trained model as one single-file SDXL checkpoint (original SGM layout).")
+    p.add_argument("--model", help="diffusers pipeline folder (default: the train stage's model)")
+    p.add_argument("--out", help="the .safetensors file (default: .easel/export/<promote.model_name>.safetensors)")
+    p.add_argument("--precision", choices=["fp16", "bf16", "fp32"], default="fp16", help="tensor dtype (default fp16)")
     p = add("sample-source", cmd_sample_source, "Build, serve, or start/stop in the background the sample image site.")
     p.add_argument("action", choices=["build", "serve", "start", "stop"])
     p = add("registry", cmd_registry, "List, show or download models in the S3 registry.")

@@ -30,6 +30,8 @@ class Section(BaseModel):
 
 class ModelsParams(Section):
     sdxl: str | None = None
+    # The diffusers configs (folder or hub id) a single-file `sdxl` checkpoint is read with.
+    sdxl_config: str | None = None
     vae: str | None = None
     revision: str | None = None
     variant: str | None = None
@@ -38,6 +40,7 @@ class ModelsParams(Section):
     clip_model: str | None = None
     clip_pretrained: str | None = None
     aesthetic: str | None = None
+    aesthetic_sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$")
 
     def require(self, *names: str) -> None:
         missing = [n for n in names if not getattr(self, n)]

@@ -2,6 +2,8 @@
 
 import hashlib
 import io
+import subprocess
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -198,3 +200,12 @@ def sdxl_gate_params(**overrides):
         "margins": {"aesthetic": 0.05, "clip_score": 0.01},
     }
     return GateParams(**(settings | overrides))
+
+
+def self_signed_cert(folder: Path) -> tuple[Path, Path]:
+    """(cert.pem, key.pem) for 127.0.0.1, valid one day, made by the openssl command line."""
+    cert, key = folder / "cert.pem", folder / "key.pem"
+    subject = ["-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"]
+    command = ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", *subject]
+    subprocess.run([*command, "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
+    return cert, key

@@ -303,35 +303,16 @@ def test_local_folder_and_s3_prefix_sources(tmp_path, s3_server, s3_client, monk
 def test_tls_is_verified_by_default(tmp_path):
     """A self-signed HTTPS server on 127.0.0.1: refused unless verify_tls is switched off."""
     import ssl
-    import subprocess
     import threading
     from http.server import ThreadingHTTPServer
 
+    from tests.helpers import self_signed_cert
     from tests.http_fixtures import Handler
 
-    subprocess.run(
-        [
-            "openssl",
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-days",
-            "1",
-            "-subj",
-            "/CN=127.0.0.1",
-            "-keyout",
-            str(tmp_path / "key.pem"),
-            "-out",
-            str(tmp_path / "cert.pem"),
-        ],
-        check=True,
-        capture_output=True,
-    )
+    cert, key = self_signed_cert(tmp_path)
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.load_cert_chain(tmp_path / "cert.pem", tmp_path / "key.pem")
+    context.load_cert_chain(cert, key)
     server.socket = context.wrap_socket(server.socket, server_side=True)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:

@@ -42,6 +42,10 @@ def base(models: ModelsParams) -> ModelUnderTest:
     ref = resolve_ref(models.sdxl, "sdxl")
     if Path(ref).is_dir():
         identity = "sha256:" + folder_fingerprint(Path(ref))
+    elif Path(ref).is_file():  # a single-file checkpoint, read with the configs of models.sdxl_config
+        from components.fsutil import sha256_file
+
+        identity = f"sha256:{sha256_file(ref)}+config:{models.sdxl_config}"
     else:
         identity = f"hub:{ref}@{models.revision or 'main'}:{models.variant or ''}"
     if models.vae:

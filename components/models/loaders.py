@@ -3,6 +3,8 @@
 A reference that names an existing local path loads from disk; anything else goes to the hub
 through `from_pretrained`. A reference into the tiny model folder that does not exist yet is
 built first (it is Easel's own deterministic build), so `dvc repro` works from a fresh clone.
+An SDXL model (or VAE) may also be a single-file `.safetensors` checkpoint (A1111/ComfyUI/kohya
+layout); it is read with diffusers' single-file loader and the configs named by `models.sdxl_config`.
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ from typing import Any
 import torch
 
 from components.config import ModelsParams
-from components.errors import EaselError
+from components.errors import ConfigError, EaselError
+from components.models.single_file import is_single_file, load_single_file_pipeline
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +48,9 @@ def _is_tiny_ref(ref: Path) -> bool:
 def resolve_ref(ref: str, what: str) -> str:
     """A local path (made absolute, built if it is a tiny model) or a hub id, unchanged."""
     path = Path(ref)
+    if path.is_file():
+        # Not resolved: a single-file checkpoint in a hub cache is a link to a blob without its file name.
+        return str(path.absolute())
     if path.exists():
         return str(path.resolve())
     if _is_tiny_ref(path):
@@ -72,6 +78,34 @@ def _hub_error(what: str, ref: str, exc: Exception) -> EaselError:
     return EaselError(f"cannot load models.{what} = {ref!r}: {type(exc).__name__}: {exc}")
 
 
+def sdxl_config_ref(models: ModelsParams, checkpoint: str) -> str:
+    """The diffusers configs a single-file checkpoint is read with: a folder, or a hub id in the cache."""
+    if not models.sdxl_config:
+        raise ConfigError(
+            f"params.yaml: models.sdxl_config must be set: {checkpoint} is a single-file checkpoint, read with "
+            "a diffusers config (a pipeline folder, or a hub id such as stabilityai/stable-diffusion-xl-base-1.0)"
+        )
+    return resolve_ref(models.sdxl_config, "sdxl_config")
+
+
+def load_vae(models: ModelsParams, dtype: torch.dtype = torch.float32):
+    """The models.vae override: a diffusers VAE folder or hub id, or a single VAE file (e.g. sdxl_vae.safetensors),
+    read with the VAE config of the SDXL configs in use."""
+    from diffusers import AutoencoderKL
+
+    ref = resolve_ref(models.vae, "vae")
+    try:
+        if is_single_file(ref):
+            base = resolve_ref(models.sdxl, "sdxl") if models.sdxl else ""
+            config = sdxl_config_ref(models, ref) if not base or is_single_file(base) else base
+            return AutoencoderKL.from_single_file(
+                ref, config=config, subfolder="vae", local_files_only=True, dtype=dtype
+            )
+        return AutoencoderKL.from_pretrained(ref, dtype=dtype)
+    except (OSError, ValueError) as exc:
+        raise _hub_error("vae", models.vae, exc) from None
+
+
 @dataclass
 class SDXLParts:
     """The SDXL pieces a trainer needs, loaded separately so only the U-Net is trained."""
@@ -84,25 +118,42 @@ class SDXLParts:
     tokenizer_2: Any
     noise_scheduler: Any
     base: str
+    # Where the scheduler and tokenizer configs come from: the base itself, or models.sdxl_config for a
+    # single-file base.
+    config_source: str = ""
+
+    def __post_init__(self) -> None:
+        self.config_source = self.config_source or self.base
 
 
 def load_sdxl_parts(models: ModelsParams) -> SDXLParts:
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     models.require("sdxl")
     base = resolve_ref(models.sdxl, "sdxl")
-    kw = hub_kwargs(models)
+    if is_single_file(base):
+        config = sdxl_config_ref(models, base)
+        extra = {"vae": load_vae(models)} if models.vae else {}
+        pipe = load_single_file_pipeline(base, config, torch.float32, **extra)
+        try:
+            noise_scheduler = DDPMScheduler.from_pretrained(config, subfolder="scheduler", local_files_only=True)
+        except OSError as exc:
+            raise _hub_error("sdxl_config", models.sdxl_config or "", exc) from None
+        encoders = (pipe.text_encoder, pipe.text_encoder_2, pipe.tokenizer, pipe.tokenizer_2)
+        return SDXLParts(pipe.unet, pipe.vae, *encoders, noise_scheduler, base, config)
+    # float32 whatever the variant: the U-Net's master weights train in float32, the VAE encodes in float32,
+    # and the loop casts the text encoders itself (an fp16 variant only saves download bytes).
+    kw = {**hub_kwargs(models), "dtype": torch.float32}
     try:
         unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet", **kw)
-        if models.vae:
-            vae = AutoencoderKL.from_pretrained(resolve_ref(models.vae, "vae"))
-        else:
-            vae = AutoencoderKL.from_pretrained(base, subfolder="vae", **kw)
+        vae = load_vae(models) if models.vae else AutoencoderKL.from_pretrained(base, subfolder="vae", **kw)
         text_encoder = CLIPTextModel.from_pretrained(base, subfolder="text_encoder", **kw)
         text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(base, subfolder="text_encoder_2", **kw)
-        tokenizer = AutoTokenizer.from_pretrained(base, subfolder="tokenizer", revision=models.revision)
-        tokenizer_2 = AutoTokenizer.from_pretrained(base, subfolder="tokenizer_2", revision=models.revision)
+        # The class model_index.json names. AutoTokenizer would first look for tokenizer/config.json, which
+        # SDXL's repository lacks: offline, with a cache filled by snapshot_download, that look-up fails.
+        tokenizer = CLIPTokenizer.from_pretrained(base, subfolder="tokenizer", revision=models.revision)
+        tokenizer_2 = CLIPTokenizer.from_pretrained(base, subfolder="tokenizer_2", revision=models.revision)
         # Training noise comes from DDPM with the base model's schedule, as in diffusers' SDXL example.
         noise_scheduler = DDPMScheduler.from_pretrained(base, subfolder="scheduler", revision=models.revision)
     except OSError as exc:
@@ -111,16 +162,24 @@ def load_sdxl_parts(models: ModelsParams) -> SDXLParts:
 
 
 def load_sdxl_pipeline(path_or_id: str, models: ModelsParams | None = None, dtype: torch.dtype = torch.float32):
-    """A StableDiffusionXLPipeline from a folder (a trained model) or a hub id (the base)."""
-    from diffusers import AutoencoderKL, StableDiffusionXLPipeline
+    """A StableDiffusionXLPipeline from a folder (a trained model), a hub id (the base) or a single-file
+    checkpoint (read with models.sdxl_config). With `models`, a hub id or single file gets models.vae."""
+    from diffusers import StableDiffusionXLPipeline
 
+    ref = resolve_ref(path_or_id, "sdxl")
+    vae_override = models is not None and bool(models.vae) and not Path(ref).is_dir()
+    if is_single_file(ref):
+        if models is None:
+            raise EaselError(f"{ref}: a single-file checkpoint needs models.sdxl_config to be read")
+        extra = {"vae": load_vae(models, dtype)} if vae_override else {}
+        return load_single_file_pipeline(ref, sdxl_config_ref(models, ref), dtype, **extra)
     kw: dict[str, Any] = {"dtype": dtype}
     if models is not None:
         kw.update(hub_kwargs(models))
-        if models.vae and not Path(path_or_id).is_dir():
-            kw["vae"] = AutoencoderKL.from_pretrained(resolve_ref(models.vae, "vae"), dtype=dtype)
+        if vae_override:
+            kw["vae"] = load_vae(models, dtype)
     try:
-        pipe = StableDiffusionXLPipeline.from_pretrained(resolve_ref(path_or_id, "sdxl"), **kw)
+        pipe = StableDiffusionXLPipeline.from_pretrained(ref, **kw)
     except OSError as exc:
         raise _hub_error("sdxl", path_or_id, exc) from None
     pipe.set_progress_bar_config(disable=True)
@@ -133,7 +192,8 @@ def load_blip(models: ModelsParams, dtype: torch.dtype = torch.float32, device: 
     models.require("blip")
     ref = resolve_ref(models.blip, "blip")
     try:
-        processor = BlipProcessor.from_pretrained(ref, revision=models.revision if ref == models.blip else None)
+        # models.revision pins the SDXL repository only; a commit of one repository is no revision of another.
+        processor = BlipProcessor.from_pretrained(ref)
         model = BlipForConditionalGeneration.from_pretrained(ref, dtype=dtype)
     except OSError as exc:
         raise _hub_error("blip", models.blip, exc) from None
@@ -162,35 +222,49 @@ def load_open_clip(models: ModelsParams, device: torch.device | None = None):
 
 
 def fetch_to_cache(url: str, expected_sha256: str | None = None) -> Path:
-    """Download a weights file once (TLS verified) into the Easel cache; reuse it afterwards."""
+    """Download a weights file once (TLS verified) into the Easel cache; reuse it afterwards.
+
+    With `expected_sha256` the download is checked before it is kept, and a cached copy is checked
+    again before it is reused (a damaged copy is fetched again).
+    """
+    from components.fsutil import sha256_file
+
     name = hashlib.sha256(url.encode()).hexdigest()[:16] + "-" + Path(url.split("?")[0]).name
     target = CACHE_DIR / "weights" / name
     if target.is_file():
-        return target
+        if not expected_sha256 or sha256_file(target) == expected_sha256:
+            return target
+        log.warning("%s: cached copy does not match its sha256; fetching it again", target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_suffix(target.suffix + ".part")
+    tmp = target.with_suffix(target.suffix + f".{os.getpid()}.part")
     try:
         with urllib.request.urlopen(url, timeout=60) as resp, open(tmp, "wb") as out:
             while chunk := resp.read(1 << 20):
                 out.write(chunk)
+        if expected_sha256 and (got := sha256_file(tmp)) != expected_sha256:
+            raise EaselError(f"{url}: downloaded file has sha256 {got}, expected {expected_sha256}; not kept")
+        tmp.replace(target)
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
         raise EaselError(f"cannot download {url}: {exc}") from None
-    if expected_sha256:
-        from components.fsutil import sha256_file
-
-        if sha256_file(tmp) != expected_sha256:
-            tmp.unlink(missing_ok=True)
-            raise EaselError(f"{url}: downloaded file does not match its expected sha256")
-    tmp.replace(target)
+    finally:
+        tmp.unlink(missing_ok=True)
     return target
 
 
 def aesthetic_weights_path(models: ModelsParams) -> Path:
+    """The LAION aesthetic weights: fetched over https into the Easel cache, or a local file. When
+    models.aesthetic_sha256 is set, the file (downloaded or local) must have that sha256."""
+    from components.fsutil import sha256_file
+
     models.require("aesthetic")
     ref = models.aesthetic
     if ref.startswith("https://"):
-        return fetch_to_cache(ref)
+        if not models.aesthetic_sha256:
+            log.warning("models.aesthetic is fetched without a pinned sha256 (set models.aesthetic_sha256)")
+        return fetch_to_cache(ref, models.aesthetic_sha256)
     if ref.startswith("http://"):
         raise EaselError("params.yaml: models.aesthetic: weights are only fetched over https")
-    return Path(resolve_ref(ref, "aesthetic"))
+    path = Path(resolve_ref(ref, "aesthetic"))
+    if models.aesthetic_sha256 and path.is_file() and (got := sha256_file(path)) != models.aesthetic_sha256:
+        raise EaselError(f"{path}: sha256 {got} does not match models.aesthetic_sha256 {models.aesthetic_sha256}")
+    return path

@@ -35,6 +35,18 @@ MARKER = "tiny-models.json"
 CLIP_EMBED_DIM = 32
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+# SDXL base 1.0's scheduler settings (EulerDiscreteScheduler).
+SDXL_SCHEDULER = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "steps_offset": 1,
+    "timestep_spacing": "leading",
+    "prediction_type": "epsilon",
+    "interpolation_type": "linear",
+    "use_karras_sigmas": False,
+}
 
 
 def _text_encoder_config(projection: bool):
@@ -101,18 +113,7 @@ def build_tiny_sdxl(out_dir: Path, seed: int = 0) -> None:
     text_encoder = CLIPTextModel(_text_encoder_config(projection=False))
     torch.manual_seed(seed + 3)
     text_encoder_2 = CLIPTextModelWithProjection(_text_encoder_config(projection=True))
-    # SDXL base 1.0's scheduler settings.
-    scheduler = EulerDiscreteScheduler(
-        num_train_timesteps=1000,
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        steps_offset=1,
-        timestep_spacing="leading",
-        prediction_type="epsilon",
-        interpolation_type="linear",
-        use_karras_sigmas=False,
-    )
+    scheduler = EulerDiscreteScheduler(**SDXL_SCHEDULER)
     save_clip_tokenizer(out_dir / "_tok1", pad_token="<|endoftext|>")
     save_clip_tokenizer(out_dir / "_tok2", pad_token="!")
     tokenizer = CLIPTokenizer.from_pretrained(str(out_dir / "_tok1"))

@@ -108,10 +108,14 @@ class TextEmbeddingCache:
 
 
 def folder_identity(ref: str) -> str:
-    """A model folder's content fingerprint, or a hub reference as given."""
+    """A model folder's (or single-file checkpoint's) content fingerprint, or a hub reference as given."""
     path = Path(ref)
     if path.is_dir():
         from components.evaluate.models import folder_fingerprint
 
         return "sha256:" + folder_fingerprint(path)
+    if path.is_file():
+        from components.fsutil import sha256_file
+
+        return "sha256:" + sha256_file(path)
     return f"hub:{ref}"

@@ -275,7 +275,7 @@ class Trainer:
             tokenizer=parts.tokenizer,
             tokenizer_2=parts.tokenizer_2,
             unet=unet,
-            scheduler=EulerDiscreteScheduler.from_pretrained(parts.base, subfolder="scheduler"),
+            scheduler=EulerDiscreteScheduler.from_pretrained(parts.config_source, subfolder="scheduler"),
         )
 
     def sample_images(self, unet, step: int, out_dir: Path, live) -> None:
