@@ -371,6 +371,8 @@ class PromoteParams(Section):
     out_dir: str = "data/promote"
     model_name: str = Field(pattern=r"^[a-z0-9][a-z0-9._-]*$")
     alias: str = Field("production", pattern=r"^[a-z0-9][a-z0-9._-]*$")
+    # Also publish the model as one SGM-layout .safetensors (ComfyUI, A1111, Forge) in this precision.
+    export_single_file: Literal["fp16", "bf16", "fp32"] | None = None
 
 
 class MarginParams(Section):

@@ -8,6 +8,7 @@ alias untouched.
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 from components import report
@@ -87,15 +88,23 @@ def run_promote(
     summary_path = Path(evaluate.out_dir) / "summary.json"
     files = {"evaluation_summary.json": summary_path, "decision.json": Path(promote.out_dir) / "decision.json"}
     files |= {name: path for name, path in (extras or {}).items() if path.is_file()}
-    manifest = registry.publish(
-        promote.model_name,
-        model_dir,
-        files,
-        {
-            "model_fingerprint": decision["inputs"]["model_fingerprint"],
-            "evaluation_summary_sha256": decision["inputs"]["summary_sha256"],
-        },
-    )
+    with tempfile.TemporaryDirectory(prefix="easel-export-") as scratch:
+        if promote.export_single_file:  # the same model as one file, beside the folder in the version
+            from components.models.single_file import export_single_file
+
+            single = export_single_file(
+                model_dir, Path(scratch) / f"{promote.model_name}.safetensors", promote.export_single_file
+            )
+            files |= {p.name: p for p in (single, single.with_suffix(".md")) if p.is_file()}
+        manifest = registry.publish(
+            promote.model_name,
+            model_dir,
+            files,
+            {
+                "model_fingerprint": decision["inputs"]["model_fingerprint"],
+                "evaluation_summary_sha256": decision["inputs"]["summary_sha256"],
+            },
+        )
     alias = registry.set_alias(
         promote.model_name,
         promote.alias,

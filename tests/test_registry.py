@@ -2,12 +2,14 @@
 
 import json
 import os
+import shutil
 import threading
 
 import pytest
 
 from components.config import EvaluateParams, PromoteParams, StorageParams
 from components.errors import EaselError, GateRejected
+from components.fsutil import sha256_file
 from components.promote import run_gate, run_promote
 from components.registry import ConcurrentAliasUpdate, Registry
 from components.storage import EmbeddedS3, StorageUnavailable, make_client
@@ -195,3 +197,22 @@ def test_s3_killed_mid_upload_then_the_retry_completes_the_version(tmp_path, mon
         registry.download("posters", "production", tmp_path / "check")  # every file verified
     finally:
         server.stop()
+
+
+def test_promote_can_publish_the_single_file_beside_the_folder(project, s3_server, tiny_models, tmp_path):
+    from safetensors import safe_open
+
+    model = shutil.copytree(tiny_models / "sdxl", tmp_path / "real-model")  # a real pipeline, to export
+    eval_dir = write_evaluation(tmp_path / "eval-real", model, project["prompts"], bootstrap=BOOTSTRAP)
+    promote = project["promote"].model_copy(update={"export_single_file": "fp16"})
+    decision = run_promote(GATE, promote, project["storage"], evaluate_params(project, eval_dir), model)
+    registry = registry_of(project, s3_server)
+    manifest = registry.manifest("posters", decision["registry"]["version"])
+    extras = {e["path"]: e for e in manifest["extras"]}
+    assert {"posters.safetensors", "posters.md"} <= set(extras)
+    key = f"{registry.version_prefix('posters', manifest['version'])}/posters.safetensors"
+    registry.client.download_file(registry.bucket, key, str(tmp_path / "posters.safetensors"))
+    assert sha256_file(tmp_path / "posters.safetensors") == extras["posters.safetensors"]["sha256"]
+    with safe_open(str(tmp_path / "posters.safetensors"), "pt") as checkpoint:
+        unet = [k for k in checkpoint.keys() if k.startswith("model.diffusion_model.")]  # noqa: SIM118
+        assert unet and checkpoint.get_tensor(unet[0]).dtype == __import__("torch").float16
