@@ -302,11 +302,9 @@ def cmd_registry(args) -> int:
     registry = Registry(client, settings, params.storage.bucket, params.storage.registry_prefix)
     name = args.name or params.promote.model_name
     if args.action == "list":
-        aliases = {}
-        for alias_name in ("production", "staging", params.promote.alias):
-            record = registry.alias(name, alias_name)
-            if record:
-                aliases.setdefault(record["version"], []).append(alias_name)
+        aliases: dict[str, list[str]] = {}
+        for alias_name, record in sorted(registry.aliases(name).items()):
+            aliases.setdefault(record["version"], []).append(alias_name)
         for manifest in registry.list_versions(name):
             tags = ", ".join(aliases.get(manifest["version"], []))
             print(
@@ -330,6 +328,18 @@ def cmd_registry(args) -> int:
     elif args.action == "rollback":
         record = registry.rollback(name, args.alias or params.promote.alias, args.ref)
         print(f"{name}@{record['alias']} rolled back to {record['version']} (was {record['history'][0]['version']})")
+    elif args.action == "gc":
+        garbage = registry.garbage(name, older_than_s=args.older_than_hours * 3600)
+        for key in garbage.objects:
+            print(f"orphan object   {registry.uri(key)}")
+        for key, upload_id in garbage.uploads:
+            print(f"pending upload  {registry.uri(key)} ({upload_id})")
+        found = f"{len(garbage.objects)} orphan objects ({garbage.bytes} bytes), {len(garbage.uploads)} pending uploads"
+        if args.apply:
+            registry.collect(name, garbage)
+            print(f"removed {found}")
+        else:
+            print(f"would remove {found} (dry run; --apply removes them)")
     return 0
 
 
@@ -409,12 +419,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", choices=["fp16", "bf16", "fp32"], default="fp16", help="tensor dtype (default fp16)")
     p = add("sample-source", cmd_sample_source, "Build, serve, or start/stop in the background the sample image site.")
     p.add_argument("action", choices=["build", "serve", "start", "stop"])
-    p = add("registry", cmd_registry, "List, show or download models in the S3 registry.")
-    p.add_argument("action", choices=["list", "show", "download", "promote", "rollback"])
+    p = add("registry", cmd_registry, "List, show, download, promote, roll back or clean models in the S3 registry.")
+    p.add_argument("action", choices=["list", "show", "download", "promote", "rollback", "gc"])
     p.add_argument("ref", nargs="?", help="version or alias (show, download); version (promote; rollback --to)")
     p.add_argument("--alias", help="alias for promote/rollback (default: promote.alias)")
     p.add_argument("--name", help="model name (default: promote.model_name)")
     p.add_argument("--dest", default="downloaded-model", help="download folder")
+    p.add_argument("--apply", action="store_true", help="gc: remove what it finds (default: only list it)")
+    p.add_argument(
+        "--older-than-hours", type=float, default=24.0, help="gc: only what is older (spares a publish running now)"
+    )
     add("config", cmd_config, "Print the effective parameters (profile applied).").add_argument(
         "action", choices=["show"]
     )
@@ -439,6 +453,40 @@ def main(argv: list[str] | None = None) -> int:
     except EaselError as exc:
         print(f"easel {args.command}: error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except KeyboardInterrupt:
+        print(f"easel {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # the safety net: a bug, not bad input; the tests cover the inputs
+        if os.environ.get(TRACEBACK_ENV) == "1":
+            raise
+        print(f"easel {args.command}: unexpected error: {one_line(exc)} ({traceback_file(exc)})", file=sys.stderr)
+        return 1
+
+
+TRACEBACK_ENV = "EASEL_TRACEBACK"  # 1: show an unexpected error's traceback here instead of in a log file
+
+
+def one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text[:300]}" if text else type(exc).__name__
+
+
+def traceback_file(exc: BaseException) -> str:
+    """Write the traceback to a log file; say where (or, if no file can be written, how to see it)."""
+    import tempfile
+    import traceback
+
+    text = "".join(traceback.format_exception(exc))
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for folder in (Path(".easel") / "logs", Path(tempfile.gettempdir())):
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            path = folder / f"easel-error-{stamp}-{os.getpid()}.log"
+            path.write_text(text, encoding="utf-8")
+            return f"traceback in {path}; {TRACEBACK_ENV}=1 shows it here"
+        except OSError:
+            continue
+    return f"run again with {TRACEBACK_ENV}=1 to see the traceback"
 
 
 if __name__ == "__main__":

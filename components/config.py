@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import copy
 import ipaddress
+import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -20,6 +22,20 @@ from components.errors import ConfigError
 DEFAULT_PARAMS = Path("params.yaml")
 # dvc.yaml tracks profiles.<profile>.<section> for these, so every profile must set them.
 PROFILE_SECTIONS = ("models", "train", "evaluate", "gate")
+SECTIONS = (
+    "models",
+    "storage",
+    "sample_source",
+    "download",
+    "validate",
+    "caption",
+    "train",
+    "evaluate",
+    "promote",
+    "gate",
+)
+REQUIRED_SECTIONS = ("profile", "storage", "download", "validate", "evaluate", "promote", "gate")
+S3_ENDPOINT_ENV = "EASEL_S3_ENDPOINT"  # any S3 instead of the embedded server (components.storage)
 
 
 class Section(BaseModel):
@@ -61,6 +77,10 @@ class StorageParams(Section):
     dvc_prefix: str = "dvc"
     registry_prefix: str = "registry"
     embedded: EmbeddedS3Params = EmbeddedS3Params()
+    # Bounded waits for every S3 call: a hanging endpoint fails after (retries + 1) x read_timeout_s.
+    connect_timeout_s: float = Field(5.0, gt=0, le=300)
+    read_timeout_s: float = Field(10.0, gt=0, le=3600)
+    retries: int = Field(1, ge=0, le=10)
 
 
 class SampleSourceParams(Section):
@@ -93,6 +113,7 @@ class DownloadParams(Section):
     allow_networks: list[str] = []
     robots_optout: list[str] = ["noai", "noimageai"]
     user_agent: str = "Easel/0.1"
+    allow_empty: bool = False  # a source with no rows (or no URLs) is an error unless this says it is expected
 
     @field_validator("allow_networks")
     @classmethod
@@ -156,6 +177,13 @@ class ValidateParams(Section):
     min_accepted_share: float = Field(0.0, ge=0, le=1)
     workers: int = Field(1, ge=1, le=256)
     curate: CurateParams = CurateParams()
+
+    @field_validator("missing_dpi", mode="before")
+    @classmethod
+    def _dpi_policy(cls, value: object) -> object:
+        if value in ("reject", "accept") or isinstance(value, dict):
+            return value
+        raise ValueError("expected reject, accept or {assume: <dpi>}")
 
     @model_validator(mode="after")
     def _ranges(self) -> ValidateParams:
@@ -422,40 +450,65 @@ def deep_merge(base: dict[str, Any], overlay: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
-def resolve_profile(raw: dict[str, Any], source: str = "params.yaml") -> dict[str, Any]:
-    """Apply the active profile's overlay to the raw params mapping."""
-    profile = raw.get("profile")
-    profiles = raw.get("profiles") or {}
-    if profile is None:
-        return raw
-    if not isinstance(profiles, dict) or profile not in profiles:
-        known = ", ".join(sorted(profiles)) if isinstance(profiles, dict) else "none"
+def _check_profiles(raw: dict[str, Any], source: str) -> dict[str, dict[str, Any]]:
+    """Every profile's overlay, checked for shape; the active one must exist."""
+    profile, profiles = raw.get("profile"), raw.get("profiles") or {}
+    if not isinstance(profiles, dict):
+        raise ConfigError(f"{source}: profiles must be a mapping of profile names to section overrides")
+    if profile is not None and profile not in profiles:
+        known = ", ".join(sorted(map(str, profiles))) or "none"
         raise ConfigError(f"{source}: profile: {profile!r} is not defined under `profiles:` (known: {known})")
-    overlay = profiles[profile] or {}
-    if not isinstance(overlay, dict):
-        raise ConfigError(f"{source}: profiles.{profile} must be a mapping of section overrides")
-    for section in overlay:
-        if section in ("profile", "profiles") or section not in raw:
-            raise ConfigError(f"{source}: profiles.{profile}.{section} overrides no section of params")
-    missing = [s for s in PROFILE_SECTIONS if not isinstance(overlay.get(s), dict)]
-    if missing:
-        raise ConfigError(
-            f"{source}: profiles.{profile} must set {', '.join(missing)} (dvc.yaml tracks them; use {{}} for none)"
-        )
-    return deep_merge(raw, overlay)
+    overlays = {}
+    for name, overlay in profiles.items():
+        overlay = overlay or {}
+        if not isinstance(overlay, dict):
+            raise ConfigError(f"{source}: profiles.{name} must be a mapping of section overrides")
+        for section in overlay:
+            if section in ("profile", "profiles") or section not in SECTIONS:
+                known = ", ".join(SECTIONS)
+                raise ConfigError(f"{source}: profiles.{name}.{section} is not a section of params (sections: {known})")
+        missing = [s for s in PROFILE_SECTIONS if not isinstance(overlay.get(s), dict)]
+        if missing:
+            raise ConfigError(
+                f"{source}: profiles.{name} must set {', '.join(missing)} (dvc.yaml tracks them; use {{}} for none)"
+            )
+        overlays[str(name)] = overlay
+    return overlays
 
 
-def _format_validation_error(exc: ValidationError, source: str) -> str:
-    lines = []
+def _in(data: object, loc: tuple) -> bool:
+    """Whether the key path `loc` (as pydantic reports it) starts inside the mapping `data`."""
+    for part in loc:
+        found = part in data if isinstance(data, dict) else isinstance(part, int) and 0 <= part < len(data)
+        if not isinstance(data, dict | list) or not found:
+            return False
+        data = data[part]
+    return True
+
+
+def _is_union_tag(part: object) -> bool:
+    """pydantic names the member of a union it tried (`literal['a']`, `AssumeDpi`, `int`) in the key path."""
+    return isinstance(part, str) and (not re.fullmatch(r"[a-z_][a-z0-9_]*", part) or part in ("int", "float", "str"))
+
+
+def _problems(exc: ValidationError, overlay: dict | None = None, profile: str | None = None) -> list[str]:
+    """One text per bad key (a union's alternatives merged), named where it was written."""
+    merged: dict[str, list[str]] = {}
     for err in exc.errors():
-        key = ".".join(str(p) if not isinstance(p, int) else f"[{p}]" for p in err["loc"]).replace(".[", "[")
+        loc = tuple(p for p in err["loc"] if not _is_union_tag(p))
+        key = ".".join(str(p) if not isinstance(p, int) else f"[{p}]" for p in loc).replace(".[", "[")
+        if overlay is not None and _in(overlay, loc):
+            key = f"profiles.{profile}.{key}"
         if err["type"] == "missing":
-            lines.append(f"{source}: {key}: required key is missing")
+            text = "required key is missing"
         elif err["type"] == "extra_forbidden":
-            lines.append(f"{source}: {key}: unknown key (typo?)")
+            text = "unknown key (typo?)"
         else:
-            lines.append(f"{source}: {key}: {err['msg']} (got {err.get('input')!r})")
-    return "\n".join(lines)
+            text = f"{err['msg'].removeprefix('Value error, ')} (got {err.get('input')!r})"
+        merged.setdefault(key, [])
+        if text not in merged[key]:
+            merged[key].append(text)
+    return [f"{key}: {' or '.join(texts)}" for key, texts in merged.items()]
 
 
 def _yaml_problem(exc: yaml.YAMLError) -> str:
@@ -467,7 +520,13 @@ def _yaml_problem(exc: yaml.YAMLError) -> str:
 
 
 def load_params(path: str | Path = DEFAULT_PARAMS) -> Params:
-    """Load and validate params.yaml with the active profile applied."""
+    """Load and validate params.yaml with the active profile applied.
+
+    Everything written is checked, not only what the active profile uses: the base sections on
+    their own, and every profile merged over them, so a typo in the inactive profile or a bad base
+    value that a profile overrides is found now, not on the day it takes effect. All problems are
+    reported in one line, each named where it was written (`profiles.<name>.` for a profile's key).
+    """
     path = Path(path)
     source = str(path)
     try:
@@ -482,11 +541,53 @@ def load_params(path: str | Path = DEFAULT_PARAMS) -> Params:
         raise ConfigError(f"{source}: is not valid YAML: {_yaml_problem(exc)}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: must be a mapping of sections, got {type(raw).__name__}")
-    resolved = resolve_profile(raw, source)
+    missing = [s for s in REQUIRED_SECTIONS if s not in raw]
+    if missing:
+        raise ConfigError(f"{source}: {', '.join(missing)}: required section(s) missing")
+    overlays = _check_profiles(raw, source)
+    problems: list[str] = []
     try:
-        return Params.model_validate(resolved)
-    except ValidationError as exc:
-        raise ConfigError(_format_validation_error(exc, source)) from None
+        Params.model_validate(raw)
+    except ValidationError as exc:  # keys a profile fills in may be missing here; bad values may not
+        required = {k for k in _problems(exc) if k.endswith(": required key is missing")}
+        problems += [p for p in _problems(exc) if p not in required]
+    active = raw.get("profile")
+    chosen = None
+    for name in sorted(overlays, key=lambda n: n != active):  # the active profile first
+        try:
+            params = Params.model_validate(deep_merge(raw, overlays[name]))
+        except ValidationError as exc:
+            problems += [p for p in _problems(exc, overlays[name], name) if p not in problems]
+            continue
+        if name == active:
+            chosen = params
+    if active is None and not problems:
+        try:
+            chosen = Params.model_validate(raw)
+        except ValidationError as exc:
+            problems += _problems(exc)
+    if problems:
+        raise ConfigError(f"{source}: " + "; ".join(problems))
+    check_s3_endpoint(os.environ.get(S3_ENDPOINT_ENV), S3_ENDPOINT_ENV)
+    return chosen
+
+
+def check_s3_endpoint(url: str | None, name: str) -> None:
+    """An S3 endpoint must be an http(s) URL with a host and, if any, a valid port."""
+    from urllib.parse import urlsplit
+
+    if not url:
+        return
+    hint = "e.g. https://s3.example.com or http://127.0.0.1:9000"
+    try:
+        parts = urlsplit(url)
+        port = parts.port  # raises ValueError for a port that is not a number in 0-65535
+    except ValueError as exc:
+        raise ConfigError(f"{name}={url!r} is not a valid URL ({exc}); {hint}") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(f"{name}={url!r} is not an http(s) URL with a host; {hint}")
+    if port == 0:
+        raise ConfigError(f"{name}={url!r} has port 0; {hint}")
 
 
 def effective_params_yaml(params: Params) -> str:

@@ -57,6 +57,29 @@ def atomic_write_parquet(path: Path | str, frame) -> None:
         raise
 
 
+def read_stage_table(path: Path, stage: str, upstream: str, rows_are: str, required: tuple[str, ...] = ()):
+    """A stage's Parquet input, or one EaselError saying what to do: run `upstream` (missing),
+    the file is broken (unreadable, or lacks a column), or it holds no `rows_are` (empty)."""
+    import pandas as pd
+
+    from components.errors import EaselError
+
+    if not path.is_file():
+        raise EaselError(f"{stage}: {path} not found; run the {upstream} stage first")
+    try:
+        table = pd.read_parquet(path)
+    except (OSError, ValueError) as exc:
+        raise EaselError(
+            f"{stage}: {path}: cannot be read ({str(exc).splitlines()[0]}); rerun the {upstream} stage"
+        ) from None
+    missing = [c for c in required if c not in table.columns]
+    if missing:
+        raise EaselError(f"{stage}: {path} lacks the column(s) {', '.join(missing)}; rerun the {upstream} stage")
+    if table.empty:
+        raise EaselError(f"{stage}: {path} holds no {rows_are}; nothing to {stage}")
+    return table
+
+
 @contextlib.contextmanager
 def atomic_dir(path: Path | str) -> Iterator[Path]:
     """Yield a temp folder beside `path`; on success it replaces `path` whole, on error it vanishes.

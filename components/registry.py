@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-from dataclasses import dataclass
+import logging
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from components.errors import EaselError
@@ -26,6 +27,8 @@ from components.fsutil import atomic_dir, dir_manifest, manifest_digest, sha256_
 from components.storage import S3Settings, storage_errors
 
 ALIAS_HISTORY = 20
+
+log = logging.getLogger(__name__)
 
 
 class ConcurrentAliasUpdate(EaselError):
@@ -65,7 +68,8 @@ class Registry:
                 obj = self.client.get_object(Bucket=self.bucket, Key=key)
                 body, etag = obj["Body"].read(), obj.get("ETag")
             except ClientError as exc:
-                if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404", "NotFound"):
+                # Only an S3 error document says "absent"; a bare 404 may come from a server that is not S3.
+                if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "NoSuchBucket"):
                     return None, None
                 raise
         try:
@@ -81,6 +85,19 @@ class Registry:
 
     def alias(self, name: str, alias: str) -> dict | None:
         return self._get_json(self.alias_key(name, alias))
+
+    def aliases(self, name: str) -> dict[str, dict]:
+        """Every alias of `name` (production, staging, ...) and its record."""
+        prefix = f"{self.model_prefix(name)}/aliases/"
+        found = {}
+        with storage_errors(self.settings, "registry aliases"):
+            for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix):
+                for obj in page.get("Contents", []):
+                    alias = obj["Key"][len(prefix) :].removesuffix(".json")
+                    record = self.alias(name, alias)
+                    if record:
+                        found[alias] = record
+        return found
 
     def list_versions(self, name: str) -> list[dict]:
         """Complete versions (those with a manifest), oldest first."""
@@ -116,16 +133,30 @@ class Registry:
             return
         # Multipart above 64 MiB; each part carries a SHA-256 checksum that the server checks.
         config = TransferConfig(multipart_threshold=64 * 1024 * 1024, multipart_chunksize=64 * 1024 * 1024)
-        self.client.upload_file(
-            str(path),
-            self.bucket,
-            key,
-            ExtraArgs={"ChecksumAlgorithm": "SHA256", "Metadata": {"sha256": sha256}},
-            Config=config,
-        )
+        try:
+            self.client.upload_file(
+                str(path),
+                self.bucket,
+                key,
+                ExtraArgs={"ChecksumAlgorithm": "SHA256", "Metadata": {"sha256": sha256}},
+                Config=config,
+            )
+        except BaseException:
+            self._abort_uploads(key)  # no half-uploaded parts left behind (if the server can still hear us)
+            raise
         head = self.client.head_object(Bucket=self.bucket, Key=key)
         if head["ContentLength"] != size or head.get("Metadata", {}).get("sha256") != sha256:
             raise EaselError(f"registry: upload of {path} to {self.uri(key)} did not verify")
+
+    def _abort_uploads(self, key: str) -> None:
+        """Abort the pending multipart uploads of `key`; best effort (a dead server leaves them to gc)."""
+        try:
+            pending = self.client.list_multipart_uploads(Bucket=self.bucket, Prefix=key).get("Uploads", [])
+            for upload in pending:
+                if upload["Key"] == key:
+                    self.client.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload["UploadId"])
+        except Exception:  # the upload's own error is the one to report
+            log.warning("could not abort the pending uploads of %s; `easel registry gc` will", self.uri(key))
 
     def publish(self, name: str, model_dir: Path, extras: dict[str, Path], metadata: dict) -> dict:
         """Upload a model folder plus extra files as a complete version; returns its manifest.
@@ -267,3 +298,53 @@ class Registry:
                         "manifest sha256 (corrupted in storage); refusing it"
                     )
         return manifest
+
+    # -- garbage ---------------------------------------------------------------------------------
+
+    def garbage(self, name: str, older_than_s: float = 24 * 3600) -> Garbage:
+        """What no complete version or alias references: objects of versions that never got their
+        manifest (an interrupted publish), objects of complete versions that their manifest does not
+        list, and pending multipart uploads; only those older than `older_than_s`, so a publish
+        running right now is left alone."""
+        now = dt.datetime.now(dt.UTC)
+        prefix = f"{self.model_prefix(name)}/versions/"
+        found = Garbage()
+        with storage_errors(self.settings, f"registry gc {name}"):
+            by_version: dict[str, list[dict]] = {}
+            for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix):
+                for obj in page.get("Contents", []):
+                    by_version.setdefault(obj["Key"][len(prefix) :].split("/")[0], []).append(obj)
+            for version, objects in sorted(by_version.items()):
+                manifest = self.manifest(name, version)
+                if manifest is None:
+                    keep: set[str] = set()
+                else:
+                    base = f"{prefix}{version}"
+                    keep = {f"{base}/manifest.json"}
+                    keep |= {f"{base}/files/{entry['path']}" for entry in manifest.get("files", [])}
+                    keep |= {f"{base}/{entry['path']}" for entry in manifest.get("extras", [])}
+                for obj in objects:
+                    if obj["Key"] not in keep and (now - obj["LastModified"]).total_seconds() >= older_than_s:
+                        found.objects.append(obj["Key"])
+                        found.bytes += obj.get("Size", 0)
+            uploads = self.client.list_multipart_uploads(Bucket=self.bucket, Prefix=prefix).get("Uploads", [])
+            for upload in uploads:
+                if (now - upload["Initiated"]).total_seconds() >= older_than_s:
+                    found.uploads.append((upload["Key"], upload["UploadId"]))
+        return found
+
+    def collect(self, name: str, garbage: Garbage) -> None:
+        """Delete what `garbage` found."""
+        with storage_errors(self.settings, f"registry gc {name}"):
+            for key, upload_id in garbage.uploads:
+                self.client.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id)
+            for start in range(0, len(garbage.objects), 1000):  # DeleteObjects takes 1000 keys at a time
+                batch = [{"Key": key} for key in garbage.objects[start : start + 1000]]
+                self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True})
+
+
+@dataclass
+class Garbage:
+    objects: list[str] = field(default_factory=list)
+    uploads: list[tuple[str, str]] = field(default_factory=list)  # (key, upload id)
+    bytes: int = 0

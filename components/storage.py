@@ -9,6 +9,7 @@ AWS environment variables; otherwise the embedded SeaweedFS server (`weed mini` 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import secrets
@@ -19,12 +20,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from components.config import StorageParams
+from components.config import S3_ENDPOINT_ENV, StorageParams, check_s3_endpoint
 from components.errors import EaselError
 from components.fsutil import atomic_write_bytes
 from components.procs import port_open, read_pid, spawn, stop
 
-ENDPOINT_ENV = "EASEL_S3_ENDPOINT"
+ENDPOINT_ENV = S3_ENDPOINT_ENV
 DEFAULT_REGION = "us-east-1"
 
 
@@ -36,6 +37,11 @@ class S3Settings:
     region: str = DEFAULT_REGION
     verify_tls: bool = True
     embedded: bool = False
+    # Bounded waits (storage.* in params.yaml): every call gives up after about
+    # (retries + 1) x (connect + read) seconds, 2 x 15 s by default.
+    connect_timeout_s: float = 5.0
+    read_timeout_s: float = 10.0
+    retries: int = 1
 
     def __repr__(self) -> str:  # never show secrets, even in a traceback
         return f"S3Settings(endpoint_url={self.endpoint_url!r}, embedded={self.embedded})"
@@ -101,8 +107,18 @@ class EmbeddedS3:
     def credentials(self) -> tuple[str, str]:
         """This server's access key and secret, generated on first use."""
         if self.credentials_file.exists():
-            data = json.loads(self.credentials_file.read_text())
-            return data["access_key"], data["secret_key"]
+            try:
+                data = json.loads(self.credentials_file.read_text())
+                access, secret = data["access_key"], data["secret_key"]
+                if not (isinstance(access, str) and access and isinstance(secret, str) and secret):
+                    raise ValueError("empty or not text")
+                return access, secret
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                problem = f"no {exc}" if isinstance(exc, KeyError) else str(exc).splitlines()[0] or type(exc).__name__
+                raise StorageUnavailable(
+                    f"{self.credentials_file}: not usable embedded S3 credentials ({problem}); delete the file, "
+                    "then run `easel s3 stop` and `easel s3 start` to make new ones"
+                ) from None
         self.data_dir.mkdir(parents=True, exist_ok=True)
         access, secret = "easel" + secrets.token_hex(6), secrets.token_urlsafe(30)
         payload = json.dumps({"access_key": access, "secret_key": secret}).encode()
@@ -113,16 +129,36 @@ class EmbeddedS3:
         access, secret = self.credentials()
         return S3Settings(self.endpoint_url, access, secret, embedded=True)
 
+    @property
+    def port_file(self) -> Path:
+        return self.data_dir / "weed.port"
+
     def pid(self) -> int | None:
         return read_pid(self.pid_file)
 
+    def running_port(self) -> int | None:
+        """The S3 port of this data folder's running server (None when none runs)."""
+        if self.pid() is None:
+            return None
+        try:
+            return int(self.port_file.read_text().strip())
+        except (OSError, ValueError):
+            return None
+
     def is_running(self) -> bool:
-        return self.pid() is not None and port_open(self.port, self.host)
+        """This data folder's server runs, on this port (a port held by another program is not ours)."""
+        return self.running_port() == self.port and port_open(self.port, self.host)
 
     def start(self, timeout_s: float = 90.0) -> bool:
         """Start the server unless it already runs. Returns True if this call started it."""
         if self.is_running():
             return False
+        elsewhere = self.running_port()
+        if self.pid() is not None and elsewhere != self.port:
+            raise StorageUnavailable(
+                f"the embedded S3 server of {self.data_dir} runs on port {elsewhere or 'unknown'} (pid {self.pid()}), "
+                f"not on storage.embedded.port {self.port}; run `easel s3 stop`, then `easel s3 start`"
+            )
         if port_open(self.port, self.host):
             raise StorageUnavailable(
                 f"port {self.port} on {self.host} is taken by another program; set "
@@ -141,6 +177,7 @@ class EmbeddedS3:
         # weed mini creates its S3 identity from these variables; without them it runs with auth off.
         env = {**os.environ, "AWS_ACCESS_KEY_ID": access, "AWS_SECRET_ACCESS_KEY": secret}
         proc = spawn(args, self.pid_file, self.log_file, env, self.data_dir)
+        atomic_write_bytes(self.port_file, str(self.port).encode())
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if proc.poll() is not None:
@@ -173,27 +210,34 @@ class EmbeddedS3:
 def resolve_settings(storage: StorageParams, root: Path | None = None) -> S3Settings:
     """The S3 endpoint in use: EASEL_S3_ENDPOINT if set, else the embedded server."""
     endpoint = os.environ.get(ENDPOINT_ENV)
+    waits = {
+        "connect_timeout_s": storage.connect_timeout_s,
+        "read_timeout_s": storage.read_timeout_s,
+        "retries": storage.retries,
+    }
     if endpoint:
+        check_s3_endpoint(endpoint, ENDPOINT_ENV)
         return S3Settings(
             endpoint_url=endpoint,
             access_key=os.environ.get("AWS_ACCESS_KEY_ID"),
             secret_key=os.environ.get("AWS_SECRET_ACCESS_KEY"),
             region=os.environ.get("AWS_DEFAULT_REGION", DEFAULT_REGION),
             verify_tls=os.environ.get("EASEL_S3_VERIFY_TLS", "1") not in ("0", "false", "False"),
+            **waits,
         )
-    return EmbeddedS3.from_params(storage, root).settings()
+    return dataclasses.replace(EmbeddedS3.from_params(storage, root).settings(), **waits)
 
 
-def make_client(settings: S3Settings, retries: int = 3):
+def make_client(settings: S3Settings, retries: int | None = None):
     """A boto3 S3 client for these settings (path-style addressing, which every S3 server speaks)."""
     import boto3
     from botocore.config import Config
 
     config = Config(
         s3={"addressing_style": "path"},
-        retries={"max_attempts": retries + 1, "mode": "standard"},
-        connect_timeout=5,
-        read_timeout=60,
+        retries={"total_max_attempts": (settings.retries if retries is None else retries) + 1, "mode": "standard"},
+        connect_timeout=settings.connect_timeout_s,
+        read_timeout=settings.read_timeout_s,
         # Only send/verify checksums where an operation requires them: not every S3 server
         # supports the newest default (CRC64NVME) checksums.
         request_checksum_calculation="when_required",
@@ -212,8 +256,10 @@ def make_client(settings: S3Settings, retries: int = 3):
 
 @contextlib.contextmanager
 def storage_errors(settings: S3Settings, what: str) -> Iterator[None]:
-    """Turn connection and auth failures into one clear message naming the endpoint."""
+    """Turn every failure of the S3 endpoint into one clear message naming it."""
+    from boto3.exceptions import S3UploadFailedError
     from botocore.exceptions import (
+        BotoCoreError,
         ClientError,
         ConnectTimeoutError,
         EndpointConnectionError,
@@ -221,48 +267,86 @@ def storage_errors(settings: S3Settings, what: str) -> Iterator[None]:
         ReadTimeoutError,
     )
 
+    endpoint = settings.endpoint_url or "AWS S3"
     hint = "start it with `easel s3 start`" if settings.embedded else f"check {ENDPOINT_ENV} and that the server is up"
     try:
         yield
-    except (EndpointConnectionError, ConnectTimeoutError, ReadTimeoutError) as exc:
+    except (EndpointConnectionError, ConnectTimeoutError) as exc:
         raise StorageUnavailable(
-            f"{what}: the S3 endpoint {settings.endpoint_url} is unreachable ({type(exc).__name__}); {hint}"
+            f"{what}: the S3 endpoint {endpoint} is unreachable ({type(exc).__name__}); {hint}"
+        ) from None
+    except ReadTimeoutError:
+        raise StorageUnavailable(
+            f"{what}: the S3 endpoint {endpoint} accepted the connection but did not answer within "
+            f"{settings.read_timeout_s:g} s ({settings.retries + 1} tries; storage.read_timeout_s); {hint}"
         ) from None
     except NoCredentialsError:
         raise StorageUnavailable(
             f"{what}: no S3 credentials; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"
         ) from None
     except ClientError as exc:
-        code = exc.response.get("Error", {}).get("Code", "?")
-        if code in ("SignatureDoesNotMatch", "InvalidAccessKeyId", "AccessDenied", "403"):
+        error = exc.response.get("Error", {})
+        code, status = error.get("Code") or "", exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        if code in ("SignatureDoesNotMatch", "InvalidAccessKeyId", "AccessDenied", "InvalidToken", "403"):
+            raise StorageUnavailable(f"{what}: the S3 endpoint {endpoint} refused the credentials ({code})") from None
+        if not code or code.isdigit():  # an HTTP error with no S3 error document: not an S3 server
             raise StorageUnavailable(
-                f"{what}: the S3 endpoint {settings.endpoint_url} refused the credentials ({code})"
+                f"{what}: {endpoint} answered HTTP {status} without an S3 error document; is it an S3 server? ({hint})"
             ) from None
-        raise
+        raise StorageUnavailable(
+            f"{what}: the S3 endpoint {endpoint} failed: {code}: {error.get('Message', '')}"
+        ) from None
+    except BotoCoreError as exc:
+        raise StorageUnavailable(f"{what}: the S3 endpoint {endpoint} failed ({type(exc).__name__}: {exc})") from None
+    except S3UploadFailedError as exc:  # boto3's transfer manager wraps the part's error in its own
+        cause = str(exc).rsplit(": ", 2)[-2:]
+        raise StorageUnavailable(f"{what}: an upload to {endpoint} failed: {': '.join(cause)}") from None
 
 
-def ensure_bucket(client, bucket: str) -> None:
+class NotS3(StorageUnavailable):
+    """The endpoint answers HTTP, but not as an S3 server does."""
+
+
+def ensure_bucket(client, bucket: str, create: bool = True) -> bool:
+    """Whether `bucket` exists (created first when missing and `create`).
+
+    Lists at most one key rather than HEAD: a listing is an XML document only S3 servers write, so
+    an endpoint that answers HTTP but is not S3 (a web server, a proxy's error page) is found here.
+    """
     from botocore.exceptions import ClientError
 
+    endpoint = client.meta.endpoint_url
     try:
-        client.head_bucket(Bucket=bucket)
+        listing = client.list_objects_v2(Bucket=bucket, MaxKeys=1)
     except ClientError as exc:
-        if exc.response.get("Error", {}).get("Code") not in ("404", "NoSuchBucket", "NotFound"):
+        if exc.response.get("Error", {}).get("Code") != "NoSuchBucket":
             raise
+        if not create:
+            return False
         client.create_bucket(Bucket=bucket)
+        return True
+    if "Name" not in listing and "KeyCount" not in listing:
+        raise NotS3(
+            f"bucket {bucket}: {endpoint} answered a bucket listing with no S3 listing in it; is it an S3 server? "
+            f"(check {ENDPOINT_ENV})"
+        )
+    return True
 
 
-def ready_client(storage: StorageParams, root: Path | None = None, start_embedded: bool = False):
-    """(settings, client) for the endpoint in use, with the bucket present.
+def ready_client(
+    storage: StorageParams, root: Path | None = None, start_embedded: bool = False, create_bucket: bool = True
+):
+    """(settings, client) for the endpoint in use, checked to answer as S3, with the bucket present.
 
     With start_embedded, the embedded server is started if it is the endpoint and not running.
+    Readers pass create_bucket=False: a bucket that does not exist is then simply empty.
     """
     settings = resolve_settings(storage, root)
     if settings.embedded and start_embedded:
         EmbeddedS3.from_params(storage, root).start()
     client = make_client(settings)
     with storage_errors(settings, f"bucket {storage.bucket}"):
-        ensure_bucket(client, storage.bucket)
+        ensure_bucket(client, storage.bucket, create=create_bucket)
     return settings, client
 
 
@@ -273,7 +357,12 @@ def configure_dvc_remote(repo_root: Path, storage: StorageParams, settings: S3Se
     """
     from dvc.repo import Repo
 
-    remote = {"url": f"s3://{storage.bucket}/{storage.dvc_prefix}"}
+    remote = {
+        "url": f"s3://{storage.bucket}/{storage.dvc_prefix}",
+        # DVC's own S3 calls wait no longer than Easel's do
+        "connect_timeout": int(max(1, round(settings.connect_timeout_s))),
+        "read_timeout": int(max(1, round(settings.read_timeout_s))),
+    }
     if settings.endpoint_url:
         remote["endpointurl"] = settings.endpoint_url
     if settings.access_key and settings.secret_key and settings.embedded:

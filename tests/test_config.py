@@ -134,3 +134,55 @@ def test_gate_settings_refuse_infinities_nan_and_zero_margins(tmp_path):
         params["profiles"]["tiny"]["gate"][key] = value  # the active profile's gate
         with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
             load_params(write(tmp_path, params))
+
+
+def one_line_error(tmp_path, data) -> str:
+    with pytest.raises(ConfigError) as caught:
+        load_params(write(tmp_path, data))
+    message = str(caught.value)
+    assert "\n" not in message, message
+    return message
+
+
+def test_every_profile_and_the_base_sections_are_checked_and_named_where_written(tmp_path):
+    data = repo_params()
+    data["profiles"]["sdxl"]["train"]["learnig_rate"] = 1e-5  # a typo in the profile that is not active
+    assert "profiles.sdxl.train.learnig_rate: unknown key (typo?)" in one_line_error(tmp_path, data)
+
+    data = repo_params()
+    data["train"]["resolution"] = "big"  # the active profile (tiny) overrides it, so it was never read
+    message = one_line_error(tmp_path, data)
+    assert "params.yaml: train.resolution: " in message and "'big'" in message and "profiles." not in message
+
+    data = repo_params()
+    data["profiles"]["tiny"]["train"]["max_train_steps"] = 0  # a bad value inside the active profile
+    assert "profiles.tiny.train.max_train_steps: Input should be greater than or equal to 1" in one_line_error(
+        tmp_path, data
+    )
+
+
+def test_a_missing_section_is_named_as_missing(tmp_path):
+    for section in ("gate", "evaluate"):
+        data = repo_params()
+        del data[section]
+        assert one_line_error(tmp_path, data) == f"{write(tmp_path, data)}: {section}: required section(s) missing"
+
+
+def test_a_union_setting_gets_one_line(tmp_path):
+    data = repo_params()
+    data["validate"]["missing_dpi"] = "maybe"
+    message = one_line_error(tmp_path, data)
+    assert message.count("missing_dpi") == 1 and "expected reject, accept or {assume: <dpi>}" in message
+    data = repo_params()
+    data["train"]["lr_scheduler_args"] = {"num_cycles": "many"}  # int | float | None
+    assert one_line_error(tmp_path, data).count("num_cycles") == 1
+
+
+def test_the_s3_endpoint_is_checked_when_params_load(tmp_path, monkeypatch):
+    path = write(tmp_path, repo_params())
+    for bad in ("not-a-url", "ftp://host", "http://", "http://host:99999", "http://host:abc"):
+        monkeypatch.setenv("EASEL_S3_ENDPOINT", bad)
+        with pytest.raises(ConfigError, match=r"EASEL_S3_ENDPOINT="):
+            load_params(path)
+    monkeypatch.setenv("EASEL_S3_ENDPOINT", "https://s3.example.com:9000")
+    assert load_params(path).profile == "tiny"

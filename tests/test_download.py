@@ -10,7 +10,7 @@ import pytest
 
 from components.config import DownloadParams
 from components.download import run_download
-from components.download.fetch import parse_retry_after, sniff_image_type
+from components.download.fetch import TRANSIENT_STATUSES, parse_retry_after, sniff_image_type
 from components.download.sources import join_url, read_source
 from components.errors import EaselError
 from tests.http_fixtures import RED, MisbehavingServer
@@ -354,3 +354,46 @@ def test_cleanup_spares_the_partial_files_of_live_writers(tmp_path):
         path.write_bytes(b"half an image")
     assert ImageStore(tmp_path / "images").remove_partials() == 1
     assert writing.exists() and not killed.exists()
+
+
+def test_timeouts_name_the_wait_that_ran_out(server, tmp_path):
+    params = params_for(tmp_path, [f"{server.url}/stall.png", f"{server.url}/drip.png"], retries=0)
+    run_download(params, progress=False)
+    manifest = pd.read_parquet(tmp_path / "out" / "manifest.parquet").set_index("url")
+    assert manifest.loc[f"{server.url}/stall.png", "error"] == "no data for 1 s while reading the response"
+    assert manifest.loc[f"{server.url}/drip.png", "error"] == "no complete response in 4 s"
+
+
+@pytest.mark.parametrize("host", ["2852039166", "0251.0376.0251.0376", "0xa9.254.169.254", "169.254.43518"])
+def test_non_canonical_ipv4_hosts_are_invalid_and_never_retried(tmp_path, host):
+    params = params_for(tmp_path, [f"http://{host}/latest/meta-data"], allow=())
+    run_download(params, progress=False)
+    row = pd.read_parquet(tmp_path / "out" / "manifest.parquet").iloc[0]
+    assert row["status"] == "invalid_url" and row["status"] not in TRANSIENT_STATUSES  # final: a resume skips it
+    assert "not a canonical IPv4 address" in row["error"]
+
+
+@pytest.mark.parametrize("shape", ["header-only csv", "header-only csv.gz", "empty folder", "no urls"])
+def test_an_empty_source_is_an_error_and_replaces_nothing(server, tmp_path, shape):
+    params = params_for(tmp_path, [f"{server.url}/red.png"])
+    run_download(params, tmp_path / "metrics.json", progress=False)
+    before = {p: p.read_bytes() for p in [*(tmp_path / "out").rglob("*"), tmp_path / "metrics.json"] if p.is_file()}
+    source = tmp_path / "empty"
+    if shape == "empty folder":
+        source.mkdir()
+    elif shape == "no urls":
+        source = tmp_path / "blank.csv"
+        source.write_text("url,title\n,a\n,b\n")
+    elif shape.endswith(".gz"):
+        source = tmp_path / "empty.csv.gz"
+        source.write_bytes(gzip.compress(b"url,title\n"))
+    else:
+        source = tmp_path / "empty.csv"
+        source.write_text("url,title\n")
+    params = params.model_copy(update={"sources": [params.sources[0].model_copy(update={"path": str(source)})]})
+    with pytest.raises(EaselError, match=r"source 'test' .*: no (rows|URL in any).*download.allow_empty: true"):
+        run_download(params, tmp_path / "metrics.json", progress=False)
+    after = {p: p.read_bytes() for p in [*(tmp_path / "out").rglob("*"), tmp_path / "metrics.json"] if p.is_file()}
+    assert after == before  # the last good manifest and metrics are still there
+    allowed = params.model_copy(update={"allow_empty": True})
+    assert run_download(allowed, progress=False).rows == (2 if shape == "no urls" else 0)  # when it is expected

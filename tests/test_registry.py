@@ -13,7 +13,7 @@ from components.fsutil import sha256_file
 from components.promote import run_gate, run_promote
 from components.registry import ConcurrentAliasUpdate, Registry
 from components.storage import EmbeddedS3, StorageUnavailable, make_client
-from tests.conftest import free_port_block
+from tests.conftest import REPO, free_port_block
 from tests.helpers import make_model, sdxl_gate_params, write_evaluation, write_prompts
 
 GATE = sdxl_gate_params()
@@ -216,3 +216,69 @@ def test_promote_can_publish_the_single_file_beside_the_folder(project, s3_serve
     with safe_open(str(tmp_path / "posters.safetensors"), "pt") as checkpoint:
         unet = [k for k in checkpoint.keys() if k.startswith("model.diffusion_model.")]  # noqa: SIM118
         assert unet and checkpoint.get_tensor(unet[0]).dtype == __import__("torch").float16
+
+
+def test_a_failed_multipart_upload_is_aborted(registry, tmp_path):
+    from botocore.exceptions import ClientError
+
+    model = make_model(tmp_path / "big", os.urandom(96 * 1024 * 1024))  # two 64 MiB parts
+    parts = []
+
+    def fail_the_second_part(params, **kwargs):
+        parts.append(params["PartNumber"])
+        if params["PartNumber"] == 2:
+            raise ClientError({"Error": {"Code": "InternalError", "Message": "injected"}}, "UploadPart")
+
+    registry.client.meta.events.register("provide-client-params.s3.UploadPart", fail_the_second_part)
+    try:
+        with pytest.raises(StorageUnavailable, match="InternalError"):
+            registry.publish("posters", model, {}, {})
+    finally:
+        registry.client.meta.events.unregister("provide-client-params.s3.UploadPart", fail_the_second_part)
+    assert 2 in parts
+    pending = registry.client.list_multipart_uploads(Bucket=registry.bucket).get("Uploads", [])
+    assert pending == []  # no half-uploaded parts left behind
+    assert registry.list_versions("posters") == []
+
+
+def test_registry_gc_finds_and_removes_only_what_nothing_references(registry, tmp_path, capsys):
+    kept = registry.publish("posters", make_model(tmp_path / "good", b"good"), {}, {})["version"]
+    registry.set_alias("posters", "production", kept, "test")
+    base = registry.version_prefix("posters", kept)
+    registry.client.put_object(Bucket=registry.bucket, Key=f"{base}/files/leftover.bin", Body=b"x")  # not listed
+    orphan = registry.version_prefix("posters", "v-interrupted")  # a publish killed before its manifest
+    registry.client.put_object(Bucket=registry.bucket, Key=f"{orphan}/files/model_index.json", Body=b"{}")
+    upload = registry.client.create_multipart_upload(Bucket=registry.bucket, Key=f"{orphan}/files/unet/big.bin")
+    registry.client.upload_part(
+        Bucket=registry.bucket, Key=f"{orphan}/files/unet/big.bin", UploadId=upload["UploadId"], PartNumber=1, Body=b"p"
+    )
+
+    assert registry.garbage("posters").objects == []  # all younger than a day: a publish may be running
+    found = registry.garbage("posters", older_than_s=0)
+    assert sorted(found.objects) == [f"{base}/files/leftover.bin", f"{orphan}/files/model_index.json"]
+    assert found.uploads == [(f"{orphan}/files/unet/big.bin", upload["UploadId"])]
+    registry.collect("posters", found)
+    assert registry.garbage("posters", older_than_s=0).objects == []
+    assert registry.client.list_multipart_uploads(Bucket=registry.bucket).get("Uploads", []) == []
+    registry.download("posters", "production", tmp_path / "check")  # the live version is whole
+
+
+def test_registry_list_names_each_alias_once(project, s3_server, capsys, monkeypatch):
+    import yaml
+
+    from components.cli import main
+
+    version = promote_model(project, "one", b"one")["registry"]["version"]
+    registry = registry_of(project, s3_server)
+    registry.set_alias("posters", "staging", version, "test")
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["storage"] = project["storage"].model_dump()
+    params["promote"]["model_name"] = "posters"
+    (project["tmp"] / "params.yaml").write_text(yaml.safe_dump(params))
+    monkeypatch.chdir(project["tmp"])
+    assert main(["registry", "list"]) == 0
+    line = capsys.readouterr().out.strip()
+    assert line.startswith(version) and line.endswith("[production, staging]")
+
+    assert main(["registry", "gc"]) == 0
+    assert "would remove 0 orphan objects (0 bytes), 0 pending uploads (dry run" in capsys.readouterr().out

@@ -68,3 +68,69 @@ def test_port_taken_by_another_program(tmp_path):
         sock.listen()
         with pytest.raises(StorageUnavailable, match=f"port {port} .* is taken"):
             EmbeddedS3(data_dir=tmp_path, port=port).start()
+
+
+def external(monkeypatch, url: str, secret: str = "y") -> StorageParams:
+    monkeypatch.setenv("EASEL_S3_ENDPOINT", url)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "x")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)
+    return StorageParams(bucket="easel", read_timeout_s=1, connect_timeout_s=1, retries=0)
+
+
+@pytest.mark.parametrize("status", [200, 404])
+def test_an_endpoint_that_answers_http_but_is_not_s3_is_named(monkeypatch, status):
+    from tests.fault_servers import NotS3Server
+
+    with NotS3Server(status) as server:
+        storage = external(monkeypatch, server.url)
+        with pytest.raises(StorageUnavailable, match=r"is it an S3 server\?"):
+            ready_client(storage)
+        with pytest.raises(StorageUnavailable, match=r"is it an S3 server\?"):
+            ready_client(storage, create_bucket=False)
+
+
+def test_a_hanging_endpoint_fails_within_its_bounded_wait(monkeypatch):
+    from tests.fault_servers import HangingServer
+
+    with HangingServer() as server:
+        storage = external(monkeypatch, server.url)
+        with pytest.raises(StorageUnavailable, match=r"did not answer within 1 s \(1 tries"):
+            ready_client(storage)
+
+
+def test_the_default_waits_bound_a_hanging_endpoint_to_30_seconds(monkeypatch, tmp_path):
+    """No timing assert: the client's configuration is what bounds the wait (botocore enforces it)."""
+    monkeypatch.delenv("EASEL_S3_ENDPOINT", raising=False)
+    settings = resolve_settings(StorageParams(bucket="easel", embedded={"data_dir": str(tmp_path)}))
+    config = make_client(settings).meta.config
+    tries = config.retries["total_max_attempts"]
+    assert config.connect_timeout and config.read_timeout
+    assert tries * (config.connect_timeout + config.read_timeout) <= 30
+
+
+def test_a_malformed_endpoint_is_refused_before_any_call(monkeypatch):
+    from components.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"EASEL_S3_ENDPOINT='not-a-url' is not an http\(s\) URL"):
+        external(monkeypatch, "not-a-url") and ready_client(StorageParams(bucket="easel"))
+
+
+def test_broken_credentials_file_is_named(tmp_path):
+    server = EmbeddedS3(data_dir=tmp_path, port=free_port_block())
+    for content in ('{"access_key": "a"', '{"access_key": "a"}', "[]", '{"access_key": "", "secret_key": "s"}'):
+        server.credentials_file.write_text(content)
+        with pytest.raises(StorageUnavailable, match=r"credentials.json: not usable embedded S3 credentials"):
+            server.settings()
+
+
+def test_start_after_a_port_change_does_not_trust_another_program(s3_server, tmp_path):
+    import socket
+
+    moved = EmbeddedS3(data_dir=s3_server.data_dir, port=free_port_block())  # params now name another port
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", moved.port))
+        sock.listen()  # ... which another program holds
+        assert not moved.is_running()
+        with pytest.raises(StorageUnavailable, match=rf"runs on port {s3_server.port} .*not on storage.embedded.port"):
+            moved.start()
+    assert s3_server.is_running()  # the running server is left alone

@@ -169,6 +169,39 @@ def test_missing_dpi_policies(tmp_path):
     assert len(accepted) == 2
 
 
+def test_the_tables_and_report_state_the_dpi_and_animation_policy_of_each_image(tmp_path):
+    files = {n: corpus()[n] for n in ("nodpi.png", "good.png", "animated.gif")}
+    _, accepted, _ = run(tmp_path / "accept", files, missing_dpi="accept", allow_animated=True)
+    policy = dict(
+        zip(accepted["url"].map(name), zip(accepted["dpi_policy"], accepted["frames_policy"], strict=True), strict=True)
+    )
+    assert policy["nodpi.png"][0] == "missing: accepted unchecked (missing_dpi: accept)"
+    assert policy["good.png"] == ("stated: 96", "still")
+    assert policy["animated.gif"][1] == "animated: only the first frame is trained on (allow_animated: true)"
+    html = (tmp_path / "accept" / "validate" / "report.html").read_text()
+    assert "missing: accepted unchecked (missing_dpi: accept)" in html and "only the first frame" in html
+
+    run(tmp_path / "strict", files)  # the defaults: missing DPI and animations are rejected, and say so
+    rejected = pd.read_parquet(tmp_path / "strict" / "validate" / "rejected.parquet").set_index("url")
+    assert set(rejected["dpi_policy"]) == {"missing: rejected (missing_dpi: reject)"}
+    assert "animated: rejected (allow_animated: false)" in set(rejected["frames_policy"])
+
+
+def test_an_empty_manifest_is_an_error_and_replaces_nothing(tmp_path):
+    run(tmp_path, {"good.png": corpus()["good.png"]})
+    before = {p: p.read_bytes() for p in (tmp_path / "validate").rglob("*") if p.is_file()}
+    manifest = pd.read_parquet(tmp_path / "download" / "manifest.parquet")
+    manifest.iloc[0:0].to_parquet(tmp_path / "download" / "manifest.parquet")  # a download of an empty list
+    params = ValidateParams(out_dir=str(tmp_path / "validate"))
+    with pytest.raises(EaselError, match=r"manifest.parquet lists no downloaded images \(0 rows"):
+        run_validate(params, tmp_path / "download", progress=False)
+    after = {p: p.read_bytes() for p in (tmp_path / "validate").rglob("*") if p.is_file()}
+    assert after == before
+    (tmp_path / "download" / "manifest.parquet").write_bytes(b"not parquet")
+    with pytest.raises(EaselError, match=r"manifest.parquet: cannot be read"):
+        run_validate(params, tmp_path / "download", progress=False)
+
+
 def test_caption_required_only_when_the_source_has_captions(tmp_path):
     files = {f"img{i}.png": encode(noise(600, 600, 40 + i), "PNG", dpi=(96, 96)) for i in range(3)}
     download = make_download_dir(tmp_path / "download", files)
@@ -218,8 +251,9 @@ def test_nothing_downloaded_is_a_clear_error(tmp_path):
             "bytes": [None],
         }
     ).to_parquet(download / "manifest.parquet")
-    with pytest.raises(EaselError, match="only 0 of 0 images passed"):
+    with pytest.raises(EaselError, match=r"lists no downloaded images \(1 rows, none ok\); fix the download"):
         run_validate(ValidateParams(out_dir=str(tmp_path / "validate")), download, progress=False)
+    assert not (tmp_path / "validate").exists()  # nothing written
 
 
 def test_near_duplicate_grouping_is_transitive_and_exact():

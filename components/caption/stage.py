@@ -24,7 +24,7 @@ from components.caption.merge import clip_token_count, merge_caption
 from components.caption.tagger import WDTagger, select_tags
 from components.config import CaptionParams, ModelsParams
 from components.errors import EaselError
-from components.fsutil import atomic_write_json, atomic_write_parquet
+from components.fsutil import atomic_write_json, atomic_write_parquet, read_stage_table
 from components.images import load_rgb, thumbnail
 from components.models.loaders import default_device, dtype_for
 
@@ -118,11 +118,7 @@ def run_caption(
 ) -> CaptionSummary:
     out_dir = Path(params.out_dir)
     accepted_path = validate_dir / "accepted.parquet"
-    if not accepted_path.is_file():
-        raise EaselError(f"caption: {accepted_path} not found; run the validate stage first")
-    accepted = pd.read_parquet(accepted_path)
-    if accepted.empty:
-        raise EaselError(f"caption: {accepted_path} holds no accepted images; nothing to caption")
+    accepted = read_stage_table(accepted_path, "caption", "validate", "accepted images", ("sha256", "image_path"))
     captioners = build_captioners(params, models)
     cache = CaptionCache(out_dir / "cache.jsonl")
     fully_cached = sum(all(cache.get(c.key, sha) is not None for c in captioners) for sha in accepted["sha256"])

@@ -20,6 +20,7 @@ import email.utils
 import ipaddress
 import os
 import random
+import re
 import socket
 import time
 from collections.abc import Awaitable, Callable, Iterable
@@ -102,6 +103,23 @@ class GuardedResolver(AbstractResolver):
 
     async def close(self) -> None:
         await self._inner.close()
+
+
+NUMERIC_LABEL = re.compile(r"(0x[0-9a-f]*|[0-9]+)", re.IGNORECASE)
+
+
+def non_canonical_ip(host: str) -> bool:
+    """A host that C resolvers read as an IPv4 address although it is not a dotted quad:
+    `2852039166`, `0251.0376.0251.0376` (octal), `0xa9.254.169.254`, `169.254.43518`. No DNS name
+    ends in a numeric label, so such a host is never a name; it is refused as invalid, not retried."""
+    labels = host.rstrip(".").split(".")
+    if not host or not NUMERIC_LABEL.fullmatch(labels[-1]):
+        return False
+    try:
+        ipaddress.IPv4Address(host)
+        return False  # canonical: checked against the allowed networks like any address
+    except ValueError:
+        return True
 
 
 def check_literal_host(url: str, allowed: list[ipaddress._BaseNetwork]) -> str | None:
@@ -196,6 +214,10 @@ class Fetcher:
             parts = urlsplit(current)
             if parts.scheme not in ("http", "https") or not parts.hostname:
                 return FetchResult(url, "invalid_url", f"unsupported URL: {current[:200]}")
+            if non_canonical_ip(parts.hostname):
+                return FetchResult(
+                    url, "invalid_url", f"{parts.hostname} is not a canonical IPv4 address (a.b.c.d)", final_url=current
+                )
             refusal = check_literal_host(current, self._allowed)
             if refusal:
                 return FetchResult(url, "private_address", refusal, final_url=current)
@@ -295,6 +317,13 @@ class Fetcher:
             try:
                 async with asyncio.timeout(s.total_timeout_s):
                     result = await self._one_attempt(session, url)
+            # aiohttp's own timeouts are TimeoutErrors too: name them before the overall deadline.
+            except aiohttp.ConnectionTimeoutError:
+                result = FetchResult(url, "timeout", f"no connection within {s.connect_timeout_s:g} s")
+            except aiohttp.SocketTimeoutError:
+                result = FetchResult(url, "timeout", f"no data for {s.read_timeout_s:g} s while reading the response")
+            except aiohttp.ServerTimeoutError as exc:
+                result = FetchResult(url, "timeout", str(exc) or "the server timed out")
             except TimeoutError:
                 result = FetchResult(url, "timeout", f"no complete response in {s.total_timeout_s:g} s")
             except (aiohttp.ClientConnectorCertificateError, aiohttp.ClientSSLError) as exc:
@@ -303,8 +332,6 @@ class Fetcher:
                 if isinstance(exc.os_error, RefusedAddress):
                     return FetchResult(url, "private_address", str(exc.os_error), attempts=attempt)
                 result = FetchResult(url, "connection_error", str(exc))
-            except (aiohttp.ServerTimeoutError, aiohttp.SocketTimeoutError) as exc:
-                result = FetchResult(url, "timeout", str(exc) or "read timed out")
             except aiohttp.ClientPayloadError as exc:
                 result = FetchResult(url, "truncated", f"body ended early: {exc}")
             except aiohttp.TooManyRedirects:

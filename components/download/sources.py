@@ -111,6 +111,21 @@ def read_source(spec: SourceParams, list_keys: Callable[[str, str], list[str]] |
     return _frame(spec.name, urls, table.drop(columns=[spec.url_column]))
 
 
-def read_sources(specs: list[SourceParams], list_keys: Callable[[str, str], list[str]] | None = None) -> pd.DataFrame:
-    frames = [read_source(spec, list_keys) for spec in specs]
+def read_sources(
+    specs: list[SourceParams], list_keys: Callable[[str, str], list[str]] | None = None, allow_empty: bool = False
+) -> pd.DataFrame:
+    """Every source's rows. A source with no rows, or no URL in any row, is an error unless
+    `allow_empty` (download.allow_empty) says that is expected: an empty list is far more often a
+    broken export than a wish to train on nothing, and it would replace the last good manifest."""
+    frames = []
+    for spec in specs:
+        frame = read_source(spec, list_keys)
+        if not allow_empty and (frame.empty or frame["url"].isna().all()):
+            what = "no rows" if frame.empty else f"no URL in any of its {len(frame)} rows ({spec.url_column!r})"
+            kind = "folder" if Path(spec.path).is_dir() else "prefix" if spec.path.startswith("s3://") else "list"
+            raise EaselError(
+                f"source {spec.name!r} ({spec.path}): {what}; fix the {kind}, remove the source from "
+                "download.sources, or set download.allow_empty: true if that is expected"
+            )
+        frames.append(frame)
     return pd.concat(frames, ignore_index=True, sort=False)

@@ -62,7 +62,7 @@ def settings_from_params(params: DownloadParams) -> FetchSettings:
 
 def _s3_access(storage: StorageParams):
     """S3 settings for the endpoint in use, and a lister of keys under a prefix."""
-    from components.storage import make_client, resolve_settings, storage_errors
+    from components.storage import ensure_bucket, make_client, resolve_settings, storage_errors
 
     settings = resolve_settings(storage)
     client = make_client(settings)
@@ -70,6 +70,8 @@ def _s3_access(storage: StorageParams):
     def list_keys(bucket: str, prefix: str) -> list[str]:
         keys: list[str] = []
         with storage_errors(settings, f"listing s3://{bucket}/{prefix}"):
+            if not ensure_bucket(client, bucket, create=False):  # also checks that the endpoint is S3
+                raise EaselError(f"source s3://{bucket}/{prefix}: the bucket {bucket} does not exist")
             for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
                 keys += [obj["Key"] for obj in page.get("Contents", [])]
         return sorted(keys)
@@ -166,7 +168,7 @@ def run_download(
         if storage is None:
             raise EaselError("download: s3:// sources need the storage settings")
         s3_settings, list_keys = _s3_access(storage)
-    inputs = read_sources(params.sources, list_keys)
+    inputs = read_sources(params.sources, list_keys, params.allow_empty)
     ImageStore(out_dir / "images").remove_partials()
     records = load_journal(out_dir / "journal")
     wanted = list(dict.fromkeys(u for u in inputs["url"] if pd.notna(u)))

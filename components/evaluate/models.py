@@ -58,10 +58,11 @@ def production(
 ) -> ModelUnderTest | None:
     """The model the alias (production) points at, downloaded (and verified) once; None if none yet."""
     from components.registry import Registry
-    from components.storage import make_client, resolve_settings
+    from components.storage import ready_client
 
-    settings = resolve_settings(storage)
-    registry = Registry(make_client(settings), settings, storage.bucket, storage.registry_prefix)
+    # Checked to answer as S3 first: an endpoint that is down or not S3 is an error, never "no production yet".
+    settings, client = ready_client(storage, create_bucket=False)
+    registry = Registry(client, settings, storage.bucket, storage.registry_prefix)
     alias = registry.alias(promote.model_name, promote.alias)
     if alias is None:
         log.info("no %s model in the registry yet: comparing with the base model only", promote.alias)

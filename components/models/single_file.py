@@ -333,7 +333,7 @@ def _component_state(folder: Path, name: str) -> dict[str, torch.Tensor]:
         if single.is_file():
             return load_file(str(single))
         if index.is_file():
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            shards = sorted(set(_config(index)["weight_map"].values()))
             return {k: v for shard in shards for k, v in load_file(str(folder / name / shard)).items()}
     raise EaselError(f"{folder}: {name}/{base}.safetensors not found (export reads safetensors only)")
 
@@ -343,11 +343,21 @@ def read_pipeline_folder(folder: Path) -> dict[str, dict[str, torch.Tensor]]:
     index = folder / "model_index.json"
     try:
         pipeline_class = json.loads(index.read_text()).get("_class_name")
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, AttributeError) as exc:
         raise EaselError(f"{index}: not a diffusers pipeline folder ({exc})") from None
     if pipeline_class != "StableDiffusionXLPipeline":
         raise EaselError(f"{index}: {pipeline_class!r} is not a StableDiffusionXLPipeline")
     return {name: _component_state(folder, name) for name in COMPONENTS}
+
+
+def _config(path: Path) -> dict:
+    """A JSON config file of the folder, or one EaselError naming it."""
+    from components.numbers import read_json
+
+    value, problem = read_json(path)
+    if problem or not isinstance(value, dict):
+        raise EaselError(problem or f"{path}: not a JSON object")
+    return value
 
 
 # -- export -----------------------------------------------------------------------------------------
@@ -364,7 +374,7 @@ def _modelspec(folder: Path, title: str, prediction_type: str, resolution: int) 
     }
     train_record = folder / "easel_train.json"
     if train_record.is_file():
-        record = json.loads(train_record.read_text())
+        record = _config(train_record)
         meta["modelspec.description"] = (
             f"Easel full U-Net fine-tune of {record.get('base_model')}; {record.get('steps')} steps on "
             f"{record.get('images')} images (data {record.get('data_fingerprint')})"
@@ -426,9 +436,9 @@ def export_single_file(model_dir: str | Path, dest: str | Path, precision: str =
     components = read_pipeline_folder(model_dir)
     components = {n: {k: v.to(dtype) for k, v in sd.items()} for n, sd in components.items()}
     checkpoint = diffusers_to_sgm(components)
-    unet_config = json.loads((model_dir / "unet" / "config.json").read_text())
-    scheduler_config = json.loads((model_dir / "scheduler" / "scheduler_config.json").read_text())
-    vae_scale = 2 ** (len(json.loads((model_dir / "vae" / "config.json").read_text())["block_out_channels"]) - 1)
+    unet_config = _config(model_dir / "unet" / "config.json")
+    scheduler_config = _config(model_dir / "scheduler" / "scheduler_config.json")
+    vae_scale = 2 ** (len(_config(model_dir / "vae" / "config.json")["block_out_channels"]) - 1)
     metadata = {
         "format": "pt",
         **_modelspec(
@@ -481,7 +491,7 @@ def _config_widths(config: str) -> tuple[int, int] | None:
         return None
     widths = []
     for name in ("text_encoder", "text_encoder_2"):
-        widths.append(int(json.loads((folder / name / "config.json").read_text())["hidden_size"]))
+        widths.append(int(_config(folder / name / "config.json")["hidden_size"]))
     return widths[0], widths[1]
 
 

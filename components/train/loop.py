@@ -19,12 +19,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import pandas as pd
 import torch
 
 from components.config import ModelsParams, TrainParams
 from components.errors import EaselError
-from components.fsutil import atomic_dir, atomic_write_json, atomic_write_text
+from components.fsutil import atomic_dir, atomic_write_json, atomic_write_text, read_stage_table
 from components.images import read_header
 from components.models.loaders import dtype_for, load_sdxl_parts
 from components.train import checkpoints
@@ -59,11 +58,7 @@ class TrainSummary:
 
 def load_training_items(caption_dir: Path) -> list[ImageCaption]:
     table_path = caption_dir / "captions.parquet"
-    if not table_path.is_file():
-        raise EaselError(f"train: {table_path} not found; run the caption stage first")
-    table = pd.read_parquet(table_path)
-    if table.empty:
-        raise EaselError(f"train: {table_path} holds no captioned images; nothing to train on")
+    table = read_stage_table(table_path, "train", "caption", "captioned images", ("sha256", "image_path", "caption"))
     items = []
     for r in table.itertuples():
         header = read_header(Path(r.image_path))

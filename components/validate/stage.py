@@ -57,6 +57,8 @@ def metadata_table(manifest: pd.DataFrame, download_dir: Path, params: ValidateP
     assumed = params.missing_dpi.assume if isinstance(params.missing_dpi, AssumeDpi) else None
     table["dpi_assumed"] = table["dpi"].isna() & table["header_read"].astype(bool) & (assumed is not None)
     table["dpi_effective"] = table["dpi"].fillna(assumed) if assumed is not None else table["dpi"]
+    table["dpi_policy"] = dpi_policies(table, params)
+    table["frames_policy"] = frames_policies(table, params)
     caption_col = f"src_{params.caption_column}" if params.caption_column else None
     if caption_col and caption_col in table.columns:
         text = table[caption_col].astype("string").str.strip()
@@ -70,6 +72,32 @@ def metadata_table(manifest: pd.DataFrame, download_dir: Path, params: ValidateP
     table["is_first_copy"] = ~table["sha256"].duplicated()
     table["duplicate_of"] = table["sha256"].map(first_url).where(~table["is_first_copy"]).astype("string")
     return table
+
+
+def dpi_policies(table: pd.DataFrame, params: ValidateParams) -> list[str]:
+    """For each image, what its DPI was and which policy decided it: the tables and report say it."""
+    policy = params.missing_dpi
+    missing = (
+        {
+            "reject": "missing: rejected (missing_dpi: reject)",
+            "accept": "missing: accepted unchecked (missing_dpi: accept)",
+        }.get(policy)
+        if isinstance(policy, str)
+        else f"missing: taken as {policy.assume:g} (missing_dpi: assume)"
+    )
+    out = []
+    for dpi, header in zip(table["dpi"], table["header_read"].astype(bool), strict=True):
+        out.append("unknown: header unreadable" if not header else missing if pd.isna(dpi) else f"stated: {dpi:g}")
+    return out
+
+
+def frames_policies(table: pd.DataFrame, params: ValidateParams) -> list[str]:
+    animated = (
+        "animated: only the first frame is trained on (allow_animated: true)"
+        if params.allow_animated
+        else "animated: rejected (allow_animated: false)"
+    )
+    return [animated if bool(a) else "still" for a in table["animated"].fillna(False)]
 
 
 def mark_near_duplicates(table: pd.DataFrame, reasons: list[list[str]], max_distance: int) -> None:
@@ -152,11 +180,20 @@ def _write_report(path: Path, table: pd.DataFrame, params: ValidateParams, per_r
             for r in rules
         ],
     )
+    rows = []
+    for column, label in (("dpi_policy", "DPI"), ("frames_policy", "frames")):
+        kind = table[column].str.replace(r"^stated: .*", "stated in the file", regex=True)
+        for value, n in kind.value_counts().items():
+            rows.append((label, value, n, int((kind[table["accepted"]] == value).sum())))
+    policies = report.table_html(["policy", "applied", "images", "accepted"], rows)
     overview = (
         f"<p>{len(table)} downloaded images ({table['sha256'].nunique()} distinct files): "
         f"<span class='pass'>{len(accepted)} accepted</span> ({share:.0%}), "
         f"<span class='fail'>{len(rejected)} rejected</span>. "
-        "<a href='data_docs/index.html'>Great Expectations Data Docs</a></p>" + counts
+        "<a href='data_docs/index.html'>Great Expectations Data Docs</a></p>"
+        + counts
+        + "<p>How the DPI and animation policies decided each image (every image's own line is in its "
+        "<code>dpi_policy</code> and <code>frames_policy</code> columns of accepted/rejected.parquet):</p>" + policies
     )
     hists = report.histograms(
         {
@@ -207,7 +244,16 @@ def run_validate(
         raise EaselError(f"validate: {manifest_path} not found; run the download stage first")
     if params.curate.enabled and models is None:
         raise EaselError("validate: curation is enabled but no models were given for the aesthetic scorer")
-    manifest = pd.read_parquet(manifest_path)
+    try:
+        manifest = pd.read_parquet(manifest_path)
+    except (OSError, ValueError) as exc:
+        raise EaselError(f"validate: {manifest_path}: cannot be read ({str(exc).splitlines()[0]})") from None
+    if params.min_accepted and not (manifest.get("status", pd.Series(dtype=str)) == "ok").any():
+        # Nothing to judge: writing empty accepted/rejected sets would replace the last good ones.
+        raise EaselError(
+            f"validate: {manifest_path} lists no downloaded images ({len(manifest)} rows, none ok); "
+            "fix the download first (validate.min_accepted: 0 allows an empty set)"
+        )
     table = metadata_table(manifest, download_dir, params, progress)
     with atomic_dir(out_dir) as tmp:
         if table.empty:

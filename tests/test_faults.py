@@ -1,0 +1,240 @@
+"""Fault injection, by class, for every `easel` command a user runs.
+
+The classes: bad params; unreadable or empty input; and an S3 endpoint that is down, hangs
+(accepts connections, never answers), answers HTTP but is not S3, refuses the credentials, or
+is not a URL at all. Every case runs the real command line in a copy of a project whose whole
+pipeline has run, and asserts the exit code (2: unusable input; 3: the gate rejects), a single
+`easel <command>:` line on stderr with no traceback (and not the safety net's "unexpected error",
+which would mean the case is not handled), and that every file under data/ is byte-identical.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import free_port, make_project
+from tests.fault_servers import HangingServer, NotS3Server
+
+pytestmark = pytest.mark.slow
+
+# Short waits, so that the hanging endpoint costs seconds, not the default 20.
+FAST_S3 = {"storage.read_timeout_s": 1, "storage.connect_timeout_s": 1, "storage.retries": 0}
+
+
+@pytest.fixture(scope="module")
+def finished_project(tmp_path_factory, sample_site, s3_server, tiny_models):
+    """A project whose six stages have run (one model in production), made once for the module."""
+    project = make_project(
+        tmp_path_factory.mktemp("faults") / "project", sample_site.base_url, s3_server, tiny_models, FAST_S3
+    )
+    for args in (["easel", "s3", "start"], ["dvc", "repro"]):
+        proc = subprocess.run(args, cwd=project, capture_output=True, text=True, env=clean_env())
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    return project
+
+
+@pytest.fixture()
+def project(finished_project, tmp_path):
+    return Path(shutil.copytree(finished_project, tmp_path / "project", symlinks=True))
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("EASEL_S3_", "AWS_"))}
+    return env | {"EASEL_NO_PROGRESS": "1"} | extra
+
+
+def data_files(project: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(project)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted((project / "data").rglob("*"))
+        if p.is_file()
+    }
+
+
+def easel(project: Path, args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
+    return subprocess.run(["easel", *args], cwd=project, capture_output=True, text=True, env=env, timeout=300)
+
+
+def assert_fails_cleanly(
+    project: Path, args: list[str], env: dict[str, str], code: int = 2, may_write: tuple[str, ...] = ()
+) -> str:
+    """Run; check the exit code, the one line, and that data/ is as it was. Returns the line."""
+    before = data_files(project)
+    proc = easel(project, args, env)
+    command = args[2] if args[0] == "--params" else args[0]
+    errors = [line for line in proc.stderr.splitlines() if not line.startswith(("INFO ", "WARNING "))]
+    assert proc.returncode == code, (args, proc.returncode, proc.stdout[-1000:], proc.stderr[-3000:])
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert len(errors) == 1 and errors[0].startswith(f"easel {command}: "), proc.stderr[-3000:]
+    assert "unexpected error" not in errors[0], errors[0]  # the safety net caught it: not handled
+    after = data_files(project)
+    changed = {k for k in before.keys() | after.keys() if before.get(k) != after.get(k)}
+    assert {k for k in changed if not k.startswith(may_write)} == set(), changed
+    return errors[0]
+
+
+# -- bad params: every command reads params.yaml first --------------------------------------------
+
+COMMANDS = [
+    ["download"],
+    ["validate"],
+    ["caption"],
+    ["train"],
+    ["evaluate"],
+    ["promote"],
+    ["gate"],
+    ["export"],
+    ["s3", "start"],
+    ["s3", "status"],
+    ["registry", "list"],
+    ["config", "show"],
+    ["sample-source", "build"],
+    ["demo"],
+]
+
+
+def test_bad_params_stop_every_command_in_one_line(project):
+    params = project / "params.yaml"
+    params.write_text(params.read_text().replace("min_dpi: 96", "min_dpi: lots", 1))
+    for args in COMMANDS:
+        line = assert_fails_cleanly(project, args, clean_env())
+        assert "params.yaml: validate.min_dpi:" in line and "'lots'" in line, line
+    params.write_text("profile: tiny\nprofiles: [")
+    for args in (["download"], ["gate"], ["registry", "list"]):
+        assert "is not valid YAML" in assert_fails_cleanly(project, args, clean_env())
+
+
+# -- unreadable or empty input, stage by stage -------------------------------------------------------
+
+
+def garble(path: Path) -> None:
+    path.write_bytes(b"\x00\xffnot what it should be\x00" * 10)
+
+
+def test_unreadable_or_empty_inputs_are_named(project):
+    env = clean_env()
+    sources = project / "data/sources/sample_posters.csv"
+    original = sources.read_text()
+    sources.write_text(original.splitlines()[0] + "\n")  # a header and no rows
+    assert "source 'sample_posters'" in assert_fails_cleanly(project, ["download"], env)
+    sources.write_text(original)
+
+    checks = [
+        ("data/download/manifest.parquet", ["validate"], "manifest.parquet: cannot be read"),
+        ("data/validate/accepted.parquet", ["caption"], "accepted.parquet: cannot be read"),
+        ("data/caption/captions.parquet", ["train"], "captions.parquet: cannot be read"),
+        ("data/prompts/eval_prompts.csv", ["evaluate"], "eval_prompts.csv"),
+        ("data/train/model/unet/config.json", ["export"], "config.json"),
+    ]
+    for rel, args, expected in checks:
+        target = project / rel
+        saved = target.read_bytes()
+        garble(target)
+        assert expected in assert_fails_cleanly(project, args, env), rel
+        target.write_bytes(saved)
+
+    # The gate reads the evaluation: a broken one is a verdict (reject, exit 3), recorded only in its own folder.
+    summary = project / "data/evaluate/summary.json"
+    saved = summary.read_bytes()
+    garble(summary)
+    line = assert_fails_cleanly(project, ["gate", "--out", "data/gate"], env, code=3, may_write=("data/gate/",))
+    assert "evaluation_summary" in line
+    assert "evaluation_summary" in assert_fails_cleanly(project, ["promote"], env, 3, may_write=("data/promote/",))
+    summary.write_bytes(saved)
+
+    assert "no version or alias 'v-nope'" in assert_fails_cleanly(
+        project, ["registry", "download", "v-nope", "--dest", "elsewhere"], env
+    )
+    assert "not found" in assert_fails_cleanly(project, ["--params", "nope.yaml", "config", "show"], env)
+
+
+# -- S3 that is down, hangs, is not S3, refuses us, or is not a URL ---------------------------------------
+
+S3_COMMANDS = [
+    ["s3", "start"],
+    ["registry", "list"],
+    ["registry", "show"],
+    ["registry", "download", "--dest", "downloaded"],
+    ["registry", "promote", "v-0000000000000000"],
+    ["registry", "rollback"],
+    ["registry", "gc"],
+    ["gate"],
+    ["promote"],
+    ["evaluate"],
+]
+
+
+def with_s3_source(project: Path) -> None:
+    """The download stage reads an s3:// prefix: the case where download talks to S3."""
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["download"]["sources"] = [{"name": "bucket_images", "path": "s3://images/posters/"}]
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def check_every_s3_command(project: Path, env: dict[str, str], expected: str) -> None:
+    for args in S3_COMMANDS:
+        line = assert_fails_cleanly(project, args, env)
+        assert expected in line, (args, line)
+    with_s3_source(project)
+    assert expected in assert_fails_cleanly(project, ["download"], env)
+
+
+def s3_env(url: str, secret: str = "not-the-secret") -> dict[str, str]:
+    return clean_env(EASEL_S3_ENDPOINT=url, AWS_ACCESS_KEY_ID="easel-test", AWS_SECRET_ACCESS_KEY=secret)
+
+
+def test_s3_down(project):
+    check_every_s3_command(project, s3_env(f"http://127.0.0.1:{free_port()}"), "is unreachable")
+
+
+def test_embedded_s3_not_running(project):
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["storage"]["embedded"]["port"] = free_port()  # nothing there; `easel s3 start` would start it
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    for args in S3_COMMANDS[1:]:
+        assert "start it with `easel s3 start`" in assert_fails_cleanly(project, args, clean_env()), args
+
+
+def test_s3_hanging(project):
+    with HangingServer() as server:
+        check_every_s3_command(project, s3_env(server.url), "did not answer within 1 s")
+
+
+@pytest.mark.parametrize("status", [200, 404])
+def test_s3_that_is_not_s3(project, status):
+    with NotS3Server(status) as server:
+        check_every_s3_command(project, s3_env(server.url), "is it an S3 server?")
+
+
+def test_s3_refusing_the_credentials(project, s3_server):
+    check_every_s3_command(project, s3_env(s3_server.endpoint_url), "refused the credentials")
+
+
+def test_s3_endpoint_that_is_not_a_url(project):
+    check_every_s3_command(project, s3_env("not-a-url"), "EASEL_S3_ENDPOINT='not-a-url' is not an http(s) URL")
+
+
+# -- the safety net ------------------------------------------------------------------------------------
+
+
+def test_an_unexpected_error_is_one_line_and_a_log_file(project, monkeypatch, capsys):
+    """The net for bugs: here a bug is simulated (a mock, since no input is known to cause one)."""
+    import components.cli as cli
+
+    monkeypatch.chdir(project)
+    monkeypatch.setattr(cli, "cmd_config", lambda args: {}["no such key"])
+    assert cli.main(["config", "show"]) == 1
+    line = capsys.readouterr().err.strip()
+    assert line.startswith("easel config: unexpected error: KeyError: 'no such key' (traceback in ")
+    log = Path(line.split("traceback in ")[1].split(";")[0])
+    assert "Traceback (most recent call last)" in log.read_text() and log.parent == Path(".easel/logs")
+    monkeypatch.setenv("EASEL_TRACEBACK", "1")
+    with pytest.raises(KeyError):
+        cli.main(["config", "show"])
