@@ -570,11 +570,15 @@ def _seekable(stream: BinaryIO, scratch: Path) -> Iterator[BinaryIO]:
         yield stream
         return
     scratch.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryFile(dir=scratch) as copy:
-        while chunk := stream.read(1 << 20):
-            copy.write(chunk)
-        copy.seek(0)
-        yield copy
+    try:
+        with tempfile.TemporaryFile(dir=scratch) as copy:  # no name: gone when closed, even after kill -9
+            while chunk := stream.read(1 << 20):
+                copy.write(chunk)
+            copy.seek(0)
+            yield copy
+    finally:
+        with contextlib.suppress(OSError):
+            scratch.rmdir()  # only if empty: another reader may be copying into it
 
 
 # -- sources ---------------------------------------------------------------------------------------
