@@ -166,6 +166,13 @@ def cmd_evaluate(args) -> int:
             f"  {name}: aesthetic {d['mean_diff']:+.4f} [{d['ci_low']:+.4f}, {d['ci_high']:+.4f}], "
             f"win rate {d['win_rate']:.0%} over {d['prompts']} prompts"
         )
+    board, panel = summary.summary["leaderboard"], summary.summary["panel"]
+    earlier = [name for name, p in panel.items() if p["scored"] == "earlier"]
+    print(
+        f"leaderboard: {board['path']} ({board['models']} models on this prompt set"
+        + (f"; not scored again: {', '.join(earlier)}" if earlier else "")
+        + ")"
+    )
     print(f"report: {summary.report}")
     return 0
 

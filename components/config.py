@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from components.errors import ConfigError
 
@@ -376,6 +376,38 @@ class BootstrapParams(Section):
     seed: int = 0
 
 
+# Roles the evaluate stage gives its own models; the gate reads scores.csv by these names.
+EVALUATE_ROLES = ("candidate", "production", "base")
+REGISTRY_REF = r"^registry:([a-z0-9][a-z0-9._-]*)/([a-z0-9][a-z0-9._-]*)$"
+
+
+class PanelModelParams(Section):
+    """A model the evaluation scores beside the candidate, on the same prompts, seeds and guidance."""
+
+    # The model's row in scores.csv, its images folder and its leaderboard row.
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9._-]*$", max_length=64)
+    # A diffusers pipeline folder, a single-file .safetensors checkpoint, or registry:<model_name>/<version or alias>.
+    ref: str = Field(min_length=1)
+    # For a single file: the diffusers configs it is read with (default: models.sdxl_config).
+    config: str | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _not_a_role(cls, value: str) -> str:
+        if value in EVALUATE_ROLES:
+            raise ValueError(f"{value!r} names one of the evaluation's own models ({', '.join(EVALUATE_ROLES)})")
+        return value
+
+    @field_validator("ref")
+    @classmethod
+    def _registry_form(cls, value: str) -> str:
+        import re
+
+        if value.startswith("registry:") and not re.match(REGISTRY_REF, value):
+            raise ValueError("a registry model is named registry:<model_name>/<version or alias>")
+        return value
+
+
 class EvaluateParams(Section):
     out_dir: str = "data/evaluate"
     prompts: str = "data/prompts/eval_prompts.csv"
@@ -393,6 +425,28 @@ class EvaluateParams(Section):
     cache_dir: str = ".easel/cache/generations"  # images by (model, prompt, seed, settings)
     scorer_batch_size: int = Field(16, ge=1)
     scorer_workers: int = Field(2, ge=0)  # DataLoader workers decoding and preprocessing for the scorer
+    panel: list[PanelModelParams] = []  # more models, generated and scored like the candidate (no paired comparison)
+    # The cumulative table of every model scored, kept outside out_dir, which each run replaces whole.
+    leaderboard: str = "data/leaderboard.csv"
+
+    @field_validator("panel")
+    @classmethod
+    def _unique_names(cls, value: list[PanelModelParams]) -> list[PanelModelParams]:
+        names = [m.name for m in value]
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise ValueError(f"panel model names must be unique; repeated: {', '.join(repeated)}")
+        return value
+
+    @field_validator("leaderboard")
+    @classmethod
+    def _outside_out_dir(cls, value: str, info: ValidationInfo) -> str:
+        if Path(value).suffix != ".csv":
+            raise ValueError("must be a .csv file")
+        out_dir, board = Path(info.data.get("out_dir", "data/evaluate")).absolute(), Path(value).absolute()
+        if out_dir in board.parents:
+            raise ValueError(f"lies in evaluate.out_dir ({info.data.get('out_dir')}), which every run replaces whole")
+        return value
 
 
 class PromoteParams(Section):

@@ -168,6 +168,7 @@ def tiny_evaluate_params(tmp_path, prompts, **overrides):
         "num_inference_steps": 2,
         "batch_size": 4,
         "cache_dir": str(tmp_path / "cache"),
+        "leaderboard": str(tmp_path / "leaderboard.csv"),
         "scorer_workers": 0,
         "bootstrap": {"resamples": 500, "confidence": 0.95, "seed": 0},
     }

@@ -27,6 +27,7 @@ import pandas as pd
 from tqdm import tqdm
 
 from components.config import DownloadParams, StorageParams
+from components.download.archives import split_sources
 from components.download.fetch import TRANSIENT_STATUSES, FetchSettings
 from components.download.journal import load_journal
 from components.download.sources import read_sources
@@ -130,6 +131,35 @@ def _fetch(out_dir: Path, urls: list[str], settings: FetchSettings, workers: int
         bar.close()
 
 
+def _with_archives(manifest: pd.DataFrame, params: DownloadParams, specs, s3_settings, shard) -> pd.DataFrame:
+    """The manifest with the rows of the archive sources, every source's rows in params order.
+
+    A shard run reads only its own archives; a run that writes the manifest reads every one (those already
+    indexed cost nothing).
+    """
+    from components.download.archives import ArchiveReader
+
+    client = None
+    if s3_settings is not None:
+        from components.storage import make_client
+
+        client = make_client(s3_settings)
+    reader = ArchiveReader(Path(params.out_dir), settings_from_params(params), client)
+    wanted = (lambda a: shard_of(a, shard[1]) == shard[0]) if shard is not None else (lambda a: True)
+    parts = [manifest]
+    for spec in specs:
+        inputs, records = reader.read(spec, wanted)
+        if inputs.empty and not params.allow_empty and shard is None:
+            raise EaselError(
+                f"source {spec.name!r} ({spec.path}): no image members; fix the archive, remove the source from "
+                "download.sources, or set download.allow_empty: true if that is expected"
+            )
+        parts.append(build_manifest(inputs, records))
+    merged = pd.concat([p for p in parts if len(p)] or [manifest], ignore_index=True, sort=False)
+    order = {s.name: i for i, s in enumerate(params.sources)}
+    return merged.sort_values("source", key=lambda c: c.map(order), kind="stable").reset_index(drop=True)
+
+
 @dataclass
 class DownloadSummary:
     rows: int
@@ -168,7 +198,12 @@ def run_download(
         if storage is None:
             raise EaselError("download: s3:// sources need the storage settings")
         s3_settings, list_keys = _s3_access(storage)
-    inputs = read_sources(params.sources, list_keys, params.allow_empty)
+    url_sources, archive_sources = split_sources(params.sources)
+    inputs = (
+        read_sources(url_sources, list_keys, params.allow_empty)
+        if url_sources
+        else pd.DataFrame(columns=["source", "row", "url"])
+    )
     ImageStore(out_dir / "images").remove_partials()
     records = load_journal(out_dir / "journal")
     wanted = list(dict.fromkeys(u for u in inputs["url"] if pd.notna(u)))
@@ -181,6 +216,8 @@ def run_download(
         _fetch(out_dir, todo, settings, workers, progress)
         records = load_journal(out_dir / "journal")
     manifest = build_manifest(inputs, records)
+    if archive_sources:  # read member by member into the same store; rows like those of fetched URLs
+        manifest = _with_archives(manifest, params, archive_sources, s3_settings, None if write_manifest else shard)
     statuses = dict(Counter(manifest["status"]))
     ok = manifest[manifest["status"] == "ok"]
     summary = DownloadSummary(

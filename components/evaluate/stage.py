@@ -13,6 +13,7 @@ once for both metrics. Outputs in out_dir:
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import shutil
 from dataclasses import dataclass
@@ -22,11 +23,12 @@ import pandas as pd
 from tqdm import tqdm
 
 from components import report
-from components.config import EvaluateParams, ModelsParams, PromoteParams, StorageParams
+from components.config import EVALUATE_ROLES, EvaluateParams, ModelsParams, PromoteParams, StorageParams
 from components.errors import EaselError
+from components.evaluate import leaderboard
 from components.evaluate import models as model_sources
 from components.evaluate.cache import ImageCache, image_key
-from components.evaluate.stats import AESTHETIC_STATS, score_summary
+from components.evaluate.stats import AESTHETIC_STATS, score_summary, summarize
 from components.fsutil import atomic_dir, atomic_write_bytes, atomic_write_json, atomic_write_text
 from components.generation import GenerationSettings, generate
 from components.guidance import Guidance
@@ -47,37 +49,40 @@ def generation_settings(params: EvaluateParams) -> GenerationSettings:
     )
 
 
+def plan_images(model: model_sources.ModelUnderTest, prompts: pd.DataFrame, params: EvaluateParams) -> list[dict]:
+    """Every (prompt, seed) image of one model, with its cache key."""
+    settings_key = generation_settings(params).key()
+    return [
+        {
+            "model": model.name,
+            "prompt_id": prompt.id,
+            "category": prompt.category,
+            "seed": seed,
+            "prompt": prompt.prompt,
+            "negative_prompt": prompt.negative_prompt,
+            "key": image_key(model.identity, prompt.prompt, prompt.negative_prompt, seed, settings_key),
+        }
+        for prompt in prompts.itertuples()
+        for seed in params.seeds
+    ]
+
+
 def generate_for_model(
     model: model_sources.ModelUnderTest,
     prompts: pd.DataFrame,
     params: EvaluateParams,
     cache: ImageCache,
-    models: ModelsParams,
     progress: bool,
 ) -> pd.DataFrame:
     """Every (prompt, seed) image of one model, from the cache or generated into it."""
     settings = generation_settings(params)
-    jobs = []
-    for prompt in prompts.itertuples():
-        for seed in params.seeds:
-            key = image_key(model.identity, prompt.prompt, prompt.negative_prompt, seed, settings.key())
-            jobs.append(
-                {
-                    "model": model.name,
-                    "prompt_id": prompt.id,
-                    "category": prompt.category,
-                    "seed": seed,
-                    "prompt": prompt.prompt,
-                    "negative_prompt": prompt.negative_prompt,
-                    "key": key,
-                }
-            )
+    jobs = plan_images(model, prompts, params)
     missing = [j for j in jobs if not cache.has(j["key"])]
     log.info("%s: %d images, %d from the cache", model.name, len(jobs), len(jobs) - len(missing))
     if missing:
         from components.models.loaders import default_device, load_sdxl_pipeline
 
-        pipe = load_sdxl_pipeline(model.ref, models if model.name == "base" else None).to(default_device())
+        pipe = load_sdxl_pipeline(model.ref, model.load_with).to(default_device())
         bar = tqdm(total=len(missing), desc=f"generate {model.name}", unit="img", disable=not progress)
         for start in range(0, len(missing), params.batch_size):
             batch = missing[start : start + params.batch_size]
@@ -123,7 +128,35 @@ class EvaluateSummary:
     scores: Path
 
 
-def _markdown(summary: dict) -> str:
+def _leaderboard_md(ranking: pd.DataFrame, in_run: dict[str, list[str]], board_path: str, others: int) -> str:
+    """The leaderboard rows comparable with this run, best mean aesthetic first."""
+    headers = ["#", "Model", "in this run", *AESTHETIC_STATS, "CLIP mean", "CLIP std", "fingerprint", "scored at"]
+    rows = []
+    for rank, r in enumerate(ranking.to_dict("records"), start=1):
+        stats = [report.fmt(_cell(r[f"{stat}_LAIONScore"])) for stat in AESTHETIC_STATS]
+        fingerprint = str(r["model_fingerprint"]).removeprefix("sha256:")[:12]
+        now = ", ".join(in_run.get(r["model_fingerprint"], [])) or "-"
+        clip = [report.fmt(_cell(r["Clipscore_mean"])), report.fmt(_cell(r["Clipscore_std"]))]
+        rows.append([rank, r["Model"], now, *stats, *clip, fingerprint, r["scored_at"]])
+    lines = [
+        "## Leaderboard",
+        "",
+        f"Every model scored on this prompt set with these seeds, settings and scorer (`{board_path}`; the guide's "
+        "MyModelSummary_Total.csv). A model already on it is not generated or scored again.",
+        "",
+        report.table_md(headers, rows),
+    ]
+    if others:
+        lines += ["", f"_{others} more row(s) in the file were scored on another prompt set or protocol: not shown._"]
+    return "\n".join(lines)
+
+
+def _cell(value: object) -> object:
+    """A leaderboard cell for report.fmt: numbers as floats (pandas' NA as NaN)."""
+    return float("nan") if pd.isna(value) else float(value)
+
+
+def _markdown(summary: dict, leaderboard_md: str = "") -> str:
     rows = []
     for name, table in [("candidate", summary), *summary["models"].items()]:
         a, c = table["aesthetic"], table["clip_score"]
@@ -143,17 +176,32 @@ def _markdown(summary: dict) -> str:
             "80% power at the CI's one-sided level, given the spread (sd) of the per-prompt differences; a gate "
             "margin below it makes the gate's verdict inconclusive._",
         ]
+    if leaderboard_md:
+        lines += ["", leaderboard_md]
     lines += ["", f"_{CLIP_SCORE_DEFINITION}. {AESTHETIC_DEFINITION}._", ""]
     return "\n".join(lines)
 
 
-def _write_report(path: Path, scores: pd.DataFrame, summary: dict, out_dir: Path) -> None:
+def _card(image_path: Path | None, r) -> str:
     from PIL import Image
 
-    model_names = list(dict.fromkeys(scores["model"]))
+    label = f"{r.model}, seed {r.seed}"
+    if image_path is None:
+        return report.card(None, f"{label}: not in the image cache")
+    if pd.isna(r.aesthetic_score):
+        return report.card(Image.open(image_path).convert("RGB"), f"{label}: scored in an earlier run (leaderboard)")
+    caption = f"{label}: aesthetic {r.aesthetic_score:.3f}, CLIP {r.clip_score:.3f}"
+    return report.card(Image.open(image_path).convert("RGB"), caption)
+
+
+def _write_report(
+    path: Path, scores: pd.DataFrame, gallery: pd.DataFrame, summary: dict, md: str, out_dir: Path
+) -> None:
+    """The HTML report; `gallery` holds every model's images (scored now or earlier), one grid per prompt."""
+    scored = list(dict.fromkeys(scores["model"]))
     hists = report.histograms(
-        {f"aesthetic: {m}": scores.loc[scores["model"] == m, "aesthetic_score"].tolist() for m in model_names}
-        | {f"CLIP: {m}": scores.loc[scores["model"] == m, "clip_score"].tolist() for m in model_names}
+        {f"aesthetic: {m}": scores.loc[scores["model"] == m, "aesthetic_score"].tolist() for m in scored}
+        | {f"CLIP: {m}": scores.loc[scores["model"] == m, "clip_score"].tolist() for m in scored}
     )
     cats = report.table_html(
         ["category", "images", "aesthetic mean", "CLIP score mean"],
@@ -162,18 +210,13 @@ def _write_report(path: Path, scores: pd.DataFrame, summary: dict, out_dir: Path
             for k, v in summary["by_category"].items()
         ],
     )
+    model_names = list(dict.fromkeys(gallery["model"]))
     grids = []
-    for prompt_id, group in scores.groupby("prompt_id", sort=False):
+    for prompt_id, group in gallery.groupby("prompt_id", sort=False):
         rows = []
         for model in model_names:
-            cards = [
-                report.card(
-                    Image.open(out_dir / r.image).convert("RGB"),
-                    f"{model}, seed {r.seed}: aesthetic {r.aesthetic_score:.3f}, CLIP {r.clip_score:.3f}",
-                )
-                for r in group[group["model"] == model].itertuples()
-            ]
-            rows.append(report.grid(cards))
+            mine = group[group["model"] == model].itertuples()
+            rows.append(report.grid(_card(out_dir / r.image if isinstance(r.image, str) else None, r) for r in mine))
         grids.append(
             f"<h3>{report.esc(prompt_id)}</h3><p class='note'>{report.esc(group.iloc[0].prompt)}</p>" + "".join(rows)
         )
@@ -183,13 +226,31 @@ def _write_report(path: Path, scores: pd.DataFrame, summary: dict, out_dir: Path
         path,
         "Easel evaluation report",
         [
-            ("Summary", markdown_it.MarkdownIt().enable("table").render(_markdown(summary))),
+            ("Summary", markdown_it.MarkdownIt().enable("table").render(md)),
             ("Candidate by category", cats),
             ("Distributions", hists),
             ("Images per prompt (rows: " + ", ".join(model_names) + ")", "".join(grids)),
         ],
         intro=f"Guidance: {report.esc(summary['generation']['guidance'])}.",
     )
+
+
+def scorer_identity(models: ModelsParams) -> str:
+    """The scorer's models, as named in params: part of the leaderboard's protocol."""
+    return json.dumps([models.clip_model, models.clip_pretrained, models.aesthetic, models.aesthetic_sha256])
+
+
+def _role(model: model_sources.ModelUnderTest) -> str:
+    return model.name if model.name in EVALUATE_ROLES else "panel"
+
+
+def _board_name(model: model_sources.ModelUnderTest) -> str:
+    """A leaderboard row's Model: the candidate and production change from run to run, so they carry their id."""
+    if model.name == "candidate":
+        return f"candidate-{model.identity.removeprefix('sha256:')[:12]}"
+    if model.name == "production" and model.version:
+        return f"production-{model.version}"
+    return model.name
 
 
 def run_evaluate(
@@ -207,9 +268,16 @@ def run_evaluate(
     prompts = load_prompt_set(params.prompts, params.negative_prompt, params.max_prompts)
     cache = ImageCache(params.cache_dir)
     chosen = resolve_models(params, models, model_dir, storage, promote)
-    jobs = pd.concat(
-        [generate_for_model(m, prompts, params, cache, models, progress) for m in chosen], ignore_index=True
+    # Every panel reference and the leaderboard are checked before anything is generated.
+    panel = [model_sources.panel_model(entry, i, models, storage) for i, entry in enumerate(params.panel)]
+    prompt_sha = prompt_set_hash(params.prompts)
+    protocol = leaderboard.protocol_hash(
+        prompts, params.seeds, generation_settings(params).key(), scorer_identity(models)
     )
+    board = leaderboard.read(params.leaderboard)
+    earlier = [m for m in panel if leaderboard.has(board, m.identity, prompt_sha, protocol)]
+    scored = [*chosen, *(m for m in panel if m not in earlier)]
+    jobs = pd.concat([generate_for_model(m, prompts, params, cache, progress) for m in scored], ignore_index=True)
     scorer = ImageTextScorer(models, batch_size=params.scorer_batch_size, workers=params.scorer_workers)
     metrics = scorer.score([cache.path(k) for k in jobs["key"]], jobs["prompt"].tolist(), progress)
     scores = jobs.assign(**{k: v.astype(float) for k, v in metrics.items()})
@@ -218,13 +286,29 @@ def run_evaluate(
         for m, p, s in zip(scores["model"], scores["prompt_id"], scores["seed"], strict=True)
     ]
     # The gate reads this file: the summary records its sha256 so that a swapped or edited copy is stale.
+    # Panel models' rows are in it too; the gate reads only the candidate's and the reference's.
     scores_csv = scores.drop(columns=["key"]).to_csv(index=False).encode("utf-8")
     others = [m.name for m in chosen if m.name != "candidate"]
     b = params.bootstrap
+    board_rows = [
+        leaderboard.row(
+            _board_name(m),
+            _role(m),
+            m.origin,
+            m.identity,
+            summarize(scores[scores["model"] == m.name]),
+            prompt_sha,
+            protocol,
+            params.seeds,
+        )
+        for m in scored
+    ]
+    board_now = leaderboard.upsert(board, board_rows)
+    ranking = leaderboard.standings(board_now, prompt_sha, protocol)
     summary = score_summary(scores, others, b.confidence, b.resamples, b.seed) | {
         "model_fingerprint": chosen[0].identity.removeprefix("sha256:"),
         "production_version": next((m.version for m in chosen if m.name == "production"), None),
-        "prompt_set_sha256": prompt_set_hash(params.prompts),
+        "prompt_set_sha256": prompt_sha,
         "scores_sha256": hashlib.sha256(scores_csv).hexdigest(),
         "prompts": len(prompts),
         "seeds": list(params.seeds),
@@ -236,10 +320,26 @@ def run_evaluate(
             "height": params.height,
             "width": params.width,
         },
+        # Scored like the candidate, on the leaderboard; no paired comparison (those stay against production or base).
+        "panel": {
+            m.name: {"model_fingerprint": m.identity, "ref": m.origin, "scored": "earlier" if m in earlier else "now"}
+            for m in panel
+        },
+        "leaderboard": {"path": params.leaderboard, "protocol_sha256": protocol, "models": len(ranking)},
     }
+    # The grid shows the models already on the leaderboard too, from the image cache when their images are there.
+    before = pd.DataFrame([job for m in earlier for job in plan_images(m, prompts, params)], columns=jobs.columns)
+    before["image"] = [
+        f"images/{r.model}/{r.prompt_id}__seed{r.seed}.png" if cache.has(r.key) else None for r in before.itertuples()
+    ]
+    gallery = pd.concat([scores, before], ignore_index=True) if len(before) else scores
+    in_run: dict[str, list[str]] = {}
+    for m in [*chosen, *panel]:
+        in_run.setdefault(m.identity, []).append(m.name)
+    md = _markdown(summary, _leaderboard_md(ranking, in_run, params.leaderboard, len(board_now) - len(ranking)))
     out_dir = Path(params.out_dir)
     with atomic_dir(out_dir) as tmp:
-        for row in scores.itertuples():
+        for row in gallery[gallery["image"].notna()].itertuples():
             target = tmp / row.image
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(cache.path(row.key), target)
@@ -251,8 +351,10 @@ def run_evaluate(
                 "definitions": {"clip_score": CLIP_SCORE_DEFINITION, "aesthetic": AESTHETIC_DEFINITION},
             },
         )
-        atomic_write_text(tmp / "report.md", _markdown(summary))
-        _write_report(tmp / "report.html", scores, summary, tmp)
+        atomic_write_text(tmp / "report.md", md)
+        _write_report(tmp / "report.html", scores, gallery, summary, md, tmp)
+    # Re-read under the lock: rows that another evaluation added meanwhile are kept.
+    leaderboard.update(params.leaderboard, board_rows)
     if metrics_path is not None:
         atomic_write_json(metrics_path, summary)
     if plots_path is not None:  # per-image scores for `dvc plots` (outside the stage's out folder)
