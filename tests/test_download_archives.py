@@ -478,3 +478,14 @@ def test_easel_download_stops_on_a_missing_archive_in_one_line_and_keeps_the_man
 def test_a_missing_local_archive_is_an_error(tmp_path):
     with pytest.raises(EaselError, match=r"absent.zip: archive not found \(source 's'\)"):
         run_download(params(tmp_path, [{"name": "s", "path": str(tmp_path / "absent.zip")}]), progress=False)
+
+
+def test_an_archive_with_no_images_is_an_error_unless_expected(tmp_path):
+    empty = tmp_path / "empty.zip"
+    with zipfile.ZipFile(empty, "w") as z:
+        z.writestr("README.txt", "no images here")
+    with pytest.raises(EaselError, match=r"source 's' .*empty.zip\): no image members.*download.allow_empty: true"):
+        run_download(params(tmp_path, [{"name": "s", "path": str(empty)}]), progress=False)
+    assert not (tmp_path / "out" / "manifest.parquet").exists()
+    summary = run_download(params(tmp_path, [{"name": "s", "path": str(empty)}], allow_empty=True), progress=False)
+    assert summary.rows == 0
