@@ -15,8 +15,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from components.config import METRICS_DIR, STAGES
 from components.errors import EaselError, GateRejected
-from components.pipeline import METRICS_DIR, STAGES
 
 PLOTS_DIR = Path("data/plots")
 

@@ -20,6 +20,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 from components.errors import ConfigError
 
 DEFAULT_PARAMS = Path("params.yaml")
+# The pipeline's stages in order (dvc.yaml, the CLI and the flows all follow it), and where their metrics go.
+STAGES = ("download", "validate", "caption", "train", "evaluate", "promote")
+METRICS_DIR = Path("data/metrics")
 # dvc.yaml tracks profiles.<profile>.<section> for these, so every profile must set them.
 PROFILE_SECTIONS = ("models", "train", "evaluate", "gate")
 SECTIONS = (

@@ -24,11 +24,12 @@ def run_demo(params_path: Path, stages: list[str] | None = None) -> int:
     from components.models.loaders import TINY_ROOT
     from components.models.tiny import build_tiny_models
     from components.sample_source import SampleSite, build_site
-    from components.storage import EmbeddedS3, configure_dvc_remote, ready_client
+    from components.storage import EmbeddedS3, configure_dvc_remote, ready_client, require_dvc_project
 
     started = time.perf_counter()
     project_dir = Path.cwd()
     params = load_params(params_path)
+    require_dvc_project(project_dir)  # before anything is built or started
     if params.profile == "tiny":
         _say(f"tiny offline models in {TINY_ROOT}")
         build_tiny_models(TINY_ROOT)

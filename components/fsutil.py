@@ -144,3 +144,8 @@ def manifest_digest(manifest: list[dict]) -> str:
     for entry in sorted(manifest, key=lambda e: e["path"]):
         digest.update(f"{entry['path']}\0{entry['sha256']}\n".encode())
     return digest.hexdigest()
+
+
+def folder_fingerprint(folder: Path) -> str:
+    """A model folder's content fingerprint: the digest of every file's path, size and sha256."""
+    return manifest_digest(dir_manifest(folder))

@@ -104,7 +104,7 @@ def gather_inputs(
 ) -> GateInputs:
     """Read and hash what the gate looks at; whatever cannot be read is recorded, never raised."""
     from components.errors import EaselError
-    from components.evaluate.models import folder_fingerprint
+    from components.fsutil import folder_fingerprint
     from components.prompts import load_prompt_set
 
     summary, summary_problem = read_json(summary_path)

@@ -10,15 +10,14 @@ import os
 import re
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from components import report
+from components.config import METRICS_DIR, STAGES
 from components.errors import EaselError
 from components.numbers import number_at, read_json
-
-STAGES = ("download", "validate", "caption", "train", "evaluate", "promote")
-METRICS_DIR = Path("data/metrics")
 
 
 @dataclass
@@ -34,10 +33,12 @@ class StageRun:
 GATE_VERDICTS = {3: "reject", 4: "inconclusive"}
 
 
-def _env() -> dict[str, str]:
+def _env(project_dir: Path | str | None = None) -> dict[str, str]:
     env = dict(os.environ)
     # The stages' `easel` command lives beside this interpreter (the project's venv).
     env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
+    if project_dir is not None:  # the stages run the project's own code (a scheduled run's fresh checkout)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(Path(project_dir).resolve()), env.get("PYTHONPATH")) if p)
     env.setdefault("DVC_NO_ANALYTICS", "1")
     env.setdefault("GX_ANALYTICS_ENABLED", "False")
     env["EASEL_NO_PROGRESS"] = "1"
@@ -48,7 +49,7 @@ def dvc(args: list[str], project_dir: Path | str, check: bool = True) -> subproc
     proc = subprocess.run(
         [sys.executable, "-m", "dvc", *args],
         cwd=project_dir,
-        env=_env(),
+        env=_env(project_dir),
         capture_output=True,
         text=True,
     )
@@ -83,7 +84,7 @@ def fetch_download_shard(shard: int, shards: int, project_dir: Path | str) -> st
     proc = subprocess.run(
         [str(Path(sys.executable).parent / "easel"), "download", "--shard", f"{shard}/{shards}", "--no-manifest"],
         cwd=project_dir,
-        env=_env(),
+        env=_env(project_dir),
         capture_output=True,
         text=True,
     )
@@ -91,6 +92,57 @@ def fetch_download_shard(shard: int, shards: int, project_dir: Path | str) -> st
         lines = (proc.stdout + proc.stderr).strip().splitlines()
         raise EaselError(f"download shard {shard}/{shards} failed: " + "\n".join(lines[-10:]))
     return proc.stdout.strip().splitlines()[-1]
+
+
+def prepare_project(project_dir: Path | str) -> str:
+    """What a run needs before its stages: the tiny models (tiny profile) and the S3 storage with
+    DVC's remote pointed at it (starting the embedded server if it is the endpoint)."""
+    from components.config import load_params
+    from components.models.loaders import TINY_ROOT
+    from components.models.tiny import build_tiny_models
+    from components.storage import configure_dvc_remote, ready_client
+
+    project_dir = Path(project_dir)
+    params = load_params(project_dir / "params.yaml")
+    if params.profile == "tiny":  # built, not downloaded: a fresh checkout makes its own (idempotent)
+        build_tiny_models(project_dir / TINY_ROOT)
+    settings, _ = ready_client(params.storage, project_dir, start_embedded=True)
+    configure_dvc_remote(project_dir, params.storage, settings)
+    return settings.endpoint_url or "aws"
+
+
+def git(args: list[str], project_dir: Path | str, check: bool = True) -> str:
+    proc = subprocess.run(["git", *args], cwd=project_dir, capture_output=True, text=True)
+    if check and proc.returncode != 0:
+        detail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+        raise EaselError(f"`git {' '.join(args)}` failed (exit {proc.returncode}): {detail[0]}")
+    return proc.stdout.strip()
+
+
+# What a run changes that git tracks: the lock, DVC's .gitignore entries, and the cache: false
+# outputs (metrics, plots, the leaderboard, the decision record) under data/.
+RESULT_PATHS = ["dvc.lock", "data", ":(glob)**/.gitignore"]
+
+
+def record_results(project_dir: Path | str, name: str, message: str) -> str | None:
+    """Commit what the run changed that git tracks, as a new branch pushed to `origin`.
+
+    The outputs themselves must already be in the DVC remote (`dvc push`): with the branch, anyone
+    with the repository can `git fetch origin <branch>` and `dvc pull` exactly this run's results.
+    Returns the branch, or None when the run changed nothing (every stage was up to date).
+    """
+    if not git(["status", "--porcelain", "--", *RESULT_PATHS], project_dir):
+        return None
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    branch = f"easel/runs/{re.sub(r'[^A-Za-z0-9._-]+', '-', name).strip('-') or 'run'}/{stamp}"
+    identity = [] if git(["config", "user.email"], project_dir, check=False) else [
+        "-c", "user.name=Easel scheduled run", "-c", "user.email=easel@localhost"
+    ]  # fmt: skip
+    git(["checkout", "--detach"], project_dir)  # the branch the run started from stays as it was
+    git(["add", "--all", "--", *RESULT_PATHS], project_dir)
+    git([*identity, "commit", "--quiet", "-m", message], project_dir)
+    git(["push", "origin", f"HEAD:refs/heads/{branch}"], project_dir)
+    return branch
 
 
 def dvc_push(project_dir: Path | str) -> str:

@@ -350,6 +350,21 @@ def ready_client(
     return settings, client
 
 
+def require_dvc_project(root: Path) -> None:
+    """DVC (and so every pipeline run) needs a DVC project inside a git repository: say so in one line."""
+    from dvc.exceptions import NotDvcRepoError
+    from dvc.repo import Repo
+    from dvc.scm import SCMError
+
+    try:
+        Repo(str(root)).close()
+    except (NotDvcRepoError, SCMError) as exc:
+        raise EaselError(
+            f"{root}: not a DVC project in a git repository ({type(exc).__name__}); run Easel in a clone of "
+            "its repository (`git clone ...`), where `dvc repro` can record what it ran"
+        ) from None
+
+
 def configure_dvc_remote(repo_root: Path, storage: StorageParams, settings: S3Settings) -> None:
     """Point DVC's default remote at s3://<bucket>/<dvc_prefix> on the endpoint in use.
 
@@ -371,6 +386,7 @@ def configure_dvc_remote(repo_root: Path, storage: StorageParams, settings: S3Se
         remote["secret_access_key"] = settings.secret_key
     if not settings.verify_tls:
         remote["ssl_verify"] = False
+    require_dvc_project(repo_root)
     repo = Repo(str(repo_root))
     try:
         with repo.config.edit("local") as conf:

@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from components.cli import build_parser
-from components.pipeline import STAGES
+from components.config import STAGES
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -7,11 +7,12 @@ import shutil
 import subprocess
 import time
 import urllib.request
+from pathlib import Path
 
 import pytest
 import yaml
 
-from tests.conftest import REPO, free_port
+from tests.conftest import REPO, free_port, make_project
 
 pytestmark = pytest.mark.slow
 
@@ -85,19 +86,58 @@ async def wait_for_run(flow_run_id, env, timeout=600):
     raise AssertionError("the flow run did not finish")
 
 
-def test_deploy_schedules_worker_and_a_triggered_run(prefect_server, project_factory, monkeypatch):
+def git(args: list[str], cwd: Path) -> str:
+    env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
+           "GIT_COMMITTER_EMAIL": "t@t"}  # fmt: skip
+    proc = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, f"git {args}: {proc.stderr}"
+    return proc.stdout.strip()
+
+
+@pytest.fixture()
+def origin(tmp_path, sample_site, s3_server, tiny_models):
+    """The project as a repository on a (local, bare) remote: code, flows, prefect.yaml, infra."""
+    project = make_project(
+        tmp_path / "dev",
+        sample_site.base_url,
+        s3_server,
+        tiny_models,
+        {"sample_source.port": free_port(), "sample_source.dir": ".easel/sample-source"},
+    )
+    shutil.copytree(REPO / "flows", project / "flows", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(REPO / "infra", project / "infra", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("prefect.yaml", "pyproject.toml"):
+        shutil.copy(REPO / name, project / name)
+    git(["add", "-A"], project)
+    git(["commit", "-qm", "flows and deployments"], project)
+    bare = tmp_path / "origin.git"
+    git(["clone", "-q", "--bare", str(project), str(bare)], tmp_path)
+    return project, bare, git(["rev-parse", "--abbrev-ref", "HEAD"], project)
+
+
+def test_a_scheduled_run_fetches_the_code_and_records_results_anyone_can_pull(
+    prefect_server, origin, tmp_path, s3_server
+):
+    """Deploy; the weekly deployment's run on a worker clones the remote, runs the six stages,
+    pushes its outputs and records them as a branch; a fresh clone fetches that branch, pulls every
+    output and runs the PR eval gate's steps on it."""
+    from prefect.artifacts import Artifact
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    project = project_factory("deployed")
-    shutil.copytree(REPO / "flows", project / "flows", ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copy(REPO / "prefect.yaml", project / "prefect.yaml")
+    from components.registry import Registry
+    from components.storage import make_client
+    from tests.test_eval_gate_workflow import run_workflow
+
+    project, bare, branch = origin
     env = {
         **prefect_server,
-        "EASEL_PROJECT_DIR": str(project),
+        "EASEL_GIT_REPOSITORY": str(bare),
+        "EASEL_GIT_BRANCH": branch,
+        "EASEL_WORK_DIR": str(tmp_path / "work"),
         "EASEL_NO_PROGRESS": "1",
         "PATH": f"{REPO / '.venv/bin'}:{os.environ['PATH']}",
     }
-    subprocess.run(["easel", "s3", "start"], cwd=project, env=env, check=True, capture_output=True)
+    env.pop("EASEL_S3_ENDPOINT", None)
     prefect(["work-pool", "create", "easel-process", "--type", "process"], project, env)
     prefect(["deploy", "--all"], project, env)
 
@@ -112,18 +152,119 @@ def test_deploy_schedules_worker_and_a_triggered_run(prefect_server, project_fac
             crons = sorted(s.schedule.cron for s in deployed.schedules)
             assert crons == sorted(s["cron"] for s in spec.get("schedules", []))
             assert all(s.schedule.timezone == "UTC" for s in deployed.schedules)
+            assert deployed.global_concurrency_limit.limit == 1  # runs queue instead of overlapping
+            assert deployed.concurrency_options.collision_strategy.value == "ENQUEUE"
+            assert "flows.workspace.checkout" in deployed.pull_steps[0]
 
-        output = prefect(["deployment", "run", "easel-pipeline/nightly-data-refresh"], project, env)
+        output = prefect(["deployment", "run", "easel-pipeline/weekly-retrain-and-gate"], project, env)
         flow_run_id = output.split("UUID:")[1].split()[0]
         worker = subprocess.run(
             [str(REPO / ".venv/bin/prefect"), "worker", "start", "--pool", "easel-process", "--run-once"],
-            cwd=project,
+            cwd=tmp_path,  # the worker's own folder: the code comes from the remote
             env=env,
             capture_output=True,
             text=True,
-            timeout=900,
+            timeout=1200,
         )
         run = asyncio.run(wait_for_run(flow_run_id, env))
-        assert run.state.is_completed(), worker.stdout[-3000:] + worker.stderr[-3000:]
-    assert (project / "data/caption/captions.parquet").is_file()  # download -> validate -> caption ran
-    assert not (project / "data/train").exists()  # and nothing else
+        assert run.state.is_completed() and run.state.name == "Completed", worker.stdout[-4000:] + worker.stderr[-4000:]
+        summary = Artifact.get("easel-run-summary").data
+
+    # The run happened in a fresh clone of the remote, not in the developer's folder.
+    work = tmp_path / "work"
+    assert (work / "data/train/model/model_index.json").is_file() and not (project / "data/train").exists()
+    runs = git(["ls-remote", "--heads", str(bare), "easel/runs/weekly-retrain-and-gate/*"], tmp_path).splitlines()
+    assert len(runs) == 1, runs
+    result_branch = runs[0].split("refs/heads/")[1]
+    assert f"git fetch origin {result_branch}" in summary and "| promote | ran |" in summary
+    bucket = yaml.safe_load((project / "params.yaml").read_text())["storage"]["bucket"]
+    registry = Registry(make_client(s3_server.settings()), s3_server.settings(), bucket, "registry")
+    production = registry.alias("sdxl-posters", "production")["version"]
+
+    # Another machine: a fresh clone fetches the run's branch and pulls every output it names.
+    fresh = tmp_path / "fresh"
+    git(["clone", "-q", str(bare), str(fresh)], tmp_path)
+    git(["fetch", "-q", "origin", result_branch], fresh)
+    git(["checkout", "-q", "FETCH_HEAD"], fresh)
+    assert (fresh / "data/promote/decision.json").is_file()  # the decision travels with the branch
+    (fresh / ".venv").symlink_to(REPO / ".venv")
+    settings = s3_server.settings()
+    gate_env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")},
+        "EASEL_S3_ENDPOINT": settings.endpoint_url,
+        "AWS_ACCESS_KEY_ID": settings.access_key,
+        "AWS_SECRET_ACCESS_KEY": settings.secret_key,
+        "EASEL_NO_PROGRESS": "1",
+    }
+    results = run_workflow(fresh, gate_env)
+    failed = {k: v.stdout[-800:] + v.stderr[-1500:] for k, v in results.items() if v.returncode}
+    assert list(results) == ["setup", "storage", "pull", "sample", "models", "evaluate", "gate", "verdict"], failed
+    assert "Running stage 'train'" not in results["evaluate"].stdout  # the run's model came from the remote
+    assert "Running stage 'evaluate'" in results["evaluate"].stdout  # re-evaluated against production now
+    # The pull request's model is production itself: identical images, nothing to decide on.
+    assert results["gate"].returncode == 4, failed
+    comment = (fresh / "gate-comment.md").read_text()
+    assert "is **inconclusive**" in comment and "zero-width interval" in comment
+    assert f"production now: `{production}`" in comment
+
+
+def test_easel_demo_from_a_clean_folder(prefect_server, tmp_path):
+    """The README's first command in a folder with only the repository's files: the six stages run,
+    the model reaches the registry, and the run summary is on the Prefect server."""
+    from prefect.artifacts import Artifact
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from components.registry import Registry
+    from components.storage import EmbeddedS3, make_client
+    from tests.conftest import free_port_block
+
+    clean = tmp_path / "clean"
+    listed = (
+        subprocess.run(
+            ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=REPO, capture_output=True
+        )
+        .stdout.decode()
+        .split("\0")
+    )
+    for name in filter(None, listed):
+        if (REPO / name).is_file():
+            (clean / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, clean / name)
+    # Outside a clone the demo stops in one line, before it starts anything: DVC needs a git repository.
+    outside = subprocess.run([str(REPO / ".venv/bin/easel"), "demo"], cwd=clean, capture_output=True, text=True)
+    assert outside.returncode == 2 and "not a DVC project in a git repository" in outside.stderr, outside.stderr
+    assert not (clean / ".easel").exists()
+    git(["init", "-q"], clean)  # what `git clone` gives: the files, committed
+    git(["add", "-A"], clean)
+    git(["commit", "-qm", "clone"], clean)
+    (clean / ".venv").symlink_to(REPO / ".venv")
+    # The embedded defaults, on ports of their own (a developer's own demo may hold 8333 and 8765).
+    s3_port, site_port = free_port_block(), free_port()
+    params = (clean / "params.yaml").read_text().replace("port: 8333", f"port: {s3_port}")
+    params = params.replace("port: 8765", f"port: {site_port}").replace("127.0.0.1:8765", f"127.0.0.1:{site_port}")
+    (clean / "params.yaml").write_text(params)
+    for source in (clean / "data/sources").glob("*.csv"):
+        source.write_text(source.read_text().replace("127.0.0.1:8765", f"127.0.0.1:{site_port}"))
+    env = {k: v for k, v in prefect_server.items() if not k.startswith(("EASEL_S3_", "AWS_"))}
+    env |= {"EASEL_NO_PROGRESS": "1", "PATH": f"{REPO / '.venv/bin'}:{os.environ['PATH']}"}
+    try:
+        demo = subprocess.run(
+            [str(clean / ".venv/bin/easel"), "demo"], cwd=clean, env=env, capture_output=True, text=True, timeout=1500
+        )
+        assert demo.returncode == 0, demo.stdout[-3000:] + demo.stderr[-3000:]
+        lines = {
+            line.split()[0] + " " + line.split()[1]: line for line in demo.stdout.splitlines() if len(line.split()) > 2
+        }
+        assert "promote" in lines["gate verdict"]
+        version = lines["registry entry"].rsplit("-> ", 1)[1].rstrip(")")
+        server = EmbeddedS3(data_dir=clean / ".easel/s3", port=s3_port)
+        registry = Registry(make_client(server.settings()), server.settings(), "easel", "registry")
+        assert registry.alias("sdxl-posters", "production")["version"] == version
+        with temporary_settings({PREFECT_API_URL: env["PREFECT_API_URL"]}):
+            summary = Artifact.get("easel-run-summary").data
+        assert "| promote | ran |" in summary and f"`{version}`" in summary
+    finally:
+        subprocess.run([str(clean / ".venv/bin/easel"), "s3", "stop"], cwd=clean, env=env, capture_output=True)
+        subprocess.run(
+            [str(clean / ".venv/bin/easel"), "sample-source", "stop"], cwd=clean, env=env, capture_output=True
+        )

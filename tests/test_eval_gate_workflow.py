@@ -98,7 +98,7 @@ def test_passing_then_failing_candidate(gate_project):
 
     # 1. A pull request whose model passes: every step succeeds, the verdict step does not run.
     results = run_workflow(project, env)
-    assert list(results) == ["setup", "storage", "pull", "sample", "evaluate", "gate"], {
+    assert list(results) == ["setup", "storage", "pull", "sample", "models", "evaluate", "gate"], {
         k: v.stdout[-500:] + v.stderr[-1500:] for k, v in results.items() if v.returncode
     }
     assert "EASEL_S3_ENDPOINT is set" in results["storage"].stdout  # the repository secrets' S3

@@ -62,6 +62,16 @@ def test_dvc_repro_runs_all_six_stages_then_nothing(project_factory, s3_server):
     assert "Running stage" not in second.stdout
     assert "Data and pipelines are up to date" in second.stdout
 
+    # Editing a shared module makes exactly the stages that import it out of date.
+    from tests.test_dvc_deps import stages_importing
+
+    shared = project / "components/prompts.py"
+    original = shared.read_text()
+    shared.write_text(original + "\n# an edit\n")
+    status = json.loads(sh(["dvc", "status", "--json"], project).stdout)
+    assert set(status) == stages_importing("components/prompts.py") == {"train", "evaluate", "promote"}
+    shared.write_text(original)
+
     dag = sh(["dvc", "dag", "--dot"], project).stdout
     chain = ["download", "validate", "caption", "train", "evaluate", "promote"]
     for upstream, downstream in itertools.pairwise(chain):

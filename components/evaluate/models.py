@@ -15,7 +15,7 @@ from pathlib import Path
 
 from components.config import REGISTRY_REF, ModelsParams, PanelModelParams, PromoteParams, StorageParams
 from components.errors import ConfigError
-from components.fsutil import dir_manifest, manifest_digest, sha256_file
+from components.fsutil import folder_fingerprint, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -31,10 +31,6 @@ class ModelUnderTest:
     # How a hub id or a single file is read (configs, VAE override); None: a diffusers folder, as it is.
     load_with: ModelsParams | None = None
     origin: str = ""  # what params.yaml named, for the leaderboard's `ref` column
-
-
-def folder_fingerprint(folder: Path) -> str:
-    return manifest_digest(dir_manifest(folder))
 
 
 def single_file_identity(path: Path | str, config: str | None) -> str:
