@@ -126,7 +126,7 @@ def test_a_scheduled_run_fetches_the_code_and_records_results_anyone_can_pull(
 
     from components.registry import Registry
     from components.storage import make_client
-    from tests.test_eval_gate_workflow import run_workflow
+    from tests.test_eval_gate_workflow import run_workflow, workflow_env
 
     project, bare, branch = origin
     env = {
@@ -187,16 +187,7 @@ def test_a_scheduled_run_fetches_the_code_and_records_results_anyone_can_pull(
     git(["fetch", "-q", "origin", result_branch], fresh)
     git(["checkout", "-q", "FETCH_HEAD"], fresh)
     assert (fresh / "data/promote/decision.json").is_file()  # the decision travels with the branch
-    (fresh / ".venv").symlink_to(REPO / ".venv")
-    settings = s3_server.settings()
-    gate_env = {
-        **{k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")},
-        "EASEL_S3_ENDPOINT": settings.endpoint_url,
-        "AWS_ACCESS_KEY_ID": settings.access_key,
-        "AWS_SECRET_ACCESS_KEY": settings.secret_key,
-        "EASEL_NO_PROGRESS": "1",
-    }
-    results = run_workflow(fresh, gate_env)
+    results = run_workflow(fresh, workflow_env(fresh, s3_server))
     failed = {k: v.stdout[-800:] + v.stderr[-1500:] for k, v in results.items() if v.returncode}
     assert list(results) == ["setup", "storage", "pull", "sample", "models", "evaluate", "gate", "verdict"], failed
     assert "Running stage 'train'" not in results["evaluate"].stdout  # the run's model came from the remote

@@ -60,6 +60,25 @@ def run_workflow(project: Path, env: dict) -> dict[str, subprocess.CompletedProc
     return results
 
 
+def workflow_env(project: Path, s3_server) -> dict[str, str]:
+    """The suite's venv linked into `project` (as the setup step finds it) and the secrets' S3 settings."""
+    # A venv set up from another lock would be reinstalled by the setup step, with this throwaway
+    # project as its editable source: refuse instead of breaking the venv the suite runs in.
+    want = hashlib.sha256((REPO / "infra/requirements.lock").read_bytes() + (REPO / "pyproject.toml").read_bytes())
+    stamp = REPO / ".venv" / ".easel-install-stamp"
+    if not stamp.is_file() or stamp.read_text().strip() != want.hexdigest():
+        pytest.fail("the venv is not set up from the current lock: run `bash infra/easel.sh setup` first")
+    (project / ".venv").symlink_to(REPO / ".venv")
+    settings = s3_server.settings()
+    return {
+        **{k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")},
+        "EASEL_S3_ENDPOINT": settings.endpoint_url,
+        "AWS_ACCESS_KEY_ID": settings.access_key,
+        "AWS_SECRET_ACCESS_KEY": settings.secret_key,
+        "EASEL_NO_PROGRESS": "1",
+    }
+
+
 @pytest.fixture()
 def gate_project(tmp_path, s3_server, tiny_models):
     port = free_port()
@@ -74,21 +93,7 @@ def gate_project(tmp_path, s3_server, tiny_models):
     # is the one these tests run in (setup finds it up to date and installs nothing).
     shutil.copytree(REPO / "infra", project / "infra")
     shutil.copy(REPO / "pyproject.toml", project / "pyproject.toml")
-    # A venv set up from another lock would be reinstalled by the setup step, with this throwaway
-    # project as its editable source: refuse instead of breaking the venv the suite runs in.
-    want = hashlib.sha256((REPO / "infra/requirements.lock").read_bytes() + (REPO / "pyproject.toml").read_bytes())
-    stamp = REPO / ".venv" / ".easel-install-stamp"
-    if not stamp.is_file() or stamp.read_text().strip() != want.hexdigest():
-        pytest.fail("the venv is not set up from the current lock: run `bash infra/easel.sh setup` first")
-    (project / ".venv").symlink_to(REPO / ".venv")
-    settings = s3_server.settings()
-    env = {
-        **os.environ,
-        "EASEL_S3_ENDPOINT": settings.endpoint_url,
-        "AWS_ACCESS_KEY_ID": settings.access_key,
-        "AWS_SECRET_ACCESS_KEY": settings.secret_key,
-        "EASEL_NO_PROGRESS": "1",
-    }
+    env = workflow_env(project, s3_server)
     yield project, env
     subprocess.run([str(REPO / ".venv/bin/easel"), "sample-source", "stop"], cwd=project, capture_output=True)
 
