@@ -114,7 +114,7 @@ def load_sdxl_parts(
     """Every part of the base pipeline; the U-Net loads straight into `unet_dtype` when it is given
     (a bf16 U-Net never exists in float32 first: 5 GB instead of 10 at SDXL's size)."""
     from diffusers import DDPMScheduler, UNet2DConditionModel
-    from transformers import AutoTokenizer
+    from transformers import CLIPTokenizer
 
     models.require("sdxl")
     base = resolve_ref(models.sdxl, "sdxl")
@@ -123,8 +123,11 @@ def load_sdxl_parts(
         unet = UNet2DConditionModel.from_pretrained(
             base, subfolder="unet", **kw, **({"dtype": unet_dtype} if unet_dtype is not None else {})
         )
-        tokenizer = AutoTokenizer.from_pretrained(base, subfolder="tokenizer", revision=models.revision)
-        tokenizer_2 = AutoTokenizer.from_pretrained(base, subfolder="tokenizer_2", revision=models.revision)
+        # The class SDXL's model_index.json names. AutoTokenizer would first look for a config.json in
+        # the tokenizer folder, which the repository has not: offline, from a cache filled by
+        # `huggingface-cli download` (no record of missing files), that lookup fails.
+        tokenizer = CLIPTokenizer.from_pretrained(base, subfolder="tokenizer", revision=models.revision)
+        tokenizer_2 = CLIPTokenizer.from_pretrained(base, subfolder="tokenizer_2", revision=models.revision)
         # Training noise comes from DDPM with the base model's schedule, as in diffusers' SDXL example.
         noise_scheduler = DDPMScheduler.from_pretrained(base, subfolder="scheduler", revision=models.revision)
     except OSError as exc:

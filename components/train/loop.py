@@ -186,7 +186,12 @@ class Trainer:
                 "processes. Turn it off for multi-GPU runs (full_bf16 alone works there)"
             )
         if kind == DistributedType.FSDP:
-            options = [name for name, on in (("ema.enabled", p.ema.enabled), ("full_bf16", p.full_bf16)) if on]
+            chosen = (
+                ("ema.enabled", p.ema.enabled),
+                ("full_bf16", p.full_bf16),
+                ("fused_backward_pass", p.fused_backward_pass),
+            )
+            options = [name for name, on in chosen if on]
             if options:
                 raise ConfigError(
                     f"params.yaml: train.{', train.'.join(options)}: not supported under FSDP (sharded parameters); "
@@ -506,6 +511,9 @@ class Trainer:
         curves.flush()
         if fused is not None:
             fused.remove()
+        # Training is over and the last checkpoint (if any) is written: the optimizer's state is not
+        # needed for the save (at SDXL's size, 1 GB for Adafactor, 20 GB for AdamW).
+        raw_optimizer.state.clear()
         seconds = time.perf_counter() - started
         acc.wait_for_everyone()
         return self._finish(unet, ema, losses, seconds, metrics_path, live)
@@ -566,6 +574,12 @@ class Trainer:
             with init_empty_weights():
                 model = UNet2DConditionModel.from_config(self.accelerator.unwrap_model(unet).config)
             model.load_state_dict(weights, strict=True, assign=True)
+            del weights
+            # On a CPU the saved tensors are the training ones: with the training U-Net's hold on them
+            # dropped, the cast to save_precision frees each as it copies it, instead of keeping two
+            # copies of the weights at once.
+            for param in self.accelerator.unwrap_model(unet).parameters():
+                param.data = torch.empty(0, dtype=param.dtype, device=param.device)
             model.to(SAVE_DTYPES[p.save_precision])
             self.frozen.loaded()  # released during training on a CPU: loaded again to be saved
             pipe = self.pipeline(model)
