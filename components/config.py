@@ -231,6 +231,10 @@ class OptimizerArgs(Section):
     relative_step: bool | None = None
     scale_parameter: bool | None = None
     warmup_init: bool | None = None
+    # Which two dimensions Adafactor factors its second moment over: last_two (transformers, kohya:
+    # for a 3x3 convolution that is the kernel, and the state is 2/3 of the weights' size) or
+    # largest_two (the reference Mesh-TF/optax choice: output and input channels, a few MB).
+    factored_dims: Literal["last_two", "largest_two"] | None = None
 
 
 class SchedulerArgs(Section):

@@ -81,6 +81,32 @@ def test_easel_adafactor_is_transformers_adafactor(options):
     assert all(torch.equal(a, b) for a, b in zip(ours, theirs, strict=True))  # bit for bit
 
 
+def test_adafactor_factored_over_the_largest_two_dimensions():
+    """largest_two: a matrix is factored as before, bit for bit; a convolution kernel over its output
+    and input channels, with a state of 9 x (256 + 128) numbers instead of 2 x 256 x 128 x 3, and
+    its weights still move against the gradients (cosine with their sum above 0.8, as last_two's)."""
+    g = torch.Generator().manual_seed(4)
+    matrix = [torch.nn.Parameter(torch.randn(256, 192, generator=g) * 0.05)]
+    same = [torch.nn.Parameter(matrix[0].detach().clone())]
+    run_steps(Adafactor(matrix, lr=1e-3, relative_step=False, factored_dims="largest_two"), matrix, 4)
+    run_steps(Adafactor(same, lr=1e-3, relative_step=False), same, 4)
+    assert torch.equal(matrix[0], same[0])
+    for dims, state_size in (("last_two", 2 * 256 * 128 * 3), ("largest_two", 9 * (256 + 128))):
+        conv = [torch.nn.Parameter(torch.randn(256, 128, 3, 3, generator=torch.Generator().manual_seed(5)) * 0.05)]
+        start = conv[0].detach().clone()
+        optimizer = Adafactor(conv, lr=1e-3, relative_step=False, factored_dims=dims, beta1=0.9)
+        grads = torch.Generator().manual_seed(0)
+        total = torch.zeros_like(start)
+        for _ in range(3):
+            conv[0].grad = torch.randn(conv[0].shape, generator=grads)
+            total += conv[0].grad
+            optimizer.step()
+        state = optimizer.state[conv[0]]
+        assert state["exp_avg_sq_row"].numel() + state["exp_avg_sq_col"].numel() == state_size
+        moved = (conv[0].detach() - start).flatten()
+        assert torch.nn.functional.cosine_similarity(moved, -total.flatten(), dim=0) > 0.8
+
+
 def test_easel_adamw_is_torch_adamw():
     ours, theirs = fresh_parameters(2), fresh_parameters(2)
     run_steps(AdamW(ours, lr=1e-3, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.01), ours, 6)

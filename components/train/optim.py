@@ -85,22 +85,43 @@ class AdamW(_PerParameter, torch.optim.Optimizer):
 
 class Adafactor(_PerParameter, TransformersAdafactor):
     """transformers' Adafactor, one parameter at a time; bf16 weights are written back with
-    stochastic rounding instead of transformers' round-to-nearest copy."""
+    stochastic rounding instead of transformers' round-to-nearest copy.
 
-    def __init__(self, params, seed: int = 0, **kwargs) -> None:
+    `factored_dims="largest_two"` factors the second moment over a weight's two largest dimensions,
+    as Mesh-TF and optax do (not when the smaller of them is under 128), instead of its last two:
+    for SDXL's 3x3 convolutions that is the output and input channels, which cuts the optimizer
+    state from 0.96 GB to a few MB. The maths is transformers' with those two dimensions moved last."""
+
+    MIN_DIM_TO_FACTOR = 128  # optax's and Mesh-TF's min_dim_size_to_factor
+
+    def __init__(self, params, seed: int = 0, factored_dims: str = "last_two", **kwargs) -> None:
         super().__init__(params, **kwargs)
+        self.defaults["factored_dims"] = factored_dims
+        for group in self.param_groups:
+            group.setdefault("factored_dims", factored_dims)
         self._index_parameters(seed)
+
+    def _factored_pair(self, group: dict, shape: torch.Size) -> tuple[int, int] | None:
+        """The two dimensions to factor over (in order), or None for a full second moment."""
+        if len(shape) < 2:
+            return None
+        if group["factored_dims"] == "last_two":
+            return len(shape) - 2, len(shape) - 1
+        second, largest = sorted(range(len(shape)), key=lambda i: shape[i])[-2:]
+        return None if shape[second] < self.MIN_DIM_TO_FACTOR else tuple(sorted((second, largest)))
 
     @torch.no_grad()
     def step_param(self, p: torch.Tensor, group: dict) -> None:
-        grad = p.grad.float()
+        pair = self._factored_pair(group, p.shape)
+        # The factored dimensions moved last (a view; nothing moves when they are the last two).
+        grad = p.grad.float() if pair is None else p.grad.float().movedim(pair, (-2, -1))
         state = self.state[p]
-        factored, use_first_moment = self._get_options(group, grad.shape)
+        use_first_moment = group["beta1"] is not None
         if not state:
             state["step"] = 0
             if use_first_moment:
                 state["exp_avg"] = torch.zeros_like(grad)
-            if factored:
+            if pair is not None:
                 state["exp_avg_sq_row"] = grad.new_zeros(grad.shape[:-1])
                 state["exp_avg_sq_col"] = grad.new_zeros(grad.shape[:-2] + grad.shape[-1:])
             else:
@@ -113,7 +134,7 @@ class Adafactor(_PerParameter, TransformersAdafactor):
         # Each fp32 temporary is freed as soon as it is used (at SDXL's largest kernel they are
         # 118 MB apiece), and the weight's fp32 copy is made last.
         update = grad.square().add_(group["eps"][0])
-        if factored:
+        if pair is not None:
             row, col = state["exp_avg_sq_row"], state["exp_avg_sq_col"]
             row.mul_(beta2t).add_(update.mean(dim=-1), alpha=1.0 - beta2t)
             col.mul_(beta2t).add_(update.mean(dim=-2), alpha=1.0 - beta2t)
@@ -127,6 +148,8 @@ class Adafactor(_PerParameter, TransformersAdafactor):
         update.div_((self._rms(update) / group["clip_threshold"]).clamp_(min=1.0)).mul_(lr)
         if use_first_moment:
             update = state["exp_avg"].mul_(group["beta1"]).add_(update, alpha=1 - group["beta1"])
+        if pair is not None:
+            update = update.movedim((-2, -1), pair)
         weight = p.float() if p.dtype != torch.float32 else p
         if group["weight_decay"] != 0:
             weight.add_(weight, alpha=-group["weight_decay"] * lr)
@@ -152,7 +175,15 @@ def build_optimizer(parameters, params: TrainParams) -> torch.optim.Optimizer:
         if params.full_bf16 or params.fused_backward_pass:
             return AdamW(parameters, lr=params.learning_rate, seed=params.seed, **args)
         return torch.optim.AdamW(parameters, lr=params.learning_rate, **args)
-    unknown = set(args) - {"weight_decay", "clip_threshold", "relative_step", "scale_parameter", "warmup_init", "eps"}
+    unknown = set(args) - {
+        "weight_decay",
+        "clip_threshold",
+        "relative_step",
+        "scale_parameter",
+        "warmup_init",
+        "eps",
+        "factored_dims",
+    }
     if unknown:
         raise EaselError(f"params.yaml: train.optimizer_args: {sorted(unknown)} do not apply to adafactor")
     args = {"clip_threshold": 1.0, "relative_step": False, "scale_parameter": False, "warmup_init": False} | args
