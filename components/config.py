@@ -266,6 +266,10 @@ class OptimizerArgs(Section):
     relative_step: bool | None = None
     scale_parameter: bool | None = None
     warmup_init: bool | None = None
+    # Which two dimensions Adafactor factors its second moment over: last_two (transformers, kohya:
+    # for a 3x3 convolution that is the kernel, and the state is 2/3 of the weights' size) or
+    # largest_two (the reference Mesh-TF/optax choice: output and input channels, a few MB).
+    factored_dims: Literal["last_two", "largest_two"] | None = None
 
 
 class SchedulerArgs(Section):
@@ -278,6 +282,10 @@ class EmaParams(Section):
     decay: float = Field(0.9999, gt=0, lt=1)
     update_every: int = Field(1, ge=1)  # optimizer steps between EMA updates
     use_for_save: bool = True  # save the EMA weights as the model
+    # Where the averaged copy lives: beside the U-Net on the accelerator, or in CPU memory (updated
+    # there every update_every steps), which frees a whole copy of the weights from the device.
+    device: Literal["accelerator", "cpu"] = "accelerator"
+    dtype: Literal["float32", "bf16"] = "float32"  # bf16: half the memory, updates stochastically rounded
 
 
 class ValidationParams(Section):
@@ -317,9 +325,15 @@ class TrainParams(Section):
     max_train_steps: int = Field(1000, ge=1)
     train_batch_size: int = Field(1, ge=1)
     gradient_accumulation_steps: int = Field(1, ge=1)
-    max_grad_norm: float = Field(1.0, gt=0)
+    max_grad_norm: float | None = Field(1.0, gt=0)  # null: no clipping
     # precision and memory
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    # U-Net weights and gradients in bf16 (no fp32 master copy); every weight update is rounded
+    # stochastically, or updates below bf16's resolution would vanish. Needs mixed_precision bf16.
+    full_bf16: bool = False
+    # The optimizer steps each parameter as soon as its gradient is complete, inside backward, and
+    # frees that gradient: the gradients never all exist at once.
+    fused_backward_pass: bool = False
     save_precision: Literal["float", "fp16", "bf16"] = "float"
     allow_tf32: bool = True
     gradient_checkpointing: bool = False
@@ -363,7 +377,41 @@ class TrainParams(Section):
                 "cache_text_embeddings cannot be used with shuffle_caption or caption_dropout: "
                 "the text changes from step to step"
             )
+        if self.full_bf16:
+            if self.mixed_precision != "bf16":
+                raise ValueError(
+                    f"full_bf16 needs mixed_precision: bf16 (got {self.mixed_precision!r}): the U-Net computes in bf16"
+                )
+            if self.optimizer not in ("adamw", "adafactor"):
+                raise ValueError(
+                    f"full_bf16 works with optimizer adamw or adafactor, whose updates Easel rounds "
+                    f"stochastically (got {self.optimizer!r})"
+                )
+        if self.fused_backward_pass:
+            self._check_fused()
         return self
+
+    def _check_fused(self) -> None:
+        """What stepping each parameter inside backward cannot do, refused by name."""
+        if self.optimizer not in ("adamw", "adafactor"):
+            raise ValueError(f"fused_backward_pass works with optimizer adamw or adafactor (got {self.optimizer!r})")
+        if self.gradient_accumulation_steps > 1:
+            raise ValueError(
+                "fused_backward_pass cannot be used with gradient_accumulation_steps > 1 "
+                f"(got {self.gradient_accumulation_steps}): each micro-batch's gradient would be applied at once, "
+                "not summed first; raise train_batch_size instead"
+            )
+        if self.max_grad_norm is not None:
+            raise ValueError(
+                "fused_backward_pass cannot clip by the global gradient norm (max_grad_norm "
+                f"{self.max_grad_norm}): the norm is known only after the last parameter has been updated. "
+                "Set max_grad_norm: null (Adafactor's clip_threshold still bounds each update)"
+            )
+        if self.mixed_precision == "fp16":
+            raise ValueError(
+                "fused_backward_pass cannot be used with mixed_precision fp16: the loss scaler must see every "
+                "gradient before any step; use bf16"
+            )
 
 
 class GuidanceParams(Section):

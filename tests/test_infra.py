@@ -72,10 +72,11 @@ def test_accelerate_configs_load_in_accelerate():
     expected = {
         "single_gpu.yaml": ("NO", 1),
         "ddp_8gpu.yaml": ("MULTI_GPU", 8),
-        "fsdp_8gpu.yaml": ("FSDP", 8),
-        "deepspeed_zero2_8gpu.yaml": ("DEEPSPEED", 8),
         "multinode_2x8gpu.yaml": ("MULTI_GPU", 16),
     }
+    # Every config shipped is launched by tests/test_train_distributed.py; FSDP and DeepSpeed are not
+    # shipped: neither can run on this project's CPU machines (see infra/README.md).
+    assert {p.name for p in (REPO / "infra" / "accelerate").glob("*.yaml")} == set(expected)
     for name, (kind, processes) in expected.items():
         config = load_config_from_file(str(REPO / "infra" / "accelerate" / name))
         assert (str(config.distributed_type).split(".")[-1], config.num_processes) == (kind, processes), name

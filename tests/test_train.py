@@ -57,6 +57,24 @@ def unet_weights(model_dir):
     return load_file(str(model_dir / UNET))
 
 
+def crash_at_training_loss(monkeypatch, call: int) -> None:
+    """Make the `call`-th training loss (validation losses, computed in eval mode, not counted)
+    raise, as a power cut would; undo with monkeypatch.undo()."""
+    from components.train import loop
+
+    original = loop.diffusion_loss
+    calls = {"train": 0}
+
+    def crashing(unet, *args, **kwargs):
+        if unet.training:
+            calls["train"] += 1
+            if calls["train"] == call:
+                raise RuntimeError("power cut")
+        return original(unet, *args, **kwargs)
+
+    monkeypatch.setattr(loop, "diffusion_loss", crashing)
+
+
 # -- data ---------------------------------------------------------------------------------------
 
 
@@ -218,8 +236,6 @@ def test_resume_is_exact(tmp_path, tiny_models, monkeypatch):
     """2N steps straight == the same run cut off after N (a crash), resumed from its checkpoint;
     the resumed run's curves hold each step once, with the straight run's losses. Two micro-batches
     per optimizer step, so the resumed data position counts micro-batches right."""
-    from components.train import loop
-
     captions = captioned_set(tmp_path)
     models = tiny_params(tiny_models)
     common = dict(
@@ -241,21 +257,13 @@ def test_resume_is_exact(tmp_path, tiny_models, monkeypatch):
     )
     run_train(train_params(tmp_path / "a", **common), models, captions, plots_dir=tmp_path / "a-plots", progress=False)
 
-    original = loop.diffusion_loss
-    calls = {"n": 0}
-
-    def crash_in_step_seven(*args, **kwargs):  # after the checkpoint at 4 and two more logged steps
-        calls["n"] += 1
-        if calls["n"] == 13:  # step 7's first micro-batch
-            raise RuntimeError("power cut")
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(loop, "diffusion_loss", crash_in_step_seven)
+    # after the checkpoint at 4 and two more logged steps: step 7's first micro-batch
+    crash_at_training_loss(monkeypatch, 13)
     with pytest.raises(RuntimeError, match="power cut"):
         run_train(
             train_params(tmp_path / "b", **common), models, captions, plots_dir=tmp_path / "b-plots", progress=False
         )
-    monkeypatch.setattr(loop, "diffusion_loss", original)
+    monkeypatch.undo()
     summary = run_train(
         train_params(tmp_path / "b", resume_from_checkpoint="latest", **common),
         models,
@@ -367,8 +375,6 @@ def test_validation_keeps_the_best_and_ema_changes_the_saved_weights(tmp_path, t
 
 
 def test_a_resumed_run_saves_the_best_weights_found_before_the_crash(tmp_path, tiny_models, monkeypatch):
-    from components.train import loop
-
     captions = captioned_set(tmp_path)
     models = tiny_params(tiny_models)
     # A high learning rate, so validation loss bottoms out early (at step 6 with these seeds).
@@ -379,20 +385,10 @@ def test_a_resumed_run_saves_the_best_weights_found_before_the_crash(tmp_path, t
     card = json.loads((tmp_path / "a" / "train" / "model" / "easel_train.json").read_text())
     assert card["best_step"] <= 6, "precondition: the best step comes before the crash below"
 
-    original = loop.diffusion_loss
-    calls = {"train": 0}
-
-    def crash_in_step_seven(unet, *args, **kwargs):
-        if unet.training:  # validation calls the loss too, with the U-Net in eval mode
-            calls["train"] += 1
-            if calls["train"] == 7:
-                raise RuntimeError("power cut")
-        return original(unet, *args, **kwargs)
-
-    monkeypatch.setattr(loop, "diffusion_loss", crash_in_step_seven)
+    crash_at_training_loss(monkeypatch, 7)
     with pytest.raises(RuntimeError, match="power cut"):
         run_train(train_params(tmp_path / "b", **common), models, captions, progress=False)
-    monkeypatch.setattr(loop, "diffusion_loss", original)
+    monkeypatch.undo()
     resumed = run_train(
         train_params(tmp_path / "b", resume_from_checkpoint="latest", **common), models, captions, progress=False
     )
@@ -413,7 +409,92 @@ def test_bf16_training_then_float32_in_the_same_process(tmp_path, tiny_models):
     assert all(v.dtype == torch.float32 for v in unet_weights(tmp_path / "full" / "train" / "model").values())
 
 
+MEMORY_OPTIONS = {
+    # kohya's 10 GB recipe: bf16 weights, Adafactor stepped inside backward; the EMA in CPU memory, bf16
+    "full_bf16-adafactor-fused-ema_cpu_bf16": dict(
+        full_bf16=True,
+        optimizer="adafactor",
+        fused_backward_pass=True,
+        max_grad_norm=None,
+        ema={"enabled": True, "decay": 0.9, "device": "cpu", "dtype": "bf16", "update_every": 2},
+    ),
+    "full_bf16-adamw-ema_accelerator": dict(
+        full_bf16=True, optimizer="adamw", ema={"enabled": True, "decay": 0.9, "device": "accelerator"}
+    ),
+    # fp32 master weights, but no full set of gradients
+    "mixed_bf16-adamw-fused-ema_cpu": dict(
+        optimizer="adamw", fused_backward_pass=True, max_grad_norm=None, ema={"enabled": True, "device": "cpu"}
+    ),
+}
+
+
+@pytest.mark.parametrize("option", list(MEMORY_OPTIONS))
+def test_memory_options_train_sample_validate_and_resume_exactly(tmp_path, tiny_models, monkeypatch, option):
+    """Each memory option through the whole trainer, with cached latents and embeddings (so the
+    frozen parts leave memory and come back for samples and the save), validation keeping the best
+    weights, sample images, EMA, and a crash after the checkpoint at step 3: the resumed run ends
+    with the weights, best step and losses of the uninterrupted one."""
+    captions = captioned_set(tmp_path)
+    models = tiny_params(tiny_models)
+    common = dict(
+        max_train_steps=6,
+        mixed_precision="bf16",
+        save_precision="bf16",
+        cache_latents=True,
+        cache_text_embeddings=True,
+        checkpoint_every=3,
+        sample_every_n_steps=3,
+        sample_prompts=["a poster"],
+        sample_steps=2,
+        validation={"fraction": 0.34, "every_n_steps": 2},
+        log_every_n_steps=1,
+        **MEMORY_OPTIONS[option],
+    )
+    straight = run_train(
+        train_params(tmp_path / "a", **common), models, captions, tmp_path / "a.json", tmp_path / "pa", progress=False
+    )
+    crash_at_training_loss(monkeypatch, 5)
+    with pytest.raises(RuntimeError, match="power cut"):
+        run_train(train_params(tmp_path / "b", **common), models, captions, plots_dir=tmp_path / "pb", progress=False)
+    monkeypatch.undo()
+    resumed = run_train(
+        train_params(tmp_path / "b", resume_from_checkpoint="latest", **common),
+        models,
+        captions,
+        tmp_path / "b.json",
+        tmp_path / "pb",
+        progress=False,
+    )
+    assert resumed.steps == straight.steps == 6 and resumed.best_val_loss == pytest.approx(straight.best_val_loss)
+    a, b = unet_weights(tmp_path / "a" / "train" / "model"), unet_weights(tmp_path / "b" / "train" / "model")
+    assert all(torch.equal(a[k], b[k]) for k in a)  # bit for bit, stochastic rounding included
+    base = unet_weights(tiny_models / "sdxl")
+    assert sum(not torch.equal(a[k].float(), base[k].bfloat16().float()) for k in base) > len(base) // 2  # trained
+    losses = [pd.read_csv(tmp_path / d / "plots" / "metrics" / "train" / "loss.tsv", sep="\t") for d in ("pa", "pb")]
+    assert losses[1]["step"].tolist() == list(range(1, 7))
+    assert losses[1]["loss"].tolist() == pytest.approx(losses[0]["loss"].tolist(), rel=1e-5)
+    for run in ("a", "b"):
+        samples = tmp_path / run / "train" / "samples"
+        assert sorted(p.name for p in samples.iterdir()) == ["step-00000003", "step-00000006"]
+        assert Image.open(samples / "step-00000006" / "00.png").size == (64, 64)
+    card = json.loads((tmp_path / "b" / "train" / "model" / "easel_train.json").read_text())
+    assert card["weights"] == "ema" and card["best_step"] in (2, 4, 6)
+    vae = load_file(str(tmp_path / "b" / "train" / "model" / "vae" / "diffusion_pytorch_model.safetensors"))
+    vae_base = load_file(str(tiny_models / "sdxl" / "vae" / "diffusion_pytorch_model.safetensors"))
+    assert all(torch.equal(vae[k], vae_base[k]) for k in vae_base)  # released, reloaded, saved unchanged
+
+
 def test_bad_settings_are_refused():
+    for settings, message in (
+        (dict(full_bf16=True), r"full_bf16 needs mixed_precision: bf16"),
+        (dict(full_bf16=True, mixed_precision="bf16", optimizer="adamw8bit"), r"full_bf16 works with optimizer"),
+        (dict(fused_backward_pass=True, gradient_accumulation_steps=2, max_grad_norm=None), "accumulation_steps > 1"),
+        (dict(fused_backward_pass=True), r"fused_backward_pass cannot clip by the global gradient norm"),
+        (dict(fused_backward_pass=True, max_grad_norm=None, mixed_precision="fp16"), "mixed_precision fp16"),
+        (dict(ema={"device": "gpu"}), r"accelerator"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            TrainParams(**settings)
     with pytest.raises(ValueError, match="cache_latents needs center_crop"):
         TrainParams(cache_latents=True, center_crop=False)
     with pytest.raises(ValueError, match="cache_text_embeddings cannot be used with shuffle_caption"):

@@ -1,64 +1,144 @@
-"""Training in two processes (torchrun + accelerate, a gloo group on the CPU): what runs on 8
-GPUs under `accelerate launch` runs here on the same code path, only slower."""
+"""Every accelerate config in infra/accelerate/ launched with `accelerate launch`, on the CPU.
+
+- ddp_8gpu.yaml with `--num_processes 2` (two CPU processes, a gloo group: ACCELERATE_USE_CPU=true):
+  the code path of 8 GPUs, only slower;
+- multinode_2x8gpu.yaml as two "nodes" on this machine (`--machine_rank 0|1`, one process each,
+  the rendezvous on 127.0.0.1);
+- single_gpu.yaml as it is (on a machine without a GPU accelerate runs it on the CPU).
+The overrides are the process counts and addresses that a CPU machine needs instead of GPUs.
+FSDP and DeepSpeed configs are not shipped: accelerate 1.15 runs FSDP only on GPUs, and DeepSpeed
+is not installed (infra/README.md).
+"""
 
 import json
 import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import pandas as pd
 import pytest
+import torch
+from safetensors.torch import load_file
 
+from tests.conftest import free_port
 from tests.test_models import tiny_params
 from tests.test_train import UNET, captioned_set, train_params
 
 pytestmark = pytest.mark.slow
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = os.path.join(REPO, "infra", "accelerate")
 
 
-def train_two_processes(spec_path, **spec) -> None:
+def launch(config: str, spec_path, options=(), cpu_group=True, **spec) -> subprocess.CompletedProcess:
+    """`accelerate launch --config_file infra/accelerate/<config> [options] -m tests.ddp_train_worker`."""
     spec_path.write_text(json.dumps(spec, default=str))
-    env = os.environ | {"ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    result = subprocess.run(
-        [*command, "-m", "tests.ddp_train_worker", str(spec_path)],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    env = os.environ | {"OMP_NUM_THREADS": "1"} | ({"ACCELERATE_USE_CPU": "true"} if cpu_group else {})
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", os.path.join(CONFIGS, config)]
+    command += [*options, "-m", "tests.ddp_train_worker", str(spec_path)]
+    return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+
+
+def launched(result: subprocess.CompletedProcess) -> None:
     assert result.returncode == 0, result.stderr[-4000:]
 
 
-def test_two_processes_train_and_resume_exactly(tmp_path, tiny_models):
-    from safetensors.torch import load_file
+def weights(folder):
+    return load_file(str(folder / "train" / "model" / UNET))
 
+
+def test_ddp_and_multinode_configs_train_the_same_and_resume_exactly(tmp_path, tiny_models):
+    """Two processes with bf16 weights (stochastic rounding) and an EMA: a run stopped after 3 steps
+    and resumed ends with the weights of a straight run, and two one-process "nodes" under the
+    multi-node config train exactly what two processes on one node do."""
     captions = captioned_set(tmp_path, sizes=[(96, 96)] * 4 + [(128, 64)] * 4)  # two buckets
     models = tiny_params(tiny_models).model_dump()
-    common = dict(train_batch_size=2, checkpoint_every=3, random_flip=True, center_crop=False, log_every_n_steps=1)
+    common = dict(
+        train_batch_size=2,
+        checkpoint_every=3,
+        random_flip=True,
+        center_crop=False,
+        log_every_n_steps=1,
+        mixed_precision="bf16",
+        full_bf16=True,
+        optimizer="adafactor",
+        ema={"enabled": True, "decay": 0.9},
+    )
+    ddp = ["--num_processes", "2"]
 
-    straight = train_params(tmp_path / "a", max_train_steps=6, **common).model_dump()
-    train_two_processes(tmp_path / "a.json", train=straight, models=models, captions=captions, plots=tmp_path / "pa")
+    def spec(folder, **kw):
+        return dict(
+            train=train_params(tmp_path / folder, **common, **kw).model_dump(), models=models, captions=captions
+        )
 
+    launched(launch("ddp_8gpu.yaml", tmp_path / "a.json", ddp, **spec("a", max_train_steps=6), plots=tmp_path / "pa"))
     # The same run stopped after 3 steps, then continued to 6 from its checkpoint.
-    first = train_params(tmp_path / "b", max_train_steps=3, **common).model_dump()
-    train_two_processes(tmp_path / "b1.json", train=first, models=models, captions=captions, plots=tmp_path / "pb")
+    launched(launch("ddp_8gpu.yaml", tmp_path / "b1.json", ddp, **spec("b", max_train_steps=3), plots=tmp_path / "pb"))
     (run_dir,) = (tmp_path / "b" / "ckpt").iterdir()
     checkpoint = run_dir / "step-00000003"
     assert {p.name for p in checkpoint.glob("easel_generator_*.pt")} == {"easel_generator_0.pt", "easel_generator_1.pt"}
     assert {p.name for p in checkpoint.glob("random_states_*.pkl")} == {"random_states_0.pkl", "random_states_1.pkl"}
-    second = train_params(tmp_path / "b", max_train_steps=6, resume_from_checkpoint="latest", **common).model_dump()
-    train_two_processes(tmp_path / "b2.json", train=second, models=models, captions=captions, plots=tmp_path / "pb")
+    second = spec("b", max_train_steps=6, resume_from_checkpoint="latest")
+    launched(launch("ddp_8gpu.yaml", tmp_path / "b2.json", ddp, **second, plots=tmp_path / "pb"))
+    # Two nodes of one process each, meeting on this machine.
+    port = str(free_port())
+    address = ["--main_process_ip", "127.0.0.1", "--main_process_port", port]
+    nodes = [["--num_machines", "2", "--num_processes", "2", "--machine_rank", str(rank), *address] for rank in (0, 1)]
+    node_spec = spec("m", max_train_steps=6)
+    with ThreadPoolExecutor(2) as pool:
+        results = list(
+            pool.map(
+                lambda rank: launch(
+                    "multinode_2x8gpu.yaml", tmp_path / f"m{rank}.json", nodes[rank], **node_spec, plots=tmp_path / "pm"
+                ),
+                (0, 1),
+            )
+        )
+    for result in results:
+        launched(result)
 
-    a = load_file(str(tmp_path / "a" / "train" / "model" / UNET))
-    b = load_file(str(tmp_path / "b" / "train" / "model" / UNET))
-    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
+    a, b, m = weights(tmp_path / "a"), weights(tmp_path / "b"), weights(tmp_path / "m")
+    assert all(torch.equal(a[k], b[k]) and torch.equal(a[k], m[k]) for k in a)
     base = load_file(str(tiny_models / "sdxl" / UNET))
     assert any((a[k] - base[k]).abs().max().item() > 0 for k in base)  # it did train
     # One process writes the curves: each step once, the mean loss over both processes.
-    losses_a = pd.read_csv(tmp_path / "pa" / "plots" / "metrics" / "train" / "loss.tsv", sep="\t")
-    losses_b = pd.read_csv(tmp_path / "pb" / "plots" / "metrics" / "train" / "loss.tsv", sep="\t")
-    assert losses_a["step"].tolist() == losses_b["step"].tolist() == [1, 2, 3, 4, 5, 6]
-    assert losses_b["loss"].tolist() == pytest.approx(losses_a["loss"].tolist(), rel=1e-4)
+    losses = {
+        run: pd.read_csv(tmp_path / run / "plots" / "metrics" / "train" / "loss.tsv", sep="\t")
+        for run in ("pa", "pb", "pm")
+    }
+    assert losses["pa"]["step"].tolist() == losses["pb"]["step"].tolist() == [1, 2, 3, 4, 5, 6]
+    assert losses["pb"]["loss"].tolist() == pytest.approx(losses["pa"]["loss"].tolist(), rel=1e-4)
+    assert losses["pm"]["loss"].tolist() == pytest.approx(losses["pa"]["loss"].tolist(), rel=1e-4)
+
+
+def test_single_gpu_config_runs_the_lean_recipe(tmp_path, tiny_models):
+    """single_gpu.yaml unchanged (no GPU here: accelerate runs it on the CPU), with the sdxl
+    profile's memory recipe: bf16 weights, Adafactor stepped inside backward, EMA in CPU memory."""
+    captions = captioned_set(tmp_path)
+    recipe = train_params(
+        tmp_path / "s",
+        max_train_steps=4,
+        mixed_precision="bf16",
+        full_bf16=True,
+        optimizer="adafactor",
+        fused_backward_pass=True,
+        max_grad_norm=None,
+        cache_latents=True,
+        cache_text_embeddings=True,
+        ema={"enabled": True, "device": "cpu", "update_every": 2},
+    )
+    spec = dict(train=recipe.model_dump(), models=tiny_params(tiny_models).model_dump(), captions=captions)
+    launched(launch("single_gpu.yaml", tmp_path / "s.json", cpu_group=False, **spec, plots=tmp_path / "ps"))
+    trained = weights(tmp_path / "s")
+    assert {v.dtype for v in trained.values()} == {torch.float32}  # save_precision float
+    assert len(pd.read_csv(tmp_path / "ps" / "plots" / "metrics" / "train" / "grad_norm.tsv", sep="\t")) == 4
+
+
+def test_fused_backward_pass_is_refused_with_several_processes(tmp_path, tiny_models):
+    captions = captioned_set(tmp_path, sizes=[(96, 96)] * 2)
+    params = train_params(tmp_path, max_train_steps=2, fused_backward_pass=True, max_grad_norm=None)
+    spec = dict(train=params.model_dump(), models=tiny_params(tiny_models).model_dump(), captions=captions)
+    result = launch("ddp_8gpu.yaml", tmp_path / "f.json", ["--num_processes", "2"], **spec, plots=tmp_path / "pf")
+    assert result.returncode != 0
+    assert "train.fused_backward_pass works in one process only" in result.stderr

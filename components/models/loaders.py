@@ -126,30 +126,65 @@ class SDXLParts:
         self.config_source = self.config_source or self.base
 
 
-def load_sdxl_parts(models: ModelsParams) -> SDXLParts:
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+def _single_file_parts(models: ModelsParams, base: str):
+    """(pipeline, config ref) of a single-file SDXL base, read offline with its configs; float32."""
+    config = sdxl_config_ref(models, base)
+    extra = {"vae": load_vae(models)} if models.vae else {}
+    return load_single_file_pipeline(base, config, torch.float32, **extra), config
+
+
+def load_sdxl_frozen(models: ModelsParams, text_encoder_dtype: torch.dtype | None = None) -> tuple[Any, Any, Any]:
+    """The parts a U-Net fine-tune keeps frozen: (vae, text_encoder, text_encoder_2). The VAE is float32
+    whatever the variant (it encodes in float32); the encoders load straight into `text_encoder_dtype`
+    (float32 if None), so no float32 copy of them is made first."""
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    models.require("sdxl")
+    base = resolve_ref(models.sdxl, "sdxl")
+    encoder_dtype = text_encoder_dtype or torch.float32
+    if is_single_file(base):
+        pipe, _ = _single_file_parts(models, base)
+        return pipe.vae, pipe.text_encoder.to(encoder_dtype), pipe.text_encoder_2.to(encoder_dtype)
+    kw = hub_kwargs(models)  # an fp16 variant only saves download bytes
+    try:
+        vae = (
+            load_vae(models)
+            if models.vae
+            else AutoencoderKL.from_pretrained(base, subfolder="vae", **kw, dtype=torch.float32)
+        )
+        text_encoder = CLIPTextModel.from_pretrained(base, subfolder="text_encoder", **kw, dtype=encoder_dtype)
+        text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(
+            base, subfolder="text_encoder_2", **kw, dtype=encoder_dtype
+        )
+    except OSError as exc:
+        raise _hub_error("sdxl", models.sdxl, exc) from None
+    return vae, text_encoder, text_encoder_2
+
+
+def load_sdxl_parts(
+    models: ModelsParams, unet_dtype: torch.dtype | None = None, text_encoder_dtype: torch.dtype | None = None
+) -> SDXLParts:
+    """Every part of the base pipeline; the U-Net loads straight into `unet_dtype` when it is given
+    (a bf16 U-Net never exists in float32 first: 5 GB instead of 10 at SDXL's size), else float32."""
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTokenizer
 
     models.require("sdxl")
     base = resolve_ref(models.sdxl, "sdxl")
     if is_single_file(base):
-        config = sdxl_config_ref(models, base)
-        extra = {"vae": load_vae(models)} if models.vae else {}
-        pipe = load_single_file_pipeline(base, config, torch.float32, **extra)
+        pipe, config = _single_file_parts(models, base)
         try:
             noise_scheduler = DDPMScheduler.from_pretrained(config, subfolder="scheduler", local_files_only=True)
         except OSError as exc:
             raise _hub_error("sdxl_config", models.sdxl_config or "", exc) from None
-        encoders = (pipe.text_encoder, pipe.text_encoder_2, pipe.tokenizer, pipe.tokenizer_2)
-        return SDXLParts(pipe.unet, pipe.vae, *encoders, noise_scheduler, base, config)
-    # float32 whatever the variant: the U-Net's master weights train in float32, the VAE encodes in float32,
-    # and the loop casts the text encoders itself (an fp16 variant only saves download bytes).
-    kw = {**hub_kwargs(models), "dtype": torch.float32}
+        encoder_dtype = text_encoder_dtype or torch.float32
+        encoders = (pipe.text_encoder.to(encoder_dtype), pipe.text_encoder_2.to(encoder_dtype))
+        unet = pipe.unet.to(unet_dtype or torch.float32)
+        return SDXLParts(unet, pipe.vae, *encoders, pipe.tokenizer, pipe.tokenizer_2, noise_scheduler, base, config)
+    kw = hub_kwargs(models)
     try:
-        unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet", **kw)
-        vae = load_vae(models) if models.vae else AutoencoderKL.from_pretrained(base, subfolder="vae", **kw)
-        text_encoder = CLIPTextModel.from_pretrained(base, subfolder="text_encoder", **kw)
-        text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(base, subfolder="text_encoder_2", **kw)
+        unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet", **kw, dtype=unet_dtype or torch.float32)
         # The class model_index.json names. AutoTokenizer would first look for tokenizer/config.json, which
         # SDXL's repository lacks: offline, with a cache filled by snapshot_download, that look-up fails.
         tokenizer = CLIPTokenizer.from_pretrained(base, subfolder="tokenizer", revision=models.revision)
@@ -158,6 +193,7 @@ def load_sdxl_parts(models: ModelsParams) -> SDXLParts:
         noise_scheduler = DDPMScheduler.from_pretrained(base, subfolder="scheduler", revision=models.revision)
     except OSError as exc:
         raise _hub_error("sdxl", models.sdxl, exc) from None
+    vae, text_encoder, text_encoder_2 = load_sdxl_frozen(models, text_encoder_dtype)
     return SDXLParts(unet, vae, text_encoder, text_encoder_2, tokenizer, tokenizer_2, noise_scheduler, base)
 
 

@@ -5,7 +5,8 @@ GPUs under `accelerate launch` (infra/accelerate/). What it does per optimizer s
 (from the VAE, or from the latent cache), text embeddings (from the encoders, or their cache),
 noise with an optional offset at timesteps from the configured range, the U-Net's prediction,
 an MSE loss (min-SNR weighted if set), backward, clipping, optimizer and LR scheduler, EMA; then
-logging, checkpoints, validation loss and sample images on their schedules.
+logging, checkpoints, validation loss and sample images on their schedules. The memory options
+(`full_bf16`, `fused_backward_pass`, EMA placement, frozen parts off the device) are in memory.py.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ import hashlib
 import json
 import logging
 import math
-import resource
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,10 +22,10 @@ from pathlib import Path
 import torch
 
 from components.config import ModelsParams, TrainParams
-from components.errors import EaselError
+from components.errors import ConfigError, EaselError
 from components.fsutil import atomic_dir, atomic_write_json, atomic_write_text, read_stage_table
 from components.images import read_header
-from components.models.loaders import dtype_for, load_sdxl_parts
+from components.models.loaders import dtype_for, load_sdxl_frozen, load_sdxl_parts
 from components.train import checkpoints
 from components.train.cache import LatentCache, TextEmbeddingCache, folder_identity
 from components.train.data import (
@@ -36,6 +36,7 @@ from components.train.data import (
     collate,
     make_buckets,
 )
+from components.train.memory import EMA, FrozenParts, FusedBackward, peak_memory_mb, reset_peak_memory
 from components.train.optim import build_lr_scheduler, build_optimizer
 from components.train.sdxl import diffusion_loss, encode_prompts, time_ids
 
@@ -83,12 +84,6 @@ def split_validation(items: list[ImageCaption], fraction: float) -> tuple[list[I
     count = min(len(items) - 1, max(1, round(fraction * len(items))))
     held = set(sorted(i.sha256 for i in items)[:count])
     return [i for i in items if i.sha256 not in held], [i for i in items if i.sha256 in held]
-
-
-def peak_memory_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kilobytes on Linux
 
 
 class CurveLog:
@@ -151,8 +146,15 @@ class Trainer:
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
         self.device = self.accelerator.device
+        self._refuse_unsupported()
         self.weight_dtype = dtype_for(params.mixed_precision)
-        self.parts = load_sdxl_parts(models)
+        self.parts = load_sdxl_parts(
+            models, unet_dtype=torch.bfloat16 if params.full_bf16 else None, text_encoder_dtype=self.weight_dtype
+        )
+        self.latent_scale = self.parts.vae.config.scaling_factor  # kept: the VAE may leave memory
+        self.frozen = FrozenParts(
+            self.parts, self.device, self.weight_dtype, lambda: load_sdxl_frozen(models, self.weight_dtype)
+        )
         if params.prediction_type:
             self.parts.noise_scheduler.register_to_config(prediction_type=params.prediction_type)
         # Each process draws its own noise and timesteps.
@@ -161,6 +163,35 @@ class Trainer:
         self.buckets = make_buckets(params.resolution, params.bucketing)
 
     # -- setup ------------------------------------------------------------------------------------
+
+    def _refuse_unsupported(self) -> None:
+        """Combinations that would train wrongly or not at all, refused before anything is loaded."""
+        from accelerate.utils import DistributedType
+
+        p, kind = self.params, self.accelerator.distributed_type
+        if kind == DistributedType.DEEPSPEED:
+            raise ConfigError(
+                "train: DeepSpeed is not supported by Easel's trainer (its sampler shards the data itself, and no "
+                "DeepSpeed run has been tested); use DDP (infra/accelerate/ddp_8gpu.yaml)"
+            )
+        if p.fused_backward_pass and self.accelerator.num_processes > 1:
+            raise ConfigError(
+                "params.yaml: train.fused_backward_pass works in one process only: each parameter is stepped "
+                f"inside backward, before DDP has averaged its gradient over the {self.accelerator.num_processes} "
+                "processes. Turn it off for multi-GPU runs (full_bf16 alone works there)"
+            )
+        if kind == DistributedType.FSDP:
+            chosen = (
+                ("ema.enabled", p.ema.enabled),
+                ("full_bf16", p.full_bf16),
+                ("fused_backward_pass", p.fused_backward_pass),
+            )
+            options = [name for name, on in chosen if on]
+            if options:
+                raise ConfigError(
+                    f"params.yaml: train.{', train.'.join(options)}: not supported under FSDP (sharded parameters); "
+                    "no FSDP run could be tested (accelerate runs FSDP on GPUs only)"
+                )
 
     def _bucket_of(self, items: list[ImageCaption]) -> list[tuple[int, int]]:
         p = self.params
@@ -171,10 +202,7 @@ class Trainer:
         for frozen in (parts.vae, parts.text_encoder, parts.text_encoder_2):
             frozen.requires_grad_(False)
             frozen.eval()
-        # SDXL's VAE overflows in fp16; it stays float32 (an fp16-fixed VAE can be set as models.vae).
-        parts.vae.to(self.device)
-        parts.text_encoder.to(self.device, dtype=self.weight_dtype)
-        parts.text_encoder_2.to(self.device, dtype=self.weight_dtype)
+        self.frozen.place(FrozenParts.NAMES)
 
     def encode_text(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         parts = self.parts
@@ -194,29 +222,33 @@ class Trainer:
             flips = (False, True) if p.random_flip else (False,)
             latents.prepare(self.parts.vae, self.train_items, train_bucket_of, flips, self.device, self.progress)
             latents.prepare(self.parts.vae, self.val_items, val_bucket_of, (False,), self.device, self.progress)
-            self.parts.vae.to("cpu")  # no longer needed on the device
         if p.cache_text_embeddings:
             identity = folder_identity(self.parts.base) + f":{p.empty_prompt}"
             texts = TextEmbeddingCache(Path(p.cache_dir), identity, p.cache_memory_mb)
             with torch.no_grad():
                 texts.prepare([i.caption for i in self.train_items + self.val_items], self.encode_text, self.progress)
-            self.parts.text_encoder.to("cpu")
-            self.parts.text_encoder_2.to("cpu")
+        self._send_cached_parts_away()
         return latents, texts
+
+    def _send_cached_parts_away(self) -> None:
+        """The parts the filled caches replace leave the device until samples or the save need them."""
+        p = self.params
+        away = ["vae"] * p.cache_latents + ["text_encoder", "text_encoder_2"] * p.cache_text_embeddings
+        self.frozen.send_away(away)
 
     # -- one step's inputs ------------------------------------------------------------------------
 
     def latents_of(self, batch: dict, generator: torch.Generator) -> torch.Tensor:
-        vae = self.parts.vae
         with torch.no_grad():
             if "latents" in batch:  # cached (mean, std): sample as the VAE would
                 mean, std = batch["latents"][:, 0], batch["latents"][:, 1]
                 sample = mean + std * torch.randn(mean.shape, generator=generator)
             else:
+                vae = self.parts.vae
                 pixels = batch["pixel_values"].to(self.device, dtype=vae.dtype)
                 dist = vae.encode(pixels).latent_dist
                 sample = dist.mean + dist.std * torch.randn(dist.mean.shape, generator=generator).to(self.device)
-        return (sample.to(self.device) * vae.config.scaling_factor).to(self.weight_dtype)
+        return (sample.to(self.device) * self.latent_scale).to(self.weight_dtype)
 
     def text_of(self, batch: dict, texts: TextEmbeddingCache | None) -> tuple[torch.Tensor, torch.Tensor]:
         if texts is not None:
@@ -280,20 +312,23 @@ class Trainer:
         from components.prompts import resolve_negative
 
         p = self.params
-        pipe = self.pipeline(self.accelerator.unwrap_model(unet))
-        pipe.set_progress_bar_config(disable=True)
         negative = resolve_negative(p.sample_negative_prompt, None)
         settings = GenerationSettings(
             num_inference_steps=p.sample_steps, height=p.resolution, width=p.resolution, guidance=Guidance("cfg", 5.0)
         )
         unet.eval()
-        images = generate(
-            pipe,
-            p.sample_prompts,
-            [negative] * len(p.sample_prompts),
-            [p.sample_seed + i for i in range(len(p.sample_prompts))],
-            settings,
-        )
+        # With cached latents or embeddings the VAE and encoders are off the device; sampling needs
+        # them beside the U-Net, for as long as it lasts.
+        with self.frozen.on_device():
+            pipe = self.pipeline(self.accelerator.unwrap_model(unet))
+            pipe.set_progress_bar_config(disable=True)
+            images = generate(
+                pipe,
+                p.sample_prompts,
+                [negative] * len(p.sample_prompts),
+                [p.sample_seed + i for i in range(len(p.sample_prompts))],
+                settings,
+            )
         unet.train()
         if not self.accelerator.is_main_process:
             return  # every process generates (FSDP needs them all in the forward); one writes
@@ -330,14 +365,6 @@ class Trainer:
         if p.gradient_checkpointing:
             unet.enable_gradient_checkpointing()
         unet.train()
-        ema = None
-        if p.ema.enabled:
-            from diffusers import UNet2DConditionModel
-            from diffusers.training_utils import EMAModel
-
-            ema = EMAModel(
-                unet.parameters(), decay=p.ema.decay, model_cls=UNet2DConditionModel, model_config=unet.config
-            )
         optimizer = build_optimizer(unet.parameters(), p)
         lr_scheduler = build_lr_scheduler(optimizer, p, acc.num_processes)
         dataset = CaptionedImages(
@@ -370,7 +397,12 @@ class Trainer:
             val_loader = torch.utils.data.DataLoader(
                 val_set, batch_sampler=BucketBatchSampler(val_bucket_of, p.train_batch_size, p.seed), collate_fn=collate
             )
+        raw_optimizer = optimizer
         unet, optimizer, lr_scheduler = acc.prepare(unet, optimizer, lr_scheduler)
+        # After prepare, which moved (and maybe wrapped) the U-Net: the EMA and the hooks must see the
+        # parameters where they now are.
+        ema = self._build_ema(unet)
+        fused = FusedBackward(raw_optimizer, unet.parameters()) if p.fused_backward_pass else None
         acc.register_for_checkpointing(self.state)
         if ema is not None:
             acc.register_for_checkpointing(ema)
@@ -401,6 +433,7 @@ class Trainer:
             unit="step",
             disable=not (self.progress and acc.is_local_main_process),
         )
+        reset_peak_memory(self.device)  # the curve's peak is training's, not loading's or caching's
         step_start = time.perf_counter()
         while self.state.step < p.max_train_steps:
             sampler.set_position(*divmod(micro, batches_per_epoch))  # (epoch, batches already done)
@@ -419,8 +452,11 @@ class Trainer:
                             f"checkpoint is {last[-1] if last else 'none (checkpoint_every is 0 or none was due yet)'}."
                         )
                     acc.backward(loss)
-                    grad_norm = acc.clip_grad_norm_(unet.parameters(), p.max_grad_norm) if acc.sync_gradients else None
-                    optimizer.step()
+                    if fused is not None:  # every parameter has been stepped inside backward
+                        grad_norm = fused.finish_step()
+                    else:
+                        grad_norm = self._clip(unet) if acc.sync_gradients else None
+                        optimizer.step()
                     lr_scheduler.step()
                     optimizer.zero_grad(set_to_none=True)
                 if not acc.sync_gradients:
@@ -428,7 +464,7 @@ class Trainer:
                 self.state.step += 1
                 step = self.state.step
                 if ema is not None and step % p.ema.update_every == 0:
-                    ema.step(unet.parameters())
+                    ema.step(acc.unwrap_model(unet).parameters())
                 losses.append(loss_value)
                 now = time.perf_counter()
                 step_time, step_start = now - step_start, now
@@ -468,22 +504,41 @@ class Trainer:
                     break
         bar.close()
         curves.flush()
+        if fused is not None:
+            fused.remove()
+        # Training is over and the last checkpoint (if any) is written: the optimizer's state is not
+        # needed for the save (at SDXL's size, 1 GB for Adafactor, 20 GB for AdamW).
+        raw_optimizer.state.clear()
         seconds = time.perf_counter() - started
         acc.wait_for_everyone()
         return self._finish(unet, ema, losses, seconds, metrics_path, live)
 
+    def _build_ema(self, unet) -> EMA | None:
+        """The EMA of the prepared U-Net's parameters, on the accelerator or in CPU memory."""
+        ema = self.params.ema
+        if not ema.enabled:
+            return None
+        device = self.device if ema.device == "accelerator" else torch.device("cpu")
+        dtype = torch.bfloat16 if ema.dtype == "bf16" else torch.float32
+        parameters = self.accelerator.unwrap_model(unet).parameters()
+        return EMA(parameters, ema.decay, device, dtype, seed=self.params.seed)
+
+    def _clip(self, unet) -> torch.Tensor:
+        """Clip by the global norm (or only measure it, with max_grad_norm null); returns the norm."""
+        if self.params.max_grad_norm is not None:
+            return self.accelerator.clip_grad_norm_(unet.parameters(), self.params.max_grad_norm)
+        self.accelerator.unscale_gradients()
+        return torch.nn.utils.get_total_norm([q.grad for q in unet.parameters() if q.grad is not None])
+
     def _weights(self, unet, ema) -> dict[str, torch.Tensor]:
         """The weights to keep, on the CPU: the EMA's if it is on and chosen for saving, else the
-        U-Net's. Every process calls this: under FSDP or DeepSpeed the full weights are gathered."""
-        model = self.accelerator.unwrap_model(unet)
-        use_ema = ema is not None and self.params.ema.use_for_save
-        if use_ema:
-            ema.store(model.parameters())
-            ema.copy_to(model.parameters())
-        weights = {k: v.detach().to("cpu", copy=True) for k, v in self.accelerator.get_state_dict(unet).items()}
-        if use_ema:
-            ema.restore(model.parameters())
-        return weights
+        U-Net's. Every process calls this (a multi-process state dict may need them all). Tensors
+        already on the CPU are not copied: callers write them out before training changes them."""
+        state = self.accelerator.get_state_dict(unet)
+        if ema is not None and self.params.ema.use_for_save:
+            names = [name for name, _ in self.accelerator.unwrap_model(unet).named_parameters()]
+            state = dict(state) | dict(zip(names, ema.weights(), strict=True))
+        return {k: v.detach().to("cpu") for k, v in state.items()}
 
     def _finish(self, unet, ema, losses, seconds, metrics_path, live) -> TrainSummary:
         p = self.params
@@ -514,7 +569,14 @@ class Trainer:
             with init_empty_weights():
                 model = UNet2DConditionModel.from_config(self.accelerator.unwrap_model(unet).config)
             model.load_state_dict(weights, strict=True, assign=True)
+            del weights
+            # On a CPU the saved tensors are the training ones: with the training U-Net's hold on them
+            # dropped, the cast to save_precision frees each as it copies it, instead of keeping two
+            # copies of the weights at once.
+            for param in self.accelerator.unwrap_model(unet).parameters():
+                param.data = torch.empty(0, dtype=param.dtype, device=param.device)
             model.to(SAVE_DTYPES[p.save_precision])
+            self.frozen.loaded()  # released during training on a CPU: loaded again to be saved
             pipe = self.pipeline(model)
             with atomic_dir(model_dir) as tmp:
                 pipe.save_pretrained(str(tmp), safe_serialization=True)
