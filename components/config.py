@@ -60,6 +60,9 @@ class ModelsParams(Section):
     clip_pretrained: str | None = None
     aesthetic: str | None = None
     aesthetic_sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$")
+    # Prompt tokens the text encoders read, in training and generation alike: 75 (CLIP's own), or
+    # 150 / 225 with kohya's chunked encoding (components/prompt_encoding.py). Captions are checked against it.
+    max_token_length: Literal[75, 150, 225] = 75
 
     def require(self, *names: str) -> None:
         missing = [n for n in names if not getattr(self, n)]
@@ -226,7 +229,6 @@ class CaptionParams(Section):
     template: str = "{trigger}, {source_or_blip}, {tags}"
     trigger: str | None = None  # a token for concept training, written first
     replacements: dict[str, str] = {}  # applied to every tag and caption part, after normalisation
-    max_clip_tokens: int = Field(77, ge=8)  # counted with CLIP's tokenizer; longer captions are flagged
     source_caption_column: str = "caption"  # the source column (src_<name>) holding a caption, if any
 
     @field_validator("template")

@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 
 from components.guidance import Branch, Guidance
+from components.prompt_encoding import chunks_needed, encode_prompts
 
 SAMPLERS = {
     "euler": "EulerDiscreteScheduler",
@@ -32,6 +33,7 @@ class GenerationSettings:
     width: int = 1024
     guidance: Guidance = field(default_factory=Guidance)
     sampler: str | None = None  # None: the model's own scheduler
+    max_token_length: int = 75  # prompt tokens read: 75, or 150 / 225 chunked (components/prompt_encoding.py)
 
     def key(self) -> str:
         """A stable text form, part of every cached image's key."""
@@ -48,22 +50,40 @@ def use_sampler(pipe, sampler: str | None) -> None:
     pipe.scheduler = getattr(diffusers, SAMPLERS[sampler]).from_config(pipe.scheduler.config)
 
 
-def _embeddings(pipe, prompts: list[str], negatives: list[str], device) -> dict[Branch, tuple]:
-    """(prompt_embeds, pooled_embeds) for each branch."""
-    cond, negative, pooled, negative_pooled = pipe.encode_prompt(
-        prompt=prompts,
-        device=device,
-        num_images_per_prompt=1,
-        do_classifier_free_guidance=True,
-        negative_prompt=negatives,
-    )
+def _embeddings(pipe, prompts: list[str], negatives: list[str], max_token_length: int) -> dict[Branch, tuple]:
+    """(prompt_embeds, pooled_embeds) for each branch, as StableDiffusionXLPipeline.encode_prompt builds them
+    (chunked past 75 tokens); a prompt and its negative get the same number of chunks."""
+    encoders, tokenizers = [pipe.text_encoder, pipe.text_encoder_2], [pipe.tokenizer, pipe.tokenizer_2]
+    n = max(chunks_needed(tokenizers, prompts + negatives, max_token_length))
+    cond, pooled = encode_prompts(encoders, tokenizers, prompts, max_token_length, n)
+    negative, negative_pooled = encode_prompts(encoders, tokenizers, negatives, max_token_length, n)
     if pipe.config.force_zeros_for_empty_prompt:  # SDXL base: the null condition is all zeros
         null, null_pooled = torch.zeros_like(cond), torch.zeros_like(pooled)
     else:
-        null, _, null_pooled, _ = pipe.encode_prompt(
-            prompt=[""] * len(prompts), device=device, do_classifier_free_guidance=False
+        null, null_pooled = encode_prompts(encoders, tokenizers, [""] * len(prompts), max_token_length, n)
+    dtype = pipe.text_encoder_2.dtype  # as the pipeline hands them to the U-Net
+    return {
+        branch: (embeds.to(dtype), pooled_embeds.to(dtype))
+        for branch, (embeds, pooled_embeds) in {
+            "cond": (cond, pooled),
+            "negative": (negative, negative_pooled),
+            "null": (null, null_pooled),
+        }.items()
+    }
+
+
+def _by_chunk_count(prompts: list[str], negatives: list[str], tokenizers, max_token_length: int) -> list[list[int]]:
+    """Indices grouped by the chunks each (prompt, negative) needs: an image's conditioning then depends on
+    its own prompts only, never on what else is in the batch."""
+    need = [
+        max(pair)
+        for pair in zip(
+            chunks_needed(tokenizers, prompts, max_token_length),
+            chunks_needed(tokenizers, negatives, max_token_length),
+            strict=True,
         )
-    return {"cond": (cond, pooled), "negative": (negative, negative_pooled), "null": (null, null_pooled)}
+    ]
+    return [[i for i, k in enumerate(need) if k == count] for count in sorted(set(need))]
 
 
 @torch.no_grad()
@@ -78,10 +98,18 @@ def generate(
     """One image per (prompt, negative prompt, seed): PIL images, or a float array with "np"."""
     from diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl import retrieve_timesteps
 
+    groups = _by_chunk_count(prompts, negative_prompts, [pipe.tokenizer, pipe.tokenizer_2], settings.max_token_length)
+    if len(groups) > 1:  # prompts of different lengths are generated apart, then put back in order
+        images: list = [None] * len(prompts)
+        for group in groups:
+            pick = [[values[i] for i in group] for values in (prompts, negative_prompts, seeds)]
+            for i, image in zip(group, generate(pipe, *pick, settings, output_type), strict=True):
+                images[i] = image
+        return images
     n = len(prompts)
     device = pipe._execution_device
     guidance = settings.guidance
-    embeds = _embeddings(pipe, prompts, negative_prompts, device)
+    embeds = _embeddings(pipe, prompts, negative_prompts, settings.max_token_length)
     dtype = embeds["cond"][0].dtype
     use_sampler(pipe, settings.sampler)
     timesteps, steps = retrieve_timesteps(pipe.scheduler, settings.num_inference_steps, device)

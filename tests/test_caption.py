@@ -80,9 +80,26 @@ def test_tag_selection_by_category_threshold_and_confidence():
 
 
 def test_clip_token_counting_flags_truncation():
-    assert clip_token_count("a cat") == 4  # <start> a cat <end>
+    assert clip_token_count("a cat") == 2  # what max_token_length counts: no <start>, <end>
     long = ", ".join(f"tag{i}" for i in range(60))
-    assert clip_token_count(long) > 77
+    assert clip_token_count(long) > 75
+
+
+def test_the_token_report_uses_the_limit_training_and_generation_use(tmp_path, tiny_models):
+    _, validate = accepted_set(tmp_path, count=2)
+    trigger = " ".join(f"word{i}" for i in range(60))  # every caption starts with 120-odd tokens
+    params = CaptionParams(
+        out_dir=str(tmp_path / "caption"), trigger=trigger, blip={"max_new_tokens": 4}, tagger={"enabled": False}
+    )
+    models = models_for(tiny_models)
+    for limit, over in ((75, 2), (150, 2), (225, 0)):
+        summary = run_caption(params, models.model_copy(update={"max_token_length": limit}), validate, progress=False)
+        table = pd.read_parquet(tmp_path / "caption" / "captions.parquet")
+        assert summary.over_token_limit == over and table["over_token_limit"].sum() == over, (
+            limit,
+            table["clip_tokens"],
+        )
+    assert (table["clip_tokens"] > 150).all() and (table["clip_tokens"] <= 225).all()
 
 
 def test_captions_cache_per_captioner_and_config(tmp_path, tiny_models):

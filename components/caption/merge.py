@@ -72,5 +72,5 @@ def _clip_tokenizer():
 
 
 def clip_token_count(text: str) -> int:
-    """Tokens CLIP's text encoder sees, start and end tokens included (the limit is 77)."""
-    return len(_clip_tokenizer().encode(text)) + 2
+    """CLIP tokens of the text, without <BOS> and <EOS>: what models.max_token_length (75, 150, 225) counts."""
+    return len(_clip_tokenizer().encode(text))

@@ -155,7 +155,7 @@ def run_caption(
                 "blip_caption": blip,
                 "tags": tags,
                 "clip_tokens": tokens,
-                "over_token_limit": tokens > params.max_clip_tokens,
+                "over_token_limit": tokens > models.max_token_length,
                 "captioners": json.dumps(keys),
             }
         )
@@ -165,13 +165,15 @@ def run_caption(
     over = int(table["over_token_limit"].sum())
     if over:
         log.warning(
-            "%d of %d captions exceed %d CLIP tokens and will be truncated in training",
+            "%d of %d captions exceed %d tokens (models.max_token_length): training and generation cut them there",
             over,
             len(table),
-            params.max_clip_tokens,
+            models.max_token_length,
         )
     atomic_write_parquet(out_dir / "captions.parquet", table)
-    report_path = _write_report(out_dir / "report.html", table, failures, keys, params, accepted)
+    report_path = _write_report(
+        out_dir / "report.html", table, failures, keys, params.template, models.max_token_length, accepted
+    )
     summary = CaptionSummary(
         len(accepted),
         len(accepted) - fully_cached - len(failures),
@@ -197,13 +199,19 @@ def run_caption(
 
 
 def _write_report(
-    path: Path, table: pd.DataFrame, failures: dict, keys: dict, params: CaptionParams, accepted: pd.DataFrame
+    path: Path,
+    table: pd.DataFrame,
+    failures: dict,
+    keys: dict,
+    template: str,
+    max_token_length: int,
+    accepted: pd.DataFrame,
 ) -> Path:
     sample = table.head(60)
     cards = [
         report.card(
             thumbnail(r.image_path),
-            f"{r.caption} [{r.clip_tokens} tokens]" + (" TRUNCATED" if r.over_token_limit else ""),
+            f"{r.caption} [{r.clip_tokens} tokens]" + (" CUT" if r.over_token_limit else ""),
         )
         for r in sample.itertuples()
     ]
@@ -219,8 +227,8 @@ def _write_report(
             0,
             (
                 "Warning",
-                f"<p class='fail'>{over} of {len(table)} captions exceed "
-                f"{params.max_clip_tokens} CLIP tokens: training will truncate them.</p>",
+                f"<p class='fail'>{over} of {len(table)} captions exceed {max_token_length} tokens "
+                "(models.max_token_length): training and generation cut them there; 150 or 225 reads more.</p>",
             ),
         )
     if failures:
@@ -235,7 +243,7 @@ def _write_report(
         path,
         "Easel captions",
         sections,
-        intro=f"Template <code>{report.esc(params.template)}</code>; captioners "
+        intro=f"Template <code>{report.esc(template)}</code>; captioners "
         + ", ".join(f"{report.esc(k)} = {report.esc(v)}" for k, v in keys.items())
         + ".",
     )

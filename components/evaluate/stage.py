@@ -38,7 +38,7 @@ from components.scoring import AESTHETIC_DEFINITION, CLIP_SCORE_DEFINITION, Imag
 log = logging.getLogger(__name__)
 
 
-def generation_settings(params: EvaluateParams) -> GenerationSettings:
+def generation_settings(params: EvaluateParams, models: ModelsParams) -> GenerationSettings:
     g = params.guidance
     return GenerationSettings(
         num_inference_steps=params.num_inference_steps,
@@ -46,12 +46,15 @@ def generation_settings(params: EvaluateParams) -> GenerationSettings:
         width=params.width,
         guidance=Guidance(g.mode, g.scale, g.negative_scale, g.negative_delay),
         sampler=params.sampler,
+        max_token_length=models.max_token_length,  # the prompt encoding training used
     )
 
 
-def plan_images(model: model_sources.ModelUnderTest, prompts: pd.DataFrame, params: EvaluateParams) -> list[dict]:
+def plan_images(
+    model: model_sources.ModelUnderTest, prompts: pd.DataFrame, params: EvaluateParams, models: ModelsParams
+) -> list[dict]:
     """Every (prompt, seed) image of one model, with its cache key."""
-    settings_key = generation_settings(params).key()
+    settings_key = generation_settings(params, models).key()
     return [
         {
             "model": model.name,
@@ -71,12 +74,13 @@ def generate_for_model(
     model: model_sources.ModelUnderTest,
     prompts: pd.DataFrame,
     params: EvaluateParams,
+    models: ModelsParams,
     cache: ImageCache,
     progress: bool,
 ) -> pd.DataFrame:
     """Every (prompt, seed) image of one model, from the cache or generated into it."""
-    settings = generation_settings(params)
-    jobs = plan_images(model, prompts, params)
+    settings = generation_settings(params, models)
+    jobs = plan_images(model, prompts, params, models)
     missing = [j for j in jobs if not cache.has(j["key"])]
     log.info("%s: %d images, %d from the cache", model.name, len(jobs), len(jobs) - len(missing))
     if missing:
@@ -272,12 +276,14 @@ def run_evaluate(
     panel = [model_sources.panel_model(entry, i, models, storage) for i, entry in enumerate(params.panel)]
     prompt_sha = prompt_set_hash(params.prompts)
     protocol = leaderboard.protocol_hash(
-        prompts, params.seeds, generation_settings(params).key(), scorer_identity(models)
+        prompts, params.seeds, generation_settings(params, models).key(), scorer_identity(models)
     )
     board = leaderboard.read(params.leaderboard)
     earlier = [m for m in panel if leaderboard.has(board, m.identity, prompt_sha, protocol)]
     scored = [*chosen, *(m for m in panel if m not in earlier)]
-    jobs = pd.concat([generate_for_model(m, prompts, params, cache, progress) for m in scored], ignore_index=True)
+    jobs = pd.concat(
+        [generate_for_model(m, prompts, params, models, cache, progress) for m in scored], ignore_index=True
+    )
     scorer = ImageTextScorer(models, batch_size=params.scorer_batch_size, workers=params.scorer_workers)
     metrics = scorer.score([cache.path(k) for k in jobs["key"]], jobs["prompt"].tolist(), progress)
     scores = jobs.assign(**{k: v.astype(float) for k, v in metrics.items()})
@@ -314,7 +320,8 @@ def run_evaluate(
         "seeds": list(params.seeds),
         "scorer": scorer.model_name,
         "generation": {
-            "guidance": generation_settings(params).guidance.describe(),
+            "guidance": generation_settings(params, models).guidance.describe(),
+            "max_token_length": models.max_token_length,
             "sampler": params.sampler,
             "steps": params.num_inference_steps,
             "height": params.height,
@@ -328,7 +335,9 @@ def run_evaluate(
         "leaderboard": {"path": params.leaderboard, "protocol_sha256": protocol, "models": len(ranking)},
     }
     # The grid shows the models already on the leaderboard too, from the image cache when their images are there.
-    before = pd.DataFrame([job for m in earlier for job in plan_images(m, prompts, params)], columns=jobs.columns)
+    before = pd.DataFrame(
+        [job for m in earlier for job in plan_images(m, prompts, params, models)], columns=jobs.columns
+    )
     before["image"] = [
         f"images/{r.model}/{r.prompt_id}__seed{r.seed}.png" if cache.has(r.key) else None for r in before.itertuples()
     ]

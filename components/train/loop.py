@@ -26,6 +26,7 @@ from components.errors import ConfigError, EaselError
 from components.fsutil import atomic_dir, atomic_write_json, atomic_write_text, read_stage_table
 from components.images import read_header
 from components.models.loaders import dtype_for, load_sdxl_frozen, load_sdxl_parts
+from components.prompt_encoding import chunks_needed
 from components.train import checkpoints
 from components.train.cache import LatentCache, TextEmbeddingCache, folder_identity
 from components.train.data import (
@@ -152,6 +153,10 @@ class Trainer:
             models, unet_dtype=torch.bfloat16 if params.full_bf16 else None, text_encoder_dtype=self.weight_dtype
         )
         self.latent_scale = self.parts.vae.config.scaling_factor  # kept: the VAE may leave memory
+        # One chunk count for every caption, as kohya pads all to the longest: batches and cached embeddings
+        # stack. Captions of up to 75 tokens everywhere: one chunk, CLIP's own encoding.
+        tokenizers = [self.parts.tokenizer, self.parts.tokenizer_2]
+        self.n_chunks = max(chunks_needed(tokenizers, [i.caption for i in items], models.max_token_length))
         self.frozen = FrozenParts(
             self.parts, self.device, self.weight_dtype, lambda: load_sdxl_frozen(models, self.weight_dtype)
         )
@@ -211,6 +216,8 @@ class Trainer:
             [parts.tokenizer, parts.tokenizer_2],
             captions,
             self.params.empty_prompt,
+            self.models.max_token_length,
+            self.n_chunks,
         )
 
     def _caches(self, train_bucket_of, val_bucket_of):
@@ -223,7 +230,9 @@ class Trainer:
             latents.prepare(self.parts.vae, self.train_items, train_bucket_of, flips, self.device, self.progress)
             latents.prepare(self.parts.vae, self.val_items, val_bucket_of, (False,), self.device, self.progress)
         if p.cache_text_embeddings:
-            identity = folder_identity(self.parts.base) + f":{p.empty_prompt}"
+            identity = (
+                folder_identity(self.parts.base) + f":{p.empty_prompt}:{self.models.max_token_length}x{self.n_chunks}"
+            )
             texts = TextEmbeddingCache(Path(p.cache_dir), identity, p.cache_memory_mb)
             with torch.no_grad():
                 texts.prepare([i.caption for i in self.train_items + self.val_items], self.encode_text, self.progress)
@@ -314,7 +323,11 @@ class Trainer:
         p = self.params
         negative = resolve_negative(p.sample_negative_prompt, None)
         settings = GenerationSettings(
-            num_inference_steps=p.sample_steps, height=p.resolution, width=p.resolution, guidance=Guidance("cfg", 5.0)
+            num_inference_steps=p.sample_steps,
+            height=p.resolution,
+            width=p.resolution,
+            guidance=Guidance("cfg", 5.0),
+            max_token_length=self.models.max_token_length,
         )
         unet.eval()
         # With cached latents or embeddings the VAE and encoders are off the device; sampling needs

@@ -13,35 +13,24 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from components.prompt_encoding import encode_prompts as encode_text
+
 
 def encode_prompts(
-    text_encoders, tokenizers, captions: list[str], empty: str = "zeros"
+    text_encoders,
+    tokenizers,
+    captions: list[str],
+    empty: str = "zeros",
+    max_token_length: int = 75,
+    n_chunks: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(prompt_embeds, pooled_prompt_embeds), as StableDiffusionXLPipeline.encode_prompt builds them:
-    each encoder's penultimate hidden state, concatenated; the pooled projection of the second.
+    """(prompt_embeds, pooled_prompt_embeds) of training captions, as StableDiffusionXLPipeline.encode_prompt
+    builds them (chunked past 75 tokens: components/prompt_encoding.py).
 
     An empty caption (dropped for CFG) is conditioned like the pipeline's unconditional branch:
     all-zero embeddings with `empty="zeros"` (SDXL's force_zeros_for_empty_prompt), else "" encoded.
     """
-    hidden_states, pooled = [], None
-    for tokenizer, encoder in zip(tokenizers, text_encoders, strict=True):
-        ids = tokenizer(
-            captions,
-            padding="max_length",
-            max_length=tokenizer.model_max_length,
-            truncation=True,
-            return_tensors="pt",
-        ).input_ids.to(encoder.device)
-        out = encoder(ids, output_hidden_states=True)
-        pooled = out[0]  # for CLIPTextModelWithProjection this is text_embeds
-        hidden_states.append(out.hidden_states[-2])
-    prompt_embeds = torch.cat(hidden_states, dim=-1)
-    if empty == "zeros":
-        blank = torch.tensor([c == "" for c in captions], device=prompt_embeds.device)
-        if blank.any():
-            prompt_embeds = prompt_embeds.masked_fill(blank[:, None, None], 0.0)
-            pooled = pooled.masked_fill(blank[:, None], 0.0)
-    return prompt_embeds, pooled
+    return encode_text(text_encoders, tokenizers, captions, max_token_length, n_chunks, zero_empty=empty == "zeros")
 
 
 def time_ids(
