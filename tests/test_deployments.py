@@ -6,7 +6,6 @@ import os
 import shutil
 import subprocess
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -15,40 +14,6 @@ import yaml
 from tests.conftest import REPO, free_port, make_project
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture()
-def prefect_server(tmp_path):
-    port = free_port()
-    env = {
-        **os.environ,
-        "PREFECT_HOME": str(tmp_path / "prefect-home"),
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
-    }
-    log = open(tmp_path / "server.log", "wb")  # noqa: SIM115 (closed at teardown)
-    server = subprocess.Popen(
-        [str(REPO / ".venv/bin/prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/health", timeout=2) as resp:
-                if resp.status == 200:
-                    break
-        except OSError:
-            pass
-        if time.monotonic() > deadline or server.poll() is not None:
-            raise AssertionError("prefect server did not start:\n" + (tmp_path / "server.log").read_text()[-3000:])
-        time.sleep(0.5)
-    yield env
-    os.killpg(server.pid, 15)
-    server.wait(timeout=30)
-    log.close()
 
 
 def prefect(args, cwd, env, timeout=300):
