@@ -48,6 +48,12 @@ def _progress(args) -> bool:
     return not args.no_progress and os.environ.get("EASEL_NO_PROGRESS") != "1"
 
 
+def _shard(args) -> tuple[int, int] | None:
+    from components.sharding import parse_shard
+
+    return parse_shard(args.shard) if getattr(args, "shard", None) else None
+
+
 def _metrics(stage: str) -> Path:
     return METRICS_DIR / f"{stage}.json"
 
@@ -59,14 +65,7 @@ def cmd_download(args) -> int:
     from components.download import run_download
 
     params = _load(args)
-    shard = None
-    if args.shard:
-        try:
-            k, n = (int(x) for x in args.shard.split("/"))
-            assert 0 <= k < n
-        except (ValueError, AssertionError):
-            raise EaselError(f"--shard takes K/N with 0 <= K < N, e.g. 0/4; got {args.shard!r}") from None
-        shard = (k, n)
+    shard = _shard(args)
     summary = run_download(
         params.download,
         _metrics("download"),
@@ -85,6 +84,12 @@ def cmd_validate(args) -> int:
     from components.validate import run_validate
 
     params = _load(args)
+    if shard := _shard(args):
+        from components.validate.stage import inspect_shard
+
+        files, now = inspect_shard(params.validate_, Path(params.download.out_dir), shard, _progress(args))
+        print(f"validate shard {args.shard}: {files} files, {now} inspected now, {files - now} from the cache")
+        return 0
     summary = run_validate(
         params.validate_,
         Path(params.download.out_dir),
@@ -103,6 +108,14 @@ def cmd_caption(args) -> int:
     from components.caption import run_caption
 
     params = _load(args)
+    if shard := _shard(args):
+        from components.caption.stage import caption_shard
+
+        images, now = caption_shard(
+            params.caption, params.models, Path(params.validate_.out_dir), shard, _progress(args)
+        )
+        print(f"caption shard {args.shard}: {images} images, {now} captioned now, {images - now} from the cache")
+        return 0
     summary = run_caption(
         params.caption,
         params.models,
@@ -145,6 +158,14 @@ def cmd_evaluate(args) -> int:
 
     params = _load(args)
     model_dir = Path(args.model) if args.model else Path(params.train.out_dir) / "model"
+    if shard := _shard(args):
+        from components.evaluate.stage import generate_shard
+
+        images, now = generate_shard(
+            params.evaluate, params.models, model_dir, shard, _progress(args), params.storage, params.promote
+        )
+        print(f"evaluate shard {args.shard}: {images} images, {now} generated now, {images - now} from the cache")
+        return 0
     summary = run_evaluate(
         params.evaluate,
         params.models,
@@ -403,6 +424,13 @@ def build_parser() -> argparse.ArgumentParser:
         if stage == "download":
             p.add_argument("--shard", help="fetch only shard K of N (K/N), for fanning out over workers")
             p.add_argument("--no-manifest", action="store_true", help="fetch only; a later run writes the manifest")
+        if stage in ("validate", "caption", "evaluate"):
+            work = {"validate": "inspect", "caption": "caption", "evaluate": "generate"}[stage]
+            p.add_argument(
+                "--shard",
+                help=f"{work} only shard K of N (K/N) into the stage's cache and write no output; "
+                "the stage run after every shard writes the outputs",
+            )
 
     p = add(
         "gate",

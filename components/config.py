@@ -182,6 +182,7 @@ class ValidateParams(Section):
     min_accepted: int = Field(1, ge=0)
     min_accepted_share: float = Field(0.0, ge=0, le=1)
     workers: int = Field(1, ge=1, le=256)
+    cache_dir: str = ".easel/cache/validate"  # each file's metadata by sha256: shards fill it, reruns reuse it
     curate: CurateParams = CurateParams()
 
     @field_validator("missing_dpi", mode="before")

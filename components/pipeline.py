@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from components import report
@@ -27,6 +28,7 @@ class StageRun:
     returncode: int
     output: str
     verdict: str | None = None  # the promote stage's gate verdict when it did not promote: reject | inconclusive
+    shards: list[ShardRun] = field(default_factory=list)  # the shard runs before it, when it was sharded
 
 
 # The exit codes of `easel promote` that are verdicts, not errors (components.errors).
@@ -79,10 +81,27 @@ def repro_stage(stage: str, project_dir: Path | str) -> StageRun:
     return StageRun(stage, f"Running stage '{stage}'" in output, proc.returncode, output)
 
 
-def fetch_download_shard(shard: int, shards: int, project_dir: Path | str) -> str:
-    """Fetch one shard of the download stage's URLs (no manifest); returns the stage's summary line."""
+# The stages whose per-item work can be split into shards (components.sharding): `easel <stage>
+# --shard K/N` fills the stage's cache, then the DVC stage finds everything done and writes the outputs.
+SHARDED_STAGES = ("download", "validate", "caption", "evaluate")
+
+
+@dataclass
+class ShardRun:
+    stage: str
+    shard: int
+    shards: int
+    summary: str  # the shard's own line: how many items, how many computed now
+    worker: str  # host:pid of the process that ran it (a Dask worker, say)
+
+
+def run_stage_shard(stage: str, shard: int, shards: int, project_dir: Path | str) -> ShardRun:
+    """Shard K of N of a stage's work, into the stage's cache; no output is written."""
+    if stage not in SHARDED_STAGES:
+        raise EaselError(f"stage {stage} cannot be sharded; these can: {', '.join(SHARDED_STAGES)}")
+    only = ["--no-manifest"] if stage == "download" else []  # the DVC stage writes the manifest
     proc = subprocess.run(
-        [str(Path(sys.executable).parent / "easel"), "download", "--shard", f"{shard}/{shards}", "--no-manifest"],
+        [str(Path(sys.executable).parent / "easel"), stage, "--shard", f"{shard}/{shards}", *only],
         cwd=project_dir,
         env=_env(project_dir),
         capture_output=True,
@@ -90,8 +109,14 @@ def fetch_download_shard(shard: int, shards: int, project_dir: Path | str) -> st
     )
     if proc.returncode != 0:
         lines = (proc.stdout + proc.stderr).strip().splitlines()
-        raise EaselError(f"download shard {shard}/{shards} failed: " + "\n".join(lines[-10:]))
-    return proc.stdout.strip().splitlines()[-1]
+        raise EaselError(f"{stage} shard {shard}/{shards} failed: " + "\n".join(lines[-10:]))
+    summary = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else ""
+    return ShardRun(stage, shard, shards, summary, f"{socket.gethostname()}:{os.getpid()}")
+
+
+def stage_is_current(stage: str, project_dir: Path | str) -> bool:
+    """Whether DVC would skip the stage (its inputs, parameters and code unchanged): no shard needs to run."""
+    return dvc(["status", "--quiet", stage], project_dir, check=False).returncode == 0
 
 
 def prepare_project(project_dir: Path | str) -> str:
@@ -168,7 +193,14 @@ def run_summary_markdown(project_dir: Path | str, runs: list[StageRun], failure:
     metrics = read_metrics(project_dir)
     lines = ["# Easel pipeline run", ""]
     status = {True: "ran", False: "up to date"}
-    rows = [(r.stage, f"gate verdict: {r.verdict}" if r.verdict else status[r.ran]) for r in runs]
+    rows = [
+        (
+            r.stage,
+            (f"gate verdict: {r.verdict}" if r.verdict else status[r.ran])
+            + (f", after {len(r.shards)} shards on {len({s.worker for s in r.shards})} workers" if r.shards else ""),
+        )
+        for r in runs
+    ]
     lines.append(report.table_md(["stage", "status"], rows))
     if failure:
         lines += ["", f"**Failed:** {failure}"]

@@ -226,7 +226,7 @@ def test_shards_then_manifest(server, tmp_path):
     before = dict(server.server.RequestHandlerClass.counters)
     final = run_download(params, progress=False)  # every shard ran: nothing left to fetch
     assert final.fetched_now == 0 and server.server.RequestHandlerClass.counters == before
-    from components.download.stage import shard_of
+    from components.sharding import shard_of
 
     assert final.statuses == {"ok": 30}
     assert fetched == [sum(shard_of(u, 3) == k for u in urls) for k in (1, 2)]  # each shard fetched its own

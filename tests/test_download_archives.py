@@ -381,7 +381,7 @@ def test_archives_in_s3(tmp_path, s3_server, s3_client, archive_dir, monkeypatch
 
 
 def test_shard_runs_read_only_their_archives(tmp_path, archive_dir, monkeypatch):
-    from components.download.stage import shard_of
+    from components.sharding import shard_of
 
     names = [f"posters-{k:06d}.tar" for k in range(2)]
     sources = [{"name": "wds", "path": str(archive_dir / "wds" / "posters-{000000..000001}.tar")}]

@@ -46,10 +46,9 @@ def test_a_failing_stage_fails_the_flow_and_the_artifact_says_so(harness, projec
 def test_sharded_download_then_the_dvc_stage_fetches_nothing(harness, project_factory, sample_site):
     import pandas as pd
 
-    from flows.download_sharded import download_sharded
-
     project = project_factory("sharded")
-    lines = download_sharded(shards=3, project_dir=str(project))
+    (run,) = easel_pipeline(stages=["download"], shards=3, project_dir=str(project), push_to_remote=False)
+    lines = [shard.summary for shard in run.shards]
     assert len(lines) == 3
     fetched = sum(int(line.split("fetched ")[1].split()[0]) for line in lines)
     assert fetched == 18, (
@@ -58,4 +57,7 @@ def test_sharded_download_then_the_dvc_stage_fetches_nothing(harness, project_fa
     )  # every distinct URL of the sample sources, each by exactly one shard
     manifest = pd.read_parquet(project / "data/download/manifest.parquet")
     assert len(manifest) == 20 and "not_fetched" not in set(manifest["status"])
-    assert "download" in (project / "dvc.lock").read_text()  # the DVC stage ran and recorded it
+    assert run.ran and "download" in (project / "dvc.lock").read_text()  # the DVC stage ran and recorded it
+
+    (again,) = easel_pipeline(stages=["download"], shards=3, project_dir=str(project), push_to_remote=False)
+    assert not again.ran and again.shards == []  # DVC: up to date, so no shard was started

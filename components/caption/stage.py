@@ -27,6 +27,7 @@ from components.errors import EaselError
 from components.fsutil import atomic_write_json, atomic_write_parquet, read_stage_table
 from components.images import load_rgb, thumbnail
 from components.models.loaders import default_device, dtype_for
+from components.sharding import Shard, batches, new_part_name
 
 log = logging.getLogger(__name__)
 
@@ -34,13 +35,20 @@ DTYPES = {"float32": "no", "float16": "fp16", "bfloat16": "bf16"}
 
 
 class CaptionCache:
-    """(captioner key, sha256) -> output, persisted as JSON lines; a torn last line is ignored."""
+    """(captioner key, sha256) -> output, persisted as JSON lines; a torn last line is ignored.
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
+    The stage appends to `path` (cache.jsonl); a shard run appends to a part of its own in
+    `cache.parts/`, so that concurrent shards never write one file. Reading takes them all.
+    """
+
+    def __init__(self, path: Path, part: str | None = None) -> None:
+        self.parts = path.parent / "cache.parts"
+        self.path = self.parts / part if part else path
         self.entries: dict[tuple[str, str], object] = {}
-        if path.is_file():
-            for line in path.read_text(encoding="utf-8").splitlines():
+        for journal in [path, *sorted(self.parts.glob("*.jsonl"))]:
+            if not journal.is_file():
+                continue
+            for line in journal.read_text(encoding="utf-8").splitlines():
                 try:
                     item = json.loads(line)
                     self.entries[(item["captioner"], item["sha256"])] = item["output"]
@@ -74,28 +82,65 @@ def build_captioners(params: CaptionParams, models: ModelsParams) -> list:
 
 
 def caption_images(
-    accepted: pd.DataFrame, captioners: list, cache: CaptionCache, batch_size: int, progress: bool
+    accepted: pd.DataFrame,
+    captioners: list,
+    cache: CaptionCache,
+    batch_size: int,
+    progress: bool,
+    shard: Shard | None = None,
 ) -> dict[str, str]:
-    """Fill the cache for every (captioner, image) it lacks; returns {sha256: error} for failures."""
-    missing = [r for r in accepted.itertuples() if any(cache.get(c.key, r.sha256) is None for c in captioners)]
+    """Fill the cache for every (captioner, image) it lacks; returns {sha256: error} for failures.
+
+    With a shard, only that shard's batches of the accepted images (components.sharding), each
+    batch as a single-process run makes it, so that every caption comes out the same.
+    """
+
+    def lacks(r) -> bool:
+        return any(cache.get(c.key, r.sha256) is None for c in captioners)
+
+    rows = list(accepted.itertuples())
+    if shard is None:
+        todo = batches([r for r in rows if lacks(r)], batch_size)
+    else:
+        todo = [batch for batch in batches(rows, batch_size, shard) if any(lacks(r) for r in batch)]
     failures: dict[str, str] = {}
-    bar = tqdm(total=len(missing), desc="caption", unit="img", disable=not progress)
-    for start in range(0, len(missing), batch_size):
-        rows, images = [], []
-        for r in missing[start : start + batch_size]:
+    bar = tqdm(total=sum(map(len, todo)), desc="caption", unit="img", disable=not progress)
+    for batch in todo:
+        read, images = [], []
+        for r in batch:
             try:
                 images.append(load_rgb(r.image_path))  # decoded once for every captioner
-                rows.append(r)
+                read.append(r)
             except Exception as exc:  # a file that decoded in validate but not now: report, skip
                 failures[r.sha256] = f"{type(exc).__name__}: {exc}"
         for captioner in captioners:
-            todo = [i for i, r in enumerate(rows) if cache.get(captioner.key, r.sha256) is None]
-            if todo:
-                outputs = captioner([images[i] for i in todo])
-                cache.add_many(captioner.key, [(rows[i].sha256, out) for i, out in zip(todo, outputs, strict=True)])
-        bar.update(len(missing[start : start + batch_size]))
+            missing = [i for i, r in enumerate(read) if cache.get(captioner.key, r.sha256) is None]
+            if missing:
+                outputs = captioner([images[i] for i in missing])
+                cache.add_many(captioner.key, [(read[i].sha256, out) for i, out in zip(missing, outputs, strict=True)])
+        bar.update(len(batch))
     bar.close()
     return failures
+
+
+def read_accepted(validate_dir: Path) -> pd.DataFrame:
+    return read_stage_table(
+        validate_dir / "accepted.parquet", "caption", "validate", "accepted images", ("sha256", "image_path")
+    )
+
+
+def caption_shard(
+    params: CaptionParams, models: ModelsParams, validate_dir: Path, shard: Shard, progress: bool = True
+) -> tuple[int, int]:
+    """Shard K/N of the stage's captioning: fills the caption cache for this shard's batches and
+    writes no output. Returns (images in the shard, images captioned now)."""
+    accepted = read_accepted(validate_dir)
+    captioners = build_captioners(params, models)
+    cache = CaptionCache(Path(params.out_dir) / "cache.jsonl", part=new_part_name(shard[0]))
+    mine = [r.sha256 for batch in batches(list(accepted.itertuples()), params.batch_size, shard) for r in batch]
+    before = sum(any(cache.get(c.key, sha) is None for c in captioners) for sha in mine)
+    failures = caption_images(accepted, captioners, cache, params.batch_size, progress, shard)
+    return len(mine), before - len(failures)
 
 
 @dataclass
@@ -117,8 +162,7 @@ def run_caption(
     progress: bool = True,
 ) -> CaptionSummary:
     out_dir = Path(params.out_dir)
-    accepted_path = validate_dir / "accepted.parquet"
-    accepted = read_stage_table(accepted_path, "caption", "validate", "accepted images", ("sha256", "image_path"))
+    accepted = read_accepted(validate_dir)
     captioners = build_captioners(params, models)
     cache = CaptionCache(out_dir / "cache.jsonl")
     fully_cached = sum(all(cache.get(c.key, sha) is not None for c in captioners) for sha in accepted["sha256"])

@@ -9,14 +9,9 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from pathlib import Path
 
 SYNC_EVERY = 64
-
-
-def new_part_name(shard: int = 0) -> str:
-    return f"{time.time_ns():020d}-{os.getpid()}-{shard:04d}.jsonl"
 
 
 def load_journal(folder: Path) -> dict[str, dict]:

@@ -14,7 +14,6 @@ workers that share the output folder.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import logging
 import multiprocessing
 import time
@@ -35,6 +34,7 @@ from components.download.store import ImageStore
 from components.download.worker import RECORD_FIELDS, fetch_in_process, fetch_into, init_process
 from components.errors import EaselError
 from components.fsutil import atomic_write_json, atomic_write_parquet
+from components.sharding import in_shard
 
 log = logging.getLogger(__name__)
 
@@ -78,11 +78,6 @@ def _s3_access(storage: StorageParams):
         return sorted(keys)
 
     return settings, list_keys
-
-
-def shard_of(url: str, shards: int) -> int:
-    """A URL's shard: stable across runs, machines and Python versions."""
-    return int.from_bytes(hashlib.sha1(url.encode()).digest()[:8], "big") % shards
 
 
 def is_done(record: dict | None, out_dir: Path) -> bool:
@@ -145,7 +140,10 @@ def _with_archives(manifest: pd.DataFrame, params: DownloadParams, specs, s3_set
 
         client = make_client(s3_settings)
     reader = ArchiveReader(Path(params.out_dir), settings_from_params(params), client)
-    wanted = (lambda a: shard_of(a, shard[1]) == shard[0]) if shard is not None else (lambda a: True)
+
+    def wanted(archive: str) -> bool:
+        return in_shard(archive, shard)
+
     parts = [manifest]
     for spec in specs:
         inputs, records = reader.read(spec, wanted)
@@ -207,7 +205,7 @@ def run_download(
     ImageStore(out_dir / "images").remove_partials()
     records = load_journal(out_dir / "journal")
     wanted = list(dict.fromkeys(u for u in inputs["url"] if pd.notna(u)))
-    mine = wanted if shard is None else [u for u in wanted if shard_of(u, shard[1]) == shard[0]]
+    mine = [u for u in wanted if in_shard(u, shard)]
     todo = [u for u in mine if not is_done(records.get(u), out_dir)]
     workers = max(1, min(params.workers, len(todo) // MIN_URLS_PER_WORKER))
     log.info("%d rows, %d distinct URLs, %d to fetch with %d worker(s)", len(inputs), len(wanted), len(todo), workers)

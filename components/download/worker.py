@@ -10,9 +10,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 from components.download.fetch import Fetcher, FetchResult, FetchSettings
-from components.download.journal import JournalWriter, new_part_name
+from components.download.journal import JournalWriter
 from components.download.store import ImageStore
 from components.images import read_header
+from components.sharding import new_part_name
 
 RECORD_FIELDS = (
     "url",

@@ -34,6 +34,7 @@ from components.generation import GenerationSettings, generate
 from components.guidance import Guidance
 from components.prompts import load_prompt_set, prompt_set_hash
 from components.scoring import AESTHETIC_DEFINITION, CLIP_SCORE_DEFINITION, ImageTextScorer
+from components.sharding import Shard, batches
 
 log = logging.getLogger(__name__)
 
@@ -77,19 +78,25 @@ def generate_for_model(
     models: ModelsParams,
     cache: ImageCache,
     progress: bool,
-) -> pd.DataFrame:
-    """Every (prompt, seed) image of one model, from the cache or generated into it."""
+    shard: Shard | None = None,
+) -> tuple[pd.DataFrame, int]:
+    """Every (prompt, seed) image of one model, from the cache or generated into it; and how many
+    were generated now. With a shard, only that shard's batches (components.sharding), each batch
+    as a single-process run makes it, so that every image comes out the same."""
     settings = generation_settings(params, models)
     jobs = plan_images(model, prompts, params, models)
-    missing = [j for j in jobs if not cache.has(j["key"])]
-    log.info("%s: %d images, %d from the cache", model.name, len(jobs), len(jobs) - len(missing))
-    if missing:
+    if shard is None:
+        todo = batches([j for j in jobs if not cache.has(j["key"])], params.batch_size)
+    else:
+        todo = [b for b in batches(jobs, params.batch_size, shard) if any(not cache.has(j["key"]) for j in b)]
+    count = sum(map(len, todo))
+    log.info("%s: %d images, %d to generate", model.name, len(jobs), count)
+    if todo:
         from components.models.loaders import default_device, load_sdxl_pipeline
 
         pipe = load_sdxl_pipeline(model.ref, model.load_with).to(default_device())
-        bar = tqdm(total=len(missing), desc=f"generate {model.name}", unit="img", disable=not progress)
-        for start in range(0, len(missing), params.batch_size):
-            batch = missing[start : start + params.batch_size]
+        bar = tqdm(total=count, desc=f"generate {model.name}", unit="img", disable=not progress)
+        for batch in todo:
             images = generate(
                 pipe,
                 [j["prompt"] for j in batch],
@@ -102,7 +109,7 @@ def generate_for_model(
             bar.update(len(batch))
         bar.close()
         del pipe
-    return pd.DataFrame(jobs)
+    return pd.DataFrame(jobs), count
 
 
 def resolve_models(
@@ -257,6 +264,64 @@ def _board_name(model: model_sources.ModelUnderTest) -> str:
     return model.name
 
 
+@dataclass
+class EvaluationPlan:
+    """What an evaluation generates and scores, settled before anything is generated."""
+
+    prompts: pd.DataFrame
+    chosen: list[model_sources.ModelUnderTest]  # the candidate, then production and base as asked
+    panel: list[model_sources.ModelUnderTest]
+    earlier: list[model_sources.ModelUnderTest]  # panel models already on the leaderboard: not scored again
+    prompt_sha: str
+    protocol: str
+    board: pd.DataFrame
+
+    @property
+    def scored(self) -> list[model_sources.ModelUnderTest]:
+        return [*self.chosen, *(m for m in self.panel if m not in self.earlier)]
+
+
+def plan_evaluation(
+    params: EvaluateParams,
+    models: ModelsParams,
+    model_dir: Path,
+    storage: StorageParams | None,
+    promote: PromoteParams | None,
+) -> EvaluationPlan:
+    if not (model_dir / "model_index.json").is_file():
+        raise EaselError(f"evaluate: {model_dir} is not a diffusers pipeline folder; run the train stage first")
+    prompts = load_prompt_set(params.prompts, params.negative_prompt, params.max_prompts)
+    chosen = resolve_models(params, models, model_dir, storage, promote)
+    # Every panel reference and the leaderboard are checked before anything is generated.
+    panel = [model_sources.panel_model(entry, i, models, storage) for i, entry in enumerate(params.panel)]
+    prompt_sha = prompt_set_hash(params.prompts)
+    protocol = leaderboard.protocol_hash(
+        prompts, params.seeds, generation_settings(params, models).key(), scorer_identity(models)
+    )
+    board = leaderboard.read(params.leaderboard)
+    earlier = [m for m in panel if leaderboard.has(board, m.identity, prompt_sha, protocol)]
+    return EvaluationPlan(prompts, chosen, panel, earlier, prompt_sha, protocol, board)
+
+
+def generate_shard(
+    params: EvaluateParams,
+    models: ModelsParams,
+    model_dir: Path,
+    shard: Shard,
+    progress: bool = True,
+    storage: StorageParams | None = None,
+    promote: PromoteParams | None = None,
+) -> tuple[int, int]:
+    """Shard K/N of the stage's generation, for every model it scores: fills the image cache and
+    writes no output (the stage scores and reports). Returns (images in the shard, generated now)."""
+    plan = plan_evaluation(params, models, model_dir, storage, promote)
+    cache = ImageCache(params.cache_dir)
+    generated = [generate_for_model(m, plan.prompts, params, models, cache, progress, shard)[1] for m in plan.scored]
+    per_model = len(plan.prompts) * len(params.seeds)
+    mine = sum(map(len, batches(range(per_model), params.batch_size, shard)))
+    return mine * len(plan.scored), sum(generated)
+
+
 def run_evaluate(
     params: EvaluateParams,
     models: ModelsParams,
@@ -267,22 +332,12 @@ def run_evaluate(
     storage: StorageParams | None = None,
     promote: PromoteParams | None = None,
 ) -> EvaluateSummary:
-    if not (model_dir / "model_index.json").is_file():
-        raise EaselError(f"evaluate: {model_dir} is not a diffusers pipeline folder; run the train stage first")
-    prompts = load_prompt_set(params.prompts, params.negative_prompt, params.max_prompts)
+    plan = plan_evaluation(params, models, model_dir, storage, promote)
+    prompts, chosen, panel, earlier = plan.prompts, plan.chosen, plan.panel, plan.earlier
+    prompt_sha, protocol, board, scored = plan.prompt_sha, plan.protocol, plan.board, plan.scored
     cache = ImageCache(params.cache_dir)
-    chosen = resolve_models(params, models, model_dir, storage, promote)
-    # Every panel reference and the leaderboard are checked before anything is generated.
-    panel = [model_sources.panel_model(entry, i, models, storage) for i, entry in enumerate(params.panel)]
-    prompt_sha = prompt_set_hash(params.prompts)
-    protocol = leaderboard.protocol_hash(
-        prompts, params.seeds, generation_settings(params, models).key(), scorer_identity(models)
-    )
-    board = leaderboard.read(params.leaderboard)
-    earlier = [m for m in panel if leaderboard.has(board, m.identity, prompt_sha, protocol)]
-    scored = [*chosen, *(m for m in panel if m not in earlier)]
     jobs = pd.concat(
-        [generate_for_model(m, prompts, params, models, cache, progress) for m in scored], ignore_index=True
+        [generate_for_model(m, prompts, params, models, cache, progress)[0] for m in scored], ignore_index=True
     )
     scorer = ImageTextScorer(models, batch_size=params.scorer_batch_size, workers=params.scorer_workers)
     metrics = scorer.score([cache.path(k) for k in jobs["key"]], jobs["prompt"].tolist(), progress)

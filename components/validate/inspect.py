@@ -8,14 +8,18 @@ Kept free of pandas so that worker processes start quickly.
 
 from __future__ import annotations
 
+import json
 import multiprocessing
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
 
 import numpy as np
+import PIL
 from PIL import Image
 from scipy.fft import dctn
 
+from components.fsutil import atomic_write_json
 from components.images import DEFAULT_MAX_PIXELS, dpi_from_info, open_guarded, to_8bit
 
 EXIF_ORIENTATION = 0x0112
@@ -107,22 +111,59 @@ def inspect_many(
     paths: Sequence[str],
     max_pixels: int,
     workers: int = 1,
-    on_progress: Callable[[int], None] | None = None,
-) -> list[dict]:
-    """inspect_image over many files, in `workers` processes when there are enough files."""
+) -> Iterator[dict]:
+    """inspect_image over many files, in order, in `workers` processes when there are enough files."""
     jobs = [(p, max_pixels) for p in paths]
     if workers <= 1 or len(jobs) < 64:
-        rows = []
-        for job in jobs:
-            rows.append(_inspect_args(job))
-            if on_progress:
-                on_progress(1)
-        return rows
+        yield from map(_inspect_args, jobs)
+        return
     context = multiprocessing.get_context("spawn")
-    rows = []
     with ProcessPoolExecutor(workers, mp_context=context) as pool:
-        for row in pool.map(_inspect_args, jobs, chunksize=32):
-            rows.append(row)
-            if on_progress:
-                on_progress(1)
+        yield from pool.map(_inspect_args, jobs, chunksize=32)
+
+
+# Bump when inspect_image's rows change: rows cached by an older version are then not read.
+INSPECTION_VERSION = 1
+
+
+class InspectionCache:
+    """Inspection rows by the file's sha256 and the pixel limit they were read under, one JSON file
+    each. The store is content-addressed, so a row stays true for its file; shards fill it
+    (`easel validate --shard K/N`) and the stage reads it."""
+
+    def __init__(self, root: Path | str, max_pixels: int) -> None:
+        self.max_pixels = max_pixels
+        # Pillow decides what decodes: another version reads its own rows.
+        self.root = Path(root) / f"v{INSPECTION_VERSION}-pillow{PIL.__version__}-max{max_pixels}px"
+
+    def path(self, sha256: str) -> Path:
+        return self.root / sha256[:2] / f"{sha256}.json"
+
+    def get(self, sha256: str) -> dict | None:
+        try:
+            row = json.loads(self.path(sha256).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        return row if isinstance(row, dict) and row.keys() == EMPTY_ROW.keys() else None
+
+    def put(self, sha256: str, row: dict) -> None:
+        atomic_write_json(self.path(sha256), row)
+
+
+def inspect_cached(
+    files: Sequence[tuple[str, str]],
+    cache: InspectionCache,
+    workers: int = 1,
+    on_progress: Callable[[int], None] | None = None,
+) -> dict[str, dict]:
+    """{sha256: row} for (sha256, path) pairs: cached rows read, the others inspected and cached as they come."""
+    rows = {sha: cache.get(sha) for sha, _ in files}
+    todo = [(sha, path) for sha, path in files if rows[sha] is None]
+    if on_progress and len(files) > len(todo):
+        on_progress(len(files) - len(todo))
+    for (sha, _), row in zip(todo, inspect_many([p for _, p in todo], cache.max_pixels, workers), strict=True):
+        cache.put(sha, row)
+        rows[sha] = row
+        if on_progress:
+            on_progress(1)
     return rows

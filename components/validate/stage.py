@@ -25,8 +25,9 @@ from components.config import AssumeDpi, ModelsParams, ValidateParams
 from components.errors import EaselError
 from components.fsutil import atomic_dir, atomic_write_json, atomic_write_parquet
 from components.images import thumbnail
+from components.sharding import Shard, in_shard
 from components.validate.dedupe import Candidate, choose_kept, near_duplicate_groups
-from components.validate.inspect import EMPTY_ROW, inspect_many
+from components.validate.inspect import EMPTY_ROW, InspectionCache, inspect_cached
 from components.validate.normalize import needs_copy, write_training_copy
 from components.validate.rules import rules_for, run_suite
 
@@ -39,12 +40,10 @@ def metadata_table(manifest: pd.DataFrame, download_dir: Path, params: ValidateP
     columns = ["source", "row", "url", "sha256", "path", "bytes", *[c for c in ok.columns if c.startswith("src_")]]
     table = ok[columns].copy()
     firsts = table.drop_duplicates("sha256")
-    bar = tqdm(total=len(firsts), desc="validate", unit="img", disable=not progress)
-    rows = inspect_many(
-        [str(download_dir / p) for p in firsts["path"]], params.max_image_pixels, params.workers, bar.update
+    rows = inspect_files(firsts, download_dir, params, progress)
+    info = pd.DataFrame(
+        [rows[sha] for sha in firsts["sha256"]], index=firsts["sha256"].to_numpy(), columns=list(EMPTY_ROW)
     )
-    bar.close()
-    info = pd.DataFrame(rows, index=firsts["sha256"].to_numpy(), columns=list(EMPTY_ROW))
     for column in info.columns:
         table[column] = table["sha256"].map(info[column])
     width, height = table["width"].astype("Float64"), table["height"].astype("Float64")
@@ -72,6 +71,45 @@ def metadata_table(manifest: pd.DataFrame, download_dir: Path, params: ValidateP
     table["is_first_copy"] = ~table["sha256"].duplicated()
     table["duplicate_of"] = table["sha256"].map(first_url).where(~table["is_first_copy"]).astype("string")
     return table
+
+
+def inspect_files(files: pd.DataFrame, download_dir: Path, params: ValidateParams, progress: bool) -> dict[str, dict]:
+    """{sha256: metadata row} of distinct files (columns sha256, path), through the inspection cache."""
+    cache = InspectionCache(params.cache_dir, params.max_image_pixels)
+    bar = tqdm(total=len(files), desc="validate", unit="img", disable=not progress)
+    pairs = [(sha, str(download_dir / path)) for sha, path in zip(files["sha256"], files["path"], strict=True)]
+    rows = inspect_cached(pairs, cache, params.workers, bar.update)
+    bar.close()
+    return rows
+
+
+def read_manifest(download_dir: Path, params: ValidateParams) -> pd.DataFrame:
+    manifest_path = download_dir / "manifest.parquet"
+    if not manifest_path.is_file():
+        raise EaselError(f"validate: {manifest_path} not found; run the download stage first")
+    try:
+        manifest = pd.read_parquet(manifest_path)
+    except (OSError, ValueError) as exc:
+        raise EaselError(f"validate: {manifest_path}: cannot be read ({str(exc).splitlines()[0]})") from None
+    if params.min_accepted and not (manifest.get("status", pd.Series(dtype=str)) == "ok").any():
+        # Nothing to judge: writing empty accepted/rejected sets would replace the last good ones.
+        raise EaselError(
+            f"validate: {manifest_path} lists no downloaded images ({len(manifest)} rows, none ok); "
+            "fix the download first (validate.min_accepted: 0 allows an empty set)"
+        )
+    return manifest
+
+
+def inspect_shard(params: ValidateParams, download_dir: Path, shard: Shard, progress: bool = True) -> tuple[int, int]:
+    """Shard K/N of the stage's decoding: inspects this shard's distinct files (by sha256) into the
+    inspection cache and writes no output. Returns (files in the shard, files inspected now)."""
+    ok = read_manifest(download_dir, params)
+    ok = ok[ok["status"] == "ok"].drop_duplicates("sha256")
+    mine = ok[[in_shard(sha, shard) for sha in ok["sha256"]]]
+    cache = InspectionCache(params.cache_dir, params.max_image_pixels)
+    before = sum(cache.get(sha) is None for sha in mine["sha256"])
+    inspect_files(mine, download_dir, params, progress)
+    return len(mine), before
 
 
 def dpi_policies(table: pd.DataFrame, params: ValidateParams) -> list[str]:
@@ -239,21 +277,9 @@ def run_validate(
     models: ModelsParams | None = None,
 ) -> ValidateSummary:
     out_dir = Path(params.out_dir)
-    manifest_path = download_dir / "manifest.parquet"
-    if not manifest_path.is_file():
-        raise EaselError(f"validate: {manifest_path} not found; run the download stage first")
     if params.curate.enabled and models is None:
         raise EaselError("validate: curation is enabled but no models were given for the aesthetic scorer")
-    try:
-        manifest = pd.read_parquet(manifest_path)
-    except (OSError, ValueError) as exc:
-        raise EaselError(f"validate: {manifest_path}: cannot be read ({str(exc).splitlines()[0]})") from None
-    if params.min_accepted and not (manifest.get("status", pd.Series(dtype=str)) == "ok").any():
-        # Nothing to judge: writing empty accepted/rejected sets would replace the last good ones.
-        raise EaselError(
-            f"validate: {manifest_path} lists no downloaded images ({len(manifest)} rows, none ok); "
-            "fix the download first (validate.min_accepted: 0 allows an empty set)"
-        )
+    manifest = read_manifest(download_dir, params)
     table = metadata_table(manifest, download_dir, params, progress)
     with atomic_dir(out_dir) as tmp:
         if table.empty:

@@ -1,0 +1,122 @@
+"""Sharded stages (issue 16, item 4): download, validate, caption and evaluation's generation split
+into shards that a DaskTaskRunner fans out over a LocalCluster of worker processes, then the DVC
+stage merges them. The result must be the single-process run's, file for file."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import socket
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from components.errors import EaselError
+from components.sharding import batches, in_shard, parse_shard, shard_of
+
+SHARDED = ("download", "validate", "caption", "evaluate")
+
+
+def test_every_item_falls_in_exactly_one_shard_and_in_its_single_process_batch():
+    items = list(range(23))
+    for n in range(1, 6):
+        union = [b for k in range(n) for b in batches(items, 4, (k, n))]
+        assert sorted(map(tuple, union)) == sorted(map(tuple, batches(items, 4)))  # the same batches, none twice
+        keys = [f"https://example.com/{i}.png" for i in items]
+        assert all(sum(in_shard(key, (k, n)) for k in range(n)) == 1 for key in keys)
+    assert shard_of("https://example.com/a.png", 7) == shard_of("https://example.com/a.png", 7)
+
+
+@pytest.mark.parametrize("text", ["3/3", "-1/2", "1", "a/b", "1/0", ""])
+def test_a_bad_shard_says_what_it_takes(text):
+    with pytest.raises(EaselError, match="--shard takes K/N with 0 <= K < N"):
+        parse_shard(text)
+
+
+# -- the whole flow on a Dask LocalCluster --------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def harness():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+def outputs(project: Path) -> dict[str, str]:
+    """What the stages wrote that a user reads, as text, with the project's own path taken out."""
+    data = project / "data"
+    tables = {
+        "manifest": data / "download/manifest.parquet",
+        "accepted": data / "validate/accepted.parquet",
+        "rejected": data / "validate/rejected.parquet",
+        "captions": data / "caption/captions.parquet",
+    }
+    texts = {name: pd.read_parquet(path).to_csv(index=False) for name, path in tables.items()}
+    texts["scores"] = (data / "evaluate/scores.csv").read_text()
+    for name in ("download", "validate", "caption", "evaluate"):
+        texts[f"metrics/{name}"] = (data / f"metrics/{name}.json").read_text()
+    for image in sorted((data / "evaluate/images").rglob("*.png")):
+        texts[str(image.relative_to(data))] = image.read_bytes().hex()
+    for weights in sorted((data / "train/model").rglob("*.safetensors")):  # trained alike (one training each)
+        texts[str(weights.relative_to(data))] = hashlib.sha256(weights.read_bytes()).hexdigest()
+    return {name: text.replace(str(project.resolve()), "<project>") for name, text in texts.items()}
+
+
+def numbers(summaries: list[str], pattern: str) -> int:
+    """The sum over the shards' summary lines of the count that `pattern` (one group) finds."""
+    found = [re.search(pattern, line) for line in summaries]
+    assert all(found), (pattern, summaries)
+    return sum(int(m.group(1)) for m in found)
+
+
+@pytest.mark.slow
+def test_the_sharded_flow_on_a_dask_cluster_writes_what_one_process_writes(harness, project_factory):
+    from flows.on_dask import dask_task_runner
+    from flows.pipeline import easel_pipeline
+
+    stages = ["download", "validate", "caption", "train", "evaluate"]
+    single = project_factory("single")
+    alone = easel_pipeline(stages=stages, project_dir=str(single), push_to_remote=False)
+    assert [r.shards for r in alone] == [[]] * len(stages)
+
+    sharded = project_factory("sharded")
+    threads_before = os.environ.get("OMP_NUM_THREADS")
+    on_dask = easel_pipeline.with_options(task_runner=dask_task_runner(workers=3))
+    runs = {r.stage: r for r in on_dask(stages=stages, project_dir=str(sharded), push_to_remote=False, shards=3)}
+
+    # Fanned out: every heavy stage ran its three shards in Dask worker processes, not in the flow's.
+    here = f"{socket.gethostname()}:{os.getpid()}"
+    for stage in SHARDED:
+        assert sorted(s.shard for s in runs[stage].shards) == [0, 1, 2], stage
+        assert here not in {s.worker for s in runs[stage].shards}
+    assert runs["train"].shards == []  # one training, not shards
+    assert len({s.worker for r in runs.values() for s in r.shards}) >= 2
+    assert all(r.ran for r in runs.values())
+    # Starting the cluster left the flow's own stages their threads (Dask's nanny caps them otherwise).
+    assert os.environ.get("OMP_NUM_THREADS") == threads_before
+
+    # The shards did the work; each DVC stage found it done and only merged.
+    summaries = {stage: [s.summary for s in runs[stage].shards] for stage in SHARDED}
+    manifest = pd.read_parquet(sharded / "data/download/manifest.parquet")
+    captions = pd.read_parquet(sharded / "data/caption/captions.parquet")
+    scores = pd.read_csv(sharded / "data/evaluate/scores.csv")
+    assert numbers(summaries["download"], r"fetched (\d+) now") == manifest["url"].nunique()  # each distinct URL once
+    ok = manifest[manifest["status"] == "ok"]
+    assert numbers(summaries["validate"], r"(\d+) inspected now") == ok["sha256"].nunique()
+    assert numbers(summaries["caption"], r"(\d+) captioned now") == len(captions)
+    assert numbers(summaries["evaluate"], r"(\d+) generated now") == len(scores)
+    assert "caption: 0 captioned now" in runs["caption"].output
+    assert re.findall(r"(\w+): \d+ images, (\d+) to generate", runs["evaluate"].output) == [
+        ("candidate", "0"),
+        ("base", "0"),
+    ]
+
+    # And the outputs are the single-process run's, byte for byte.
+    expected, got = outputs(single), outputs(sharded)
+    assert expected.keys() == got.keys()
+    different = [name for name in expected if expected[name] != got[name]]
+    assert not different, different
