@@ -92,6 +92,22 @@ def running_prefect_server(home: Path, timeout_s: float = 120) -> Iterator[dict[
             server.wait(timeout=30)
 
 
+def prefect_cli(
+    args: list[str], env: dict[str, str], cwd: Path = REPO, check: bool = True, timeout: int = 300
+) -> subprocess.CompletedProcess:
+    """The project's `prefect` command against the server `env` names; asserts success unless not `check`."""
+    proc = subprocess.run(
+        [str(REPO / ".venv/bin/prefect"), "--no-prompt", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert not check or proc.returncode == 0, f"prefect {args} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc
+
+
 @pytest.fixture()
 def prefect_server(tmp_path):
     with running_prefect_server(tmp_path) as env:

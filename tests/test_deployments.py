@@ -11,22 +11,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import REPO, free_port, make_project
+from tests.conftest import REPO, free_port, make_project, prefect_cli
 
 pytestmark = pytest.mark.slow
 
 
 def prefect(args, cwd, env, timeout=300):
-    proc = subprocess.run(
-        [str(REPO / ".venv/bin/prefect"), "--no-prompt", *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-    assert proc.returncode == 0, f"prefect {args} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    return proc.stdout
+    return prefect_cli(args, env, cwd=cwd, timeout=timeout).stdout
 
 
 async def read_deployments(env):

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import REPO, running_prefect_server
+from tests.conftest import REPO, prefect_cli, running_prefect_server
 
 pytestmark = pytest.mark.slow
 
@@ -34,16 +34,7 @@ def server(tmp_path_factory):
 
 
 def prefect(args: list[str], env: dict[str, str], check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run(
-        [str(REPO / ".venv/bin/prefect"), "--no-prompt", *args],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert not check or proc.returncode == 0, f"prefect {args}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    return proc
+    return prefect_cli(args, env, check=check, timeout=120)
 
 
 async def api(env: dict[str, str], call):

@@ -120,3 +120,25 @@ def test_the_sharded_flow_on_a_dask_cluster_writes_what_one_process_writes(harne
     assert expected.keys() == got.keys()
     different = [name for name in expected if expected[name] != got[name]]
     assert not different, different
+
+
+@pytest.mark.parametrize("stage", ["validate", "caption", "evaluate"])
+def test_easel_refuses_a_bad_shard_in_one_line_and_writes_nothing(stage, tmp_path):
+    import shutil
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
+    proc = subprocess.run(
+        [sys.executable, "-m", "components.cli", stage, "--shard", "4/4"],
+        cwd=tmp_path,
+        env=os.environ | {"PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 2
+    expected = f"easel {stage}: error: --shard takes K/N with 0 <= K < N, e.g. 0/4; got '4/4'"
+    assert proc.stderr.strip().splitlines() == [expected]
+    assert [p.name for p in tmp_path.iterdir()] == ["params.yaml"]  # nothing written
