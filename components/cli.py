@@ -19,6 +19,7 @@ from components.config import METRICS_DIR, STAGES
 from components.errors import EaselError, GateRejected
 
 PLOTS_DIR = Path("data/plots")
+NOT_CURRENT_EXIT = 3  # `easel registry is-current`: the model is not the one the alias points at
 
 log = logging.getLogger("easel")
 
@@ -232,6 +233,11 @@ def cmd_promote(args) -> int:
             "model_card.md": model_dir / "README.md",
         },
     )
+    if decision["verdict"] == "unchanged":
+        version = decision["inputs"]["production_version"]
+        print(f"promote: unchanged: {params.promote.model_name} {version} is already {params.promote.alias}")
+        print(f"decision: {Path(params.promote.out_dir) / 'decision.md'}")
+        return 0
     reg = decision["registry"]
     print(f"promote: {params.promote.model_name} {reg['version']} is now {reg['alias']} (was {reg['previous']})")
     print(f"registry: {reg['uri']}\ndecision: {Path(params.promote.out_dir) / 'decision.md'}")
@@ -262,6 +268,32 @@ def cmd_s3(args) -> int:
         print("stopped" if server.stop() else "not running")
     else:
         print(f"embedded S3 at {server.endpoint_url}: {'running' if server.is_running() else 'not running'}")
+    return 0
+
+
+def cmd_prefect(args) -> int:
+    from components.prefect_server import WEBHOOK_URL_ENV, LocalPrefectServer, ensure_automation, local_server
+
+    params = _load(args)
+    server = LocalPrefectServer.from_params(params.orchestration.prefect)
+    if args.action == "start":
+        started = server.start()
+        print(f"Prefect server {'started' if started else 'already running'}: UI {server.ui_url}")
+        print(f"clients: export PREFECT_API_URL={server.api_url}")
+    elif args.action == "stop":
+        print("stopped" if server.stop() else "not running")
+    elif args.action == "status":
+        print(f"Prefect server at {server.ui_url}: {'running' if server.is_running() else 'not running'}")
+    else:
+        api_url = os.environ.get("PREFECT_API_URL")
+        with local_server(Path.cwd(), args.params) as ui:
+            automation_id, done = ensure_automation(params.orchestration.notify, os.environ.get(WEBHOOK_URL_ENV))
+        ui = ui or api_url
+        states = ", ".join(params.orchestration.notify.states)
+        print(
+            f"automation {done} on {ui} ({automation_id}): runs ending {states} notify block "
+            f"{params.orchestration.notify.block!r}"
+        )
     return 0
 
 
@@ -356,6 +388,22 @@ def cmd_registry(args) -> int:
     elif args.action == "rollback":
         record = registry.rollback(name, args.alias or params.promote.alias, args.ref)
         print(f"{name}@{record['alias']} rolled back to {record['version']} (was {record['history'][0]['version']})")
+    elif args.action == "is-current":
+        from components.fsutil import model_fingerprint
+
+        alias_name = args.alias or params.promote.alias
+        model_dir = Path(args.ref) if args.ref else Path(params.train.out_dir) / "model"
+        if not (model_dir / "model_index.json").is_file():
+            raise EaselError(f"{model_dir}: no model (no model_index.json); run the train stage or name a model folder")
+        record = registry.alias(name, alias_name)
+        production = registry.manifest(name, record["version"]) if record else None
+        ours = model_fingerprint(model_dir)
+        if production and production.get("model_fingerprint") == ours:
+            print(f"{model_dir} is {name}@{alias_name} ({record['version']}): the same fingerprint")
+            return 0
+        where = f"{record['version']}" if record else "no version"
+        print(f"{model_dir} is not {name}@{alias_name} ({where})")
+        return NOT_CURRENT_EXIT
     elif args.action == "gc":
         garbage = registry.garbage(name, older_than_s=args.older_than_hours * 3600)
         for key in garbage.objects:
@@ -444,6 +492,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("s3", cmd_s3, "Start, stop or check the embedded S3 server (SeaweedFS on 127.0.0.1).")
     p.add_argument("action", choices=["start", "stop", "status"])
+    p = add(
+        "prefect",
+        cmd_prefect,
+        "Start, stop or check the local Prefect server (UI and API on 127.0.0.1); create the notifying automation.",
+    )
+    p.add_argument("action", choices=["start", "stop", "status", "automation"])
     p = add("models", cmd_models, "Build the tiny offline model set (random weights, real formats).")
     p.add_argument("action", choices=["build-tiny"])
     p.add_argument("--out", help="folder (default: .easel/models/tiny)")
@@ -455,8 +509,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("sample-source", cmd_sample_source, "Build, serve, or start/stop in the background the sample image site.")
     p.add_argument("action", choices=["build", "serve", "start", "stop"])
     p = add("registry", cmd_registry, "List, show, download, promote, roll back or clean models in the S3 registry.")
-    p.add_argument("action", choices=["list", "show", "download", "promote", "rollback", "gc"])
-    p.add_argument("ref", nargs="?", help="version or alias (show, download); version (promote; rollback --to)")
+    p.add_argument("action", choices=["list", "show", "download", "promote", "rollback", "gc", "is-current"])
+    p.add_argument(
+        "ref",
+        nargs="?",
+        help="version or alias (show, download); version (promote; rollback --to); a model folder (is-current: "
+        f"exit 0 if the alias points at this model, {NOT_CURRENT_EXIT} if not; default: the train stage's model)",
+    )
     p.add_argument("--alias", help="alias for promote/rollback (default: promote.alias)")
     p.add_argument("--name", help="model name (default: promote.model_name)")
     p.add_argument("--dest", default="downloaded-model", help="download folder")
@@ -486,7 +545,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"easel {args.command}: {exc}", file=sys.stderr)
         return exc.exit_code
     except EaselError as exc:
-        print(f"easel {args.command}: error: {exc}", file=sys.stderr)
+        print(f"easel {args.command}: error: {exc.line()}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print(f"easel {args.command}: interrupted", file=sys.stderr)

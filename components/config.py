@@ -12,7 +12,7 @@ import ipaddress
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
@@ -22,6 +22,10 @@ from components.errors import ConfigError
 DEFAULT_PARAMS = Path("params.yaml")
 # The pipeline's stages in order (dvc.yaml, the CLI and the flows all follow it), and where their metrics go.
 STAGES = ("download", "validate", "caption", "train", "evaluate", "promote")
+# The same names as a type: the flows' `stages` parameter, so Prefect refuses a misspelt stage
+# when a run is created, before anything runs.
+StageName = Literal["download", "validate", "caption", "train", "evaluate", "promote"]
+assert get_args(StageName) == STAGES
 METRICS_DIR = Path("data/metrics")
 # dvc.yaml tracks profiles.<profile>.<section> for these, so every profile must set them.
 PROFILE_SECTIONS = ("models", "train", "evaluate", "gate")
@@ -29,6 +33,7 @@ SECTIONS = (
     "models",
     "storage",
     "sample_source",
+    "orchestration",
     "download",
     "validate",
     "caption",
@@ -93,6 +98,51 @@ class SampleSourceParams(Section):
     host: str = "127.0.0.1"
     port: int = Field(8765, ge=1, le=65535)
     dir: str = ".easel/sample-source"
+
+
+class PrefectServerParams(Section):
+    host: str = "127.0.0.1"
+    port: int = Field(4200, ge=1, le=65535)
+    data_dir: str = ".easel/prefect"
+
+
+class NotifyParams(Section):
+    # The Prefect notification block the automation sends to (a Slack webhook, a custom webhook...).
+    block: str = Field("easel-notify", pattern=r"^[a-z0-9-]+$")
+    # Flow-run states that notify: the gate's verdicts that keep production as it is, and failures.
+    states: list[Literal["Rejected", "Inconclusive", "Failed", "Crashed", "TimedOut"]] = [
+        "Rejected",
+        "Inconclusive",
+        "Failed",
+        "Crashed",
+        "TimedOut",
+    ]
+
+
+class OrchestrationParams(Section):
+    prefect: PrefectServerParams = PrefectServerParams()
+    # A run that takes longer fails (TimedOut), and so does a stage: a hung stage never hangs the run.
+    flow_timeout_s: float = Field(172800, gt=0)
+    stage_timeout_s: dict[str, float] = {}
+    # Retries of a stage task after a temporary failure (storage that did not answer, a killed process).
+    # A deterministic failure (bad params, bad input, a bug) is never retried.
+    retries: dict[str, int] = {"download": 2}
+    notify: NotifyParams = NotifyParams()
+
+    @field_validator("stage_timeout_s", "retries")
+    @classmethod
+    def _stages_only(cls, value: dict, info: ValidationInfo) -> dict:
+        unknown = [k for k in value if k not in STAGES]
+        if unknown:
+            raise ValueError(f"{', '.join(map(repr, unknown))}: not a stage ({', '.join(STAGES)})")
+        if any(v <= 0 for v in value.values()) and info.field_name == "stage_timeout_s":
+            raise ValueError("timeouts must be > 0")
+        if any(v < 0 or v > 10 for v in value.values()) and info.field_name == "retries":
+            raise ValueError("retries must be in [0, 10]")
+        return value
+
+    def stage_timeout(self, stage: str) -> float:
+        return self.stage_timeout_s.get(stage, self.flow_timeout_s)
 
 
 class SourceParams(Section):
@@ -535,6 +585,7 @@ class Params(Section):
     models: ModelsParams = ModelsParams()
     storage: StorageParams
     sample_source: SampleSourceParams = SampleSourceParams()
+    orchestration: OrchestrationParams = OrchestrationParams()
     download: DownloadParams
     validate_: ValidateParams = Field(alias="validate")
     caption: CaptionParams = CaptionParams()

@@ -1,12 +1,14 @@
 """`easel demo`: the whole pipeline, offline, on the embedded defaults.
 
-Builds the tiny models, starts (or reuses) the embedded S3 server, serves the bundled sample
-image site on 127.0.0.1, and runs the Prefect flow, which runs the six DVC stages and pushes the
-results to the DVC remote in S3. Ends by printing where everything is.
+Builds the tiny models, starts (or reuses) the embedded S3 server and the local Prefect server,
+serves the bundled sample image site on 127.0.0.1, and runs the Prefect flow, which runs the six
+DVC stages and pushes the results to the DVC remote in S3. Ends by printing where everything is,
+the run's page in Prefect's UI included (both servers keep running for that).
 """
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -20,9 +22,15 @@ def _say(message: str) -> None:
     print(f"==> {message}", flush=True)
 
 
+def _ui_from_api(api_url: str) -> str:
+    """Prefect serves its UI beside its API: http://host:port/api -> http://host:port."""
+    return api_url.rstrip("/").removesuffix("/api")
+
+
 def run_demo(params_path: Path, stages: list[str] | None = None) -> int:
     from components.models.loaders import TINY_ROOT
     from components.models.tiny import build_tiny_models
+    from components.prefect_server import local_server
     from components.sample_source import SampleSite, build_site
     from components.storage import EmbeddedS3, configure_dvc_remote, ready_client, require_dvc_project
 
@@ -50,11 +58,15 @@ def run_demo(params_path: Path, stages: list[str] | None = None) -> int:
             f"({exc.strerror}); set sample_source.port (and the URLs in data/sources/) to a free port"
         ) from None
     _say(f"sample image site at {site.base_url}")
-    from flows.pipeline import easel_pipeline
+    _say("Prefect server")
+    api_url = os.environ.get("PREFECT_API_URL")
+    with site, local_server(project_dir, params_path) as ui_url:  # None: PREFECT_API_URL names the user's server
+        print(f"    UI at {ui_url}" if ui_url else f"    PREFECT_API_URL={api_url}")
+        from flows.pipeline import easel_pipeline
 
-    with site:
         _say("Prefect flow easel-pipeline: download -> validate -> caption -> train -> evaluate -> promote")
-        runs = easel_pipeline(stages=stages, project_dir=str(project_dir))
+        state = easel_pipeline(stages=stages, project_dir=str(project_dir), return_state=True)
+        runs = state.result()  # raises the run's error if it failed
     elapsed = time.perf_counter() - started
     _say(f"done in {elapsed:.0f} s")
     for run in runs:
@@ -87,6 +99,9 @@ def run_demo(params_path: Path, stages: list[str] | None = None) -> int:
             f"    aesthetic mean {aesthetic:.4f}, CLIP score mean {clip:.4f} "
             "(tiny random models: the numbers only show the plumbing)"
         )
+    ui = ui_url or _ui_from_api(api_url)
+    run_page = f"{ui}/runs/flow-run/{state.state_details.flow_run_id}"
+    print(f"    {'Prefect run':<19} {run_page} (`easel prefect stop` ends the server)")
     print("    next: `dvc metrics show`, `dvc plots show`, `dvc dag`, `easel registry list`")
     stopped = next((r for r in runs if r.verdict), None)
     return stopped.returncode if stopped else 0

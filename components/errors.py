@@ -1,10 +1,22 @@
 """The one exception type users see: a message that names the file, row or key at fault."""
 
+# Ends the one error line of a failure that may pass by itself (a server that did not answer): the
+# flows retry a stage only when its line says so; every other failure is deterministic.
+TEMPORARY = "(temporary: retrying may help)"
+
 
 class EaselError(Exception):
     """An error with a message meant for the person running Easel (no traceback needed)."""
 
     exit_code = 2  # unusable input: bad params, an unreadable file, storage that does not answer
+
+    def __init__(self, *args: object, transient: bool = False) -> None:
+        super().__init__(*args)
+        self.transient = transient  # may pass by itself: worth a retry
+
+    def line(self) -> str:
+        """The message as the command's one error line says it."""
+        return f"{self} {TEMPORARY}" if self.transient else str(self)
 
 
 class ConfigError(EaselError):

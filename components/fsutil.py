@@ -146,6 +146,39 @@ def manifest_digest(manifest: list[dict]) -> str:
     return digest.hexdigest()
 
 
-def folder_fingerprint(folder: Path) -> str:
-    """A model folder's content fingerprint: the digest of every file's path, size and sha256."""
-    return manifest_digest(dir_manifest(folder))
+# Config keys that say where a model was loaded from, not what it is (transformers and diffusers write
+# the source folder's path into a saved config): the same weights in another folder are the same model.
+PATH_KEYS = frozenset({"_name_or_path"})
+MODEL_CARD = "README.md"  # prose about the model, not the model
+
+
+def _json_without_paths(path: Path) -> bytes | None:
+    """A JSON file's content with the path keys dropped, canonically serialised; None if it is not a JSON object."""
+    try:
+        data = json.loads(path.read_bytes())
+    except (ValueError, UnicodeDecodeError):
+        return None
+    if not isinstance(data, dict):
+        return None
+    kept = {k: v for k, v in data.items() if k not in PATH_KEYS}
+    return json.dumps(kept, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def model_fingerprint(folder: Path) -> str:
+    """A model folder's identity: its weights and meaningful config, wherever the folder is.
+
+    The digest of every file's relative path and content, except the model card, with each JSON
+    config read without the keys that record a path (`_name_or_path`). Identical weights saved
+    from two project folders have the same fingerprint (so the same registry version and
+    leaderboard row); a changed weight, config value or tokenizer file changes it.
+    """
+    folder = Path(folder)
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        relative = path.relative_to(folder).as_posix()
+        if relative == MODEL_CARD:
+            continue
+        canonical = _json_without_paths(path) if path.suffix == ".json" else None
+        content = hashlib.sha256(canonical).hexdigest() if canonical is not None else sha256_file(path)
+        digest.update(f"{relative}\0{content}\n".encode())
+    return digest.hexdigest()

@@ -37,9 +37,10 @@ from components.fsutil import sha256_file
 from components.numbers import MISSING, describe, lookup, number_at, read_json, text_at
 
 PASS, FAIL, INCONCLUSIVE = "pass", "fail", "inconclusive"
-VERDICT_EXIT_CODES = {"promote": 0, "reject": 3, "inconclusive": 4}
+VERDICT_EXIT_CODES = {"promote": 0, "unchanged": 0, "reject": 3, "inconclusive": 4}
 VERDICT_MEANING = {
     "promote": "every rule passes",
+    "unchanged": "the model is the one in production (the same fingerprint): nothing to evaluate or promote",
     "reject": "a rule fails; the model is not promoted",
     "inconclusive": "no rule fails, but the evidence cannot support a decision; the model is not promoted",
 }
@@ -104,7 +105,7 @@ def gather_inputs(
 ) -> GateInputs:
     """Read and hash what the gate looks at; whatever cannot be read is recorded, never raised."""
     from components.errors import EaselError
-    from components.fsutil import folder_fingerprint
+    from components.fsutil import model_fingerprint
     from components.prompts import load_prompt_set
 
     summary, summary_problem = read_json(summary_path)
@@ -120,7 +121,7 @@ def gather_inputs(
     fingerprint, model_problem = None, None
     if (model_dir / "model_index.json").is_file():
         try:
-            fingerprint = folder_fingerprint(model_dir)
+            fingerprint = model_fingerprint(model_dir)
         except OSError as exc:
             model_problem = f"the model at {model_dir} cannot be read ({exc})"
     else:
@@ -436,6 +437,47 @@ def decision_record(inputs: GateInputs, result: GateResult, gate: GateParams, na
         "power_target": gate.min_power,
         "evidence": result.evidence,
         "metrics": result.metrics,
+        "registry": None,
+    }
+
+
+def unchanged_record(
+    model_fingerprint: str, production_version: str, production_fingerprint: str | None, name: str, alias: str
+) -> dict | None:
+    """The decision when the candidate is production's model itself, or None when it is not.
+
+    Comparing a model with itself has nothing to measure (every paired difference is zero); the
+    question a pull request that does not touch the model asks is only "is it still that model?".
+    Both fingerprints are of weights and meaningful config (components.fsutil.model_fingerprint):
+    production's as its manifest recorded it when it was published, the candidate's computed now.
+    """
+    if not production_fingerprint or production_fingerprint != model_fingerprint:
+        return None
+    rule = RuleResult(
+        "same_model_as_production",
+        model_fingerprint,
+        "==",
+        production_fingerprint,
+        PASS,
+        f"production ({production_version}) has this fingerprint",
+    )
+    return {
+        "verdict": "unchanged",
+        "promote": False,
+        "model_name": name,
+        "alias": alias,
+        "reference": "production",
+        "inputs": {
+            "model_fingerprint": model_fingerprint,
+            "summary_sha256": None,
+            "scores_sha256": None,
+            "prompt_set_sha256": None,
+            "production_version": production_version,
+        },
+        "rules": [asdict(rule) | {"passed": True}],
+        "power_target": None,
+        "evidence": {},
+        "metrics": {},
         "registry": None,
     }
 

@@ -17,8 +17,9 @@ from pathlib import Path
 
 from components import report
 from components.config import METRICS_DIR, STAGES
-from components.errors import EaselError
+from components.errors import TEMPORARY, ConfigError, EaselError
 from components.numbers import number_at, read_json
+from components.procs import CommandTimedOut, run_captured
 
 
 @dataclass
@@ -35,6 +36,27 @@ class StageRun:
 GATE_VERDICTS = {3: "reject", 4: "inconclusive"}
 
 
+class StageFailed(EaselError):
+    """A DVC stage's command failed; `transient` when its own line says so, or a signal killed it."""
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether a failure may pass by itself (retry it); a deterministic one (bad params, bad input, a bug) won't."""
+    return isinstance(exc, EaselError) and exc.transient
+
+
+def check_stages(stages: list[str] | None) -> list[str]:
+    """The stages to run, in pipeline order (all six for None); an unknown name is refused before anything runs."""
+    if stages is None:
+        return list(STAGES)
+    unknown = [s for s in stages if s not in STAGES]
+    if unknown:
+        raise ConfigError(f"stages: {', '.join(map(repr, unknown))}: no such stage; stages are {', '.join(STAGES)}")
+    if not stages:
+        raise ConfigError(f"stages: empty; name at least one of {', '.join(STAGES)} (or none for all six)")
+    return [s for s in STAGES if s in stages]
+
+
 def _env(project_dir: Path | str | None = None) -> dict[str, str]:
     env = dict(os.environ)
     # The stages' `easel` command lives beside this interpreter (the project's venv).
@@ -47,37 +69,44 @@ def _env(project_dir: Path | str | None = None) -> dict[str, str]:
     return env
 
 
-def dvc(args: list[str], project_dir: Path | str, check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run(
-        [sys.executable, "-m", "dvc", *args],
-        cwd=project_dir,
-        env=_env(project_dir),
-        capture_output=True,
-        text=True,
-    )
+class StageTimedOut(EaselError, TimeoutError):
+    """A stage ran past its time limit (orchestration.stage_timeout_s) and was stopped; Prefect calls it TimedOut."""
+
+
+def dvc(
+    args: list[str], project_dir: Path | str, check: bool = True, timeout_s: float | None = None
+) -> subprocess.CompletedProcess:
+    try:
+        proc = run_captured([sys.executable, "-m", "dvc", *args], project_dir, _env(project_dir), timeout_s)
+    except CommandTimedOut as exc:
+        raise StageTimedOut(f"{exc} (orchestration.stage_timeout_s, flow_timeout_s)") from None
     if check and proc.returncode != 0:
         tail = (proc.stdout + proc.stderr).strip().splitlines()[-15:]
-        raise EaselError(f"`dvc {' '.join(args)}` failed (exit {proc.returncode}):\n" + "\n".join(tail))
+        # DVC's own commands (push, pull, status) fail on storage or network trouble: worth a retry.
+        raise EaselError(f"`dvc {' '.join(args)}` failed (exit {proc.returncode}):\n" + "\n".join(tail), transient=True)
     return proc
 
 
-def repro_stage(stage: str, project_dir: Path | str) -> StageRun:
-    """Reproduce one stage; raises EaselError with the stage's own message if it fails."""
-    if stage not in STAGES:
-        raise EaselError(f"unknown stage {stage!r}; stages are {', '.join(STAGES)}")
-    proc = dvc(["repro", "--single-item", stage], project_dir, check=False)
+def repro_stage(stage: str, project_dir: Path | str, timeout_s: float | None = None) -> StageRun:
+    """Reproduce one stage; raises StageFailed with the stage's own message if it fails, StageTimedOut
+    (the stage and its processes stopped) if it runs past `timeout_s`."""
+    check_stages([stage])
+    proc = dvc(["repro", "--single-item", stage], project_dir, check=False, timeout_s=timeout_s)
     output = proc.stdout + proc.stderr
-    if proc.returncode != 0 and stage == "promote":
-        # DVC reports the command's own status: "failed to run: easel promote, exited with 3".
-        status = re.search(r"failed to run: .*, exited with (\d+)", output)
-        verdict = GATE_VERDICTS.get(int(status.group(1))) if status else None
-        if verdict:
-            return StageRun(stage, True, int(status.group(1)), output, verdict)
+    # DVC reports the command's own status: "failed to run: easel promote, exited with 3".
+    status = re.search(r"failed to run: .*, exited with (-?\d+)", output)
+    code = int(status.group(1)) if status else None
+    if proc.returncode != 0 and stage == "promote" and code in GATE_VERDICTS:
+        return StageRun(stage, True, code, output, GATE_VERDICTS[code])
     if proc.returncode != 0:
         # The stage's own `easel ...: error:` line says what is wrong; show it first.
         lines = output.strip().splitlines()
         ours = [line for line in lines if line.startswith("easel ")]
-        raise EaselError(f"stage {stage} failed: " + ("\n".join(ours) if ours else "\n".join(lines[-15:])))
+        killed = code is not None and (code < 0 or code > 128)  # a signal (OOM killer, a node going away)
+        raise StageFailed(
+            f"stage {stage} failed: " + ("\n".join(ours) if ours else "\n".join(lines[-15:])),
+            transient=killed or any(line.endswith(TEMPORARY) for line in ours),
+        )
     return StageRun(stage, f"Running stage '{stage}'" in output, proc.returncode, output)
 
 
@@ -95,23 +124,34 @@ class ShardRun:
     worker: str  # host:pid of the process that ran it (a Dask worker, say)
 
 
-def run_stage_shard(stage: str, shard: int, shards: int, project_dir: Path | str) -> ShardRun:
+def run_stage_shard(
+    stage: str, shard: int, shards: int, project_dir: Path | str, timeout_s: float | None = None
+) -> ShardRun:
     """Shard K of N of a stage's work, into the stage's cache; no output is written."""
     if stage not in SHARDED_STAGES:
         raise EaselError(f"stage {stage} cannot be sharded; these can: {', '.join(SHARDED_STAGES)}")
     only = ["--no-manifest"] if stage == "download" else []  # the DVC stage writes the manifest
-    proc = subprocess.run(
-        [str(Path(sys.executable).parent / "easel"), stage, "--shard", f"{shard}/{shards}", *only],
-        cwd=project_dir,
-        env=_env(project_dir),
-        capture_output=True,
-        text=True,
-    )
+    command = [str(Path(sys.executable).parent / "easel"), stage, "--shard", f"{shard}/{shards}", *only]
+    try:
+        proc = run_captured(command, project_dir, _env(project_dir), timeout_s)
+    except CommandTimedOut as exc:
+        raise StageTimedOut(f"{stage} shard {shard}/{shards}: {exc} (orchestration.stage_timeout_s)") from None
     if proc.returncode != 0:
         lines = (proc.stdout + proc.stderr).strip().splitlines()
-        raise EaselError(f"{stage} shard {shard}/{shards} failed: " + "\n".join(lines[-10:]))
+        killed = proc.returncode < 0 or proc.returncode > 128
+        raise StageFailed(
+            f"{stage} shard {shard}/{shards} failed: " + "\n".join(lines[-10:]),
+            transient=killed or any(line.endswith(TEMPORARY) for line in lines),
+        )
     summary = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else ""
     return ShardRun(stage, shard, shards, summary, f"{socket.gethostname()}:{os.getpid()}")
+
+
+def orchestration_params(project_dir: Path | str):
+    """The `orchestration` section of the project's params (timeouts, retries, the Prefect server)."""
+    from components.config import load_params
+
+    return load_params(Path(project_dir) / "params.yaml").orchestration
 
 
 def stage_is_current(stage: str, project_dir: Path | str) -> bool:
@@ -149,8 +189,8 @@ def git(args: list[str], project_dir: Path | str, check: bool = True) -> str:
 RESULT_PATHS = ["dvc.lock", "data", ":(glob)**/.gitignore"]
 
 
-def record_results(project_dir: Path | str, name: str, message: str) -> str | None:
-    """Commit what the run changed that git tracks, as a new branch pushed to `origin`.
+def record_results(project_dir: Path | str, name: str, message: str, prefix: str) -> str | None:
+    """Commit what the run changed that git tracks, as a new branch `<prefix>/<name>/<time>` pushed to `origin`.
 
     The outputs themselves must already be in the DVC remote (`dvc push`): with the branch, anyone
     with the repository can `git fetch origin <branch>` and `dvc pull` exactly this run's results.
@@ -159,7 +199,7 @@ def record_results(project_dir: Path | str, name: str, message: str) -> str | No
     if not git(["status", "--porcelain", "--", *RESULT_PATHS], project_dir):
         return None
     stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
-    branch = f"easel/runs/{re.sub(r'[^A-Za-z0-9._-]+', '-', name).strip('-') or 'run'}/{stamp}"
+    branch = f"{prefix}/{re.sub(r'[^A-Za-z0-9._-]+', '-', name).strip('-') or 'run'}/{stamp}"
     identity = [] if git(["config", "user.email"], project_dir, check=False) else [
         "-c", "user.name=Easel scheduled run", "-c", "user.email=easel@localhost"
     ]  # fmt: skip
@@ -170,9 +210,43 @@ def record_results(project_dir: Path | str, name: str, message: str) -> str | No
     return branch
 
 
-def dvc_push(project_dir: Path | str) -> str:
+def missing_outputs(project_dir: Path | str, stages: list[str]) -> list[str]:
+    """What `dvc.lock` records for these stages that this folder lacks: their outputs, and their
+    inputs that are other stages' outputs (a cold work folder, a new pod: a fresh clone with the
+    last run's dvc.lock). Outputs DVC does not cache (metrics, the leaderboard) travel by git."""
+    import yaml
+
+    lock_file = Path(project_dir) / "dvc.lock"
+    try:
+        lock = yaml.safe_load(lock_file.read_text()) or {}
+    except FileNotFoundError:
+        return []
+    except (OSError, yaml.YAMLError) as exc:
+        raise EaselError(f"{lock_file}: cannot be read ({str(exc).splitlines()[0]})") from None
+    recorded = lock.get("stages") or {}
+    cached = {
+        out["path"]: name
+        for name, entry in recorded.items()
+        for out in (entry or {}).get("outs") or []
+        if out.get("cache", True) is not False and "path" in out
+    }
+    wanted = []
+    for stage in stages:
+        entry = recorded.get(stage) or {}
+        wanted += [out["path"] for out in entry.get("outs") or [] if out.get("path") in cached]
+        wanted += [dep["path"] for dep in entry.get("deps") or [] if cached.get(dep.get("path"), stage) != stage]
+    return sorted({path for path in wanted if not (Path(project_dir) / path).exists()})
+
+
+def dvc_pull(project_dir: Path | str, paths: list[str], timeout_s: float | None = None) -> str:
+    """Pull these outputs from the DVC remote (what is not there is left missing: DVC reruns its stage)."""
+    lines = dvc(["pull", "--allow-missing", *paths], project_dir, timeout_s=timeout_s).stdout.strip().splitlines()
+    return lines[-1] if lines else ""
+
+
+def dvc_push(project_dir: Path | str, timeout_s: float | None = None) -> str:
     """Push every tracked output to the DVC remote; returns DVC's last line (e.g. "12 files pushed")."""
-    lines = dvc(["push"], project_dir).stdout.strip().splitlines()
+    lines = dvc(["push"], project_dir, timeout_s=timeout_s).stdout.strip().splitlines()
     return lines[-1] if lines else ""
 
 
@@ -227,3 +301,43 @@ def run_summary_markdown(project_dir: Path | str, runs: list[StageRun], failure:
     if decision.is_file():
         lines += ["", decision.read_text()]
     return "\n".join(lines) + "\n"
+
+
+@dataclass
+class ReportArtifact:
+    key: str  # a Prefect artifact key: lowercase letters, digits and dashes
+    markdown: str
+    description: str
+
+
+def report_artifacts(project_dir: Path | str) -> list[ReportArtifact]:
+    """The stages' reports as a run shows them: the evaluation report and the gate's decision in
+    Markdown, and a table linking every HTML report (validation, captions, evaluation) in the folder."""
+    from components.config import load_params
+
+    project_dir = Path(project_dir).resolve()
+    params = load_params(project_dir / "params.yaml")
+    artifacts = []
+    markdown = [
+        ("easel-evaluation-report", Path(params.evaluate.out_dir) / "report.md", "Evaluation: scores and comparisons"),
+        ("easel-gate-decision", Path(params.promote.out_dir) / "decision.md", "Promotion gate: rules and verdict"),
+    ]
+    for key, path, description in markdown:
+        if (project_dir / path).is_file():
+            text = (project_dir / path).read_text(encoding="utf-8", errors="replace")
+            artifacts.append(ReportArtifact(key, text[:MAX_ARTIFACT_CHARS], f"{description} ({path})"))
+    html = [
+        ("validation", Path(params.validate_.out_dir) / "report.html"),
+        ("captions", Path(params.caption.out_dir) / "report.html"),
+        ("evaluation", Path(params.evaluate.out_dir) / "report.html"),
+    ]
+    rows = [
+        (name, f"[{path}]({(project_dir / path).as_uri()})") for name, path in html if (project_dir / path).is_file()
+    ]
+    if rows:
+        table = report.table_md(["report", "file on the machine that ran the flow"], rows)
+        artifacts.append(ReportArtifact("easel-reports", f"# Easel reports\n\n{table}\n", "Links to the HTML reports"))
+    return artifacts
+
+
+MAX_ARTIFACT_CHARS = 200_000  # a report is a page, not a data set: the rest stays in the file

@@ -71,3 +71,28 @@ def stop(pid_file: Path, timeout_s: float = 20.0) -> bool:
             os.killpg(pid, signal.SIGKILL)
     pid_file.unlink(missing_ok=True)
     return True
+
+
+class CommandTimedOut(TimeoutError):
+    """A command ran past its deadline; it and every process it started were killed."""
+
+
+def run_captured(
+    args: list[str], cwd: Path | str | None = None, env: dict | None = None, timeout_s: float | None = None
+) -> subprocess.CompletedProcess:
+    """subprocess.run(capture_output=True, text=True), with the command in a process group of its own
+    that is killed whole on timeout or on any exception here (an interrupt, a cancelled run): a DVC
+    stage's own children (`easel train`) do not outlive it."""
+    proc = subprocess.Popen(
+        args, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout_s)
+    except BaseException as exc:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        if isinstance(exc, subprocess.TimeoutExpired):
+            raise CommandTimedOut(f"`{' '.join(args[:4])}` ran past {timeout_s:.0f} s and was stopped") from None
+        raise
+    return subprocess.CompletedProcess(args, proc.returncode, stdout, stderr)

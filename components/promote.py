@@ -14,7 +14,7 @@ from pathlib import Path
 from components import report
 from components.config import EvaluateParams, GateParams, PromoteParams, StorageParams
 from components.errors import GateInconclusive, GateRejected
-from components.fsutil import atomic_write_json, atomic_write_text
+from components.fsutil import atomic_write_json, atomic_write_text, model_fingerprint
 from components.gate import (
     PASS,
     VERDICT_MEANING,
@@ -24,6 +24,7 @@ from components.gate import (
     failed_rules_message,
     gather_inputs,
     judge,
+    unchanged_record,
 )
 
 COMMENT_MARKER = "<!-- easel-eval-gate -->"
@@ -45,9 +46,25 @@ def run_gate(
     model_dir: Path,
     out_dir: Path | None = None,
 ) -> dict:
-    """Decide (without changing anything) and write decision.json / decision.md; returns the decision."""
+    """Decide (without changing anything) and write decision.json / decision.md; returns the decision.
+
+    A model that is production's own (the same fingerprint) is `unchanged`, without reading the
+    evaluation: there is no difference to measure, and nothing to publish.
+    """
     registry = open_registry(storage)
     alias = registry.alias(promote.model_name, promote.alias)
+    if alias and (model_dir / "model_index.json").is_file():
+        production = registry.manifest(promote.model_name, alias["version"]) or {}
+        decision = unchanged_record(
+            model_fingerprint(model_dir),
+            alias["version"],
+            production.get("model_fingerprint"),
+            promote.model_name,
+            promote.alias,
+        )
+        if decision is not None:
+            _write(decision, Path(out_dir or promote.out_dir))
+            return decision
     eval_dir = Path(evaluate.out_dir)
     inputs = gather_inputs(
         eval_dir / "summary.json", eval_dir / "scores.csv", model_dir, evaluate, alias["version"] if alias else None
@@ -59,8 +76,9 @@ def run_gate(
 
 
 def raise_unless_promoted(decision: dict, prefix: str) -> None:
-    """GateRejected (exit 3) or GateInconclusive (exit 4) with one line of reasons, unless promoted."""
-    if decision["verdict"] == "promote":
+    """GateRejected (exit 3) or GateInconclusive (exit 4) with one line of reasons, unless promoted
+    (or unchanged: production already is this model)."""
+    if decision["verdict"] in ("promote", "unchanged"):
         return
     error = GateInconclusive if decision["verdict"] == "inconclusive" else GateRejected
     raise error(
@@ -84,6 +102,8 @@ def run_promote(
     """Gate; on promote publish the model and move the alias. Raises GateRejected / GateInconclusive."""
     decision = run_gate(gate, promote, storage, evaluate, model_dir)
     raise_unless_promoted(decision, f"the gate's verdict on {promote.model_name} ({promote.alias} unchanged) is")
+    if decision["verdict"] == "unchanged":
+        return decision  # production already is this model: nothing to publish, the alias stays
     registry = open_registry(storage)
     summary_path = Path(evaluate.out_dir) / "summary.json"
     files = {"evaluation_summary.json": summary_path, "decision.json": Path(promote.out_dir) / "decision.json"}
@@ -131,7 +151,12 @@ def pr_comment(decision: dict, report_url: str | None = None) -> str:
     """
     verdict = decision["verdict"]
     reference = decision.get("reference") or "production"
-    headline = {"promote": "passes the gate", "reject": "**fails the gate**", "inconclusive": "is **inconclusive**"}
+    headline = {
+        "promote": "passes the gate",
+        "unchanged": "is **unchanged**: it is the model in production, so it passes",
+        "reject": "**fails the gate**",
+        "inconclusive": "is **inconclusive**",
+    }
     lines = [COMMENT_MARKER, f"## Easel eval gate: the candidate {headline[verdict]}", ""]
     lines += [f"Verdict **{verdict}**: {VERDICT_MEANING[verdict]}.", ""]
     failing = [r for r in decision["rules"] if r["status"] != PASS]

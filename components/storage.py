@@ -273,12 +273,13 @@ def storage_errors(settings: S3Settings, what: str) -> Iterator[None]:
         yield
     except (EndpointConnectionError, ConnectTimeoutError) as exc:
         raise StorageUnavailable(
-            f"{what}: the S3 endpoint {endpoint} is unreachable ({type(exc).__name__}); {hint}"
+            f"{what}: the S3 endpoint {endpoint} is unreachable ({type(exc).__name__}); {hint}", transient=True
         ) from None
     except ReadTimeoutError:
         raise StorageUnavailable(
             f"{what}: the S3 endpoint {endpoint} accepted the connection but did not answer within "
-            f"{settings.read_timeout_s:g} s ({settings.retries + 1} tries; storage.read_timeout_s); {hint}"
+            f"{settings.read_timeout_s:g} s ({settings.retries + 1} tries; storage.read_timeout_s); {hint}",
+            transient=True,
         ) from None
     except NoCredentialsError:
         raise StorageUnavailable(

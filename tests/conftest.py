@@ -10,8 +10,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -54,42 +52,44 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+_MIGRATED_DB: list[Path] = []  # a migrated Prefect database, made once per session and copied for each server
+
+
+def migrated_prefect_db() -> Path:
+    """A Prefect database at this Prefect's schema: migrating one takes 20+ s here, copying it none."""
+    if not _MIGRATED_DB:
+        import tempfile
+
+        from components.prefect_server import LocalPrefectServer
+
+        template = LocalPrefectServer(Path(tempfile.mkdtemp(prefix="easel-prefect-template-")))
+        template.migrate()
+        _MIGRATED_DB.append(template.home / "prefect.db")
+    return _MIGRATED_DB[0]
+
+
 @contextlib.contextmanager
-def running_prefect_server(home: Path, timeout_s: float = 120) -> Iterator[dict[str, str]]:
-    """A real `prefect server start` on a free loopback port, its state in `home`; yields the
-    environment for its clients (PREFECT_API_URL, PREFECT_HOME) and stops it afterwards."""
-    port = free_port()
+def running_prefect_server(home: Path, timeout_s: float = 300) -> Iterator[dict[str, str]]:
+    """A real Prefect server (Easel's LocalPrefectServer: `prefect server start`) on a free loopback port,
+    its state in `home`, from a copy of the session's migrated database; yields the environment for
+    its clients (PREFECT_API_URL, PREFECT_HOME) and stops it afterwards."""
+    from components.prefect_server import LocalPrefectServer, prefect_version
+
+    server = LocalPrefectServer(home / "prefect-server", port=free_port())
+    server.home.mkdir(parents=True, exist_ok=True)
+    shutil.copy(migrated_prefect_db(), server.home / "prefect.db")
+    server.migrated_file.write_text(f'{{"prefect": "{prefect_version()}"}}')
     env = {
-        **os.environ,
+        **{k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")},
         "PREFECT_HOME": str(home / "prefect-home"),
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
+        "PREFECT_API_URL": server.api_url,
     }
-    log_path = home / "server.log"
-    with open(log_path, "wb") as log:
-        server = subprocess.Popen(
-            [str(REPO / ".venv/bin/prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        try:
-            deadline = time.monotonic() + timeout_s
-            while True:
-                try:
-                    with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/health", timeout=2) as resp:
-                        if resp.status == 200:
-                            break
-                except OSError:
-                    pass
-                if time.monotonic() > deadline or server.poll() is not None:
-                    raise AssertionError("prefect server did not start:\n" + log_path.read_text()[-3000:])
-                time.sleep(0.5)
-            yield env
-        finally:
-            os.killpg(server.pid, 15)
-            server.wait(timeout=30)
+    try:
+        server.start(timeout_s=timeout_s)
+        yield env
+    finally:
+        server.stop()
 
 
 def prefect_cli(

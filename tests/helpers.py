@@ -126,7 +126,7 @@ def write_evaluation(
     import json
 
     from components.evaluate.stats import score_summary
-    from components.fsutil import folder_fingerprint, sha256_file
+    from components.fsutil import model_fingerprint, sha256_file
 
     folder.mkdir(parents=True, exist_ok=True)
     if scores is None:
@@ -137,7 +137,7 @@ def write_evaluation(
     (folder / "scores.csv").write_bytes(data)
     others = [m for m in dict.fromkeys(scores["model"]) if m != "candidate"]
     summary = score_summary(scores, others, *bootstrap) | {
-        "model_fingerprint": folder_fingerprint(model_dir),
+        "model_fingerprint": model_fingerprint(model_dir),
         "production_version": production_version,
         "prompt_set_sha256": sha256_file(prompts_path),
         "scores_sha256": hashlib.sha256(data).hexdigest(),
@@ -176,14 +176,14 @@ def tiny_evaluate_params(tmp_path, prompts, **overrides):
 
 def put_in_production(s3_settings, bucket: str, model_dir, name: str = "posters"):
     """Publish `model_dir` to the registry in `bucket` and point production at it, as a promote would."""
-    from components.fsutil import folder_fingerprint
+    from components.fsutil import model_fingerprint
     from components.registry import Registry
     from components.storage import ensure_bucket, make_client
 
     client = make_client(s3_settings)
     ensure_bucket(client, bucket)
     registry = Registry(client, s3_settings, bucket, "registry")
-    manifest = registry.publish(name, model_dir, {}, {"model_fingerprint": folder_fingerprint(model_dir)})
+    manifest = registry.publish(name, model_dir, {}, {"model_fingerprint": model_fingerprint(model_dir)})
     registry.set_alias(name, "production", manifest["version"], "the model in production")
     return registry, manifest["version"]
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from components.config import STAGES
 from tests.conftest import REPO, free_port, make_project, prefect_cli
 
 pytestmark = pytest.mark.slow
@@ -40,6 +41,24 @@ async def wait_for_run(flow_run_id, env, timeout=600):
                 return run
             await asyncio.sleep(2)
     raise AssertionError("the flow run did not finish")
+
+
+def run_deployment(name: str, project: Path, env: dict, worker_dir: Path):
+    """Trigger a run of the deployment and let a worker (in its own folder) run it; returns the run."""
+    output = prefect(["deployment", "run", name], project, env)
+    flow_run_id = output.split("UUID:")[1].split()[0]
+    worker = subprocess.run(
+        [str(REPO / ".venv/bin/prefect"), "worker", "start", "--pool", "easel-process", "--run-once"],
+        cwd=worker_dir,  # the worker's own folder: the code comes from the remote
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
+    run = asyncio.run(wait_for_run(flow_run_id, env))
+    if run.state.name != "Completed":
+        print(worker.stdout[-4000:] + worker.stderr[-4000:])
+    return run
 
 
 def git(args: list[str], cwd: Path) -> str:
@@ -112,18 +131,8 @@ def test_a_scheduled_run_fetches_the_code_and_records_results_anyone_can_pull(
             assert deployed.concurrency_options.collision_strategy.value == "ENQUEUE"
             assert "flows.workspace.checkout" in deployed.pull_steps[0]
 
-        output = prefect(["deployment", "run", "easel-pipeline/weekly-retrain-and-gate"], project, env)
-        flow_run_id = output.split("UUID:")[1].split()[0]
-        worker = subprocess.run(
-            [str(REPO / ".venv/bin/prefect"), "worker", "start", "--pool", "easel-process", "--run-once"],
-            cwd=tmp_path,  # the worker's own folder: the code comes from the remote
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=1200,
-        )
-        run = asyncio.run(wait_for_run(flow_run_id, env))
-        assert run.state.is_completed() and run.state.name == "Completed", worker.stdout[-4000:] + worker.stderr[-4000:]
+        run = run_deployment("easel-pipeline/weekly-retrain-and-gate", project, env, tmp_path)
+        assert run.state.is_completed() and run.state.name == "Completed", run.state
         summary = Artifact.get("easel-run-summary").data
 
     # The run happened in a fresh clone of the remote, not in the developer's folder.
@@ -148,11 +157,31 @@ def test_a_scheduled_run_fetches_the_code_and_records_results_anyone_can_pull(
     assert list(results) == ["setup", "storage", "pull", "sample", "models", "evaluate", "gate", "verdict"], failed
     assert "Running stage 'train'" not in results["evaluate"].stdout  # the run's model came from the remote
     assert "Running stage 'evaluate'" in results["evaluate"].stdout  # re-evaluated against production now
-    # The pull request's model is production itself: identical images, nothing to decide on.
-    assert results["gate"].returncode == 4, failed
+    # The pull request's model is production itself: no evaluation, nothing to decide on, it passes.
+    assert list(results) == ["setup", "storage", "pull", "sample", "models", "evaluate", "gate"], failed
+    assert "Running stage 'evaluate'" not in results["evaluate"].stdout
     comment = (fresh / "gate-comment.md").read_text()
-    assert "is **inconclusive**" in comment and "zero-width interval" in comment
-    assert f"production now: `{production}`" in comment
+    assert "is **unchanged**" in comment and f"production ({production}) has this fingerprint" in comment
+
+    # The next scheduled run starts where this one ended: nothing new, so nothing reruns, nothing is
+    # pushed, no branch is recorded.
+    with temporary_settings({PREFECT_API_URL: env["PREFECT_API_URL"]}):
+        second = run_deployment("easel-pipeline/weekly-retrain-and-gate", project, env, tmp_path)
+        assert second.state.name == "Completed", second.state
+        summary = Artifact.get("easel-run-summary").data
+    assert all(f"| {stage} | up to date |" in summary for stage in STAGES), summary
+    assert "Results: `git fetch" not in summary
+    assert git(["ls-remote", "--heads", str(bare), "easel/runs/*"], tmp_path).splitlines() == runs
+
+    # A cold work folder (a new pod): the clone gets the last run's dvc.lock from its results branch
+    # and pulls the outputs the stage needs from the DVC remote, so evaluation is up to date at once.
+    env["EASEL_WORK_DIR"] = str(tmp_path / "cold")
+    with temporary_settings({PREFECT_API_URL: env["PREFECT_API_URL"]}):
+        cold = run_deployment("easel-pipeline/on-demand-evaluation", project, env, tmp_path)
+        assert cold.state.name == "Completed", cold.state
+        summary = Artifact.get("easel-run-summary").data
+    assert "| evaluate | up to date |" in summary, summary
+    assert (tmp_path / "cold/data/train/model/model_index.json").is_file()
 
 
 def test_easel_demo_from_a_clean_folder(prefect_server, tmp_path):

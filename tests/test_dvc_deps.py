@@ -130,3 +130,50 @@ def stages_importing(module: str) -> set[str]:
     """The stages whose closure holds `module` (what DVC must rerun when it changes)."""
     stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
     return {stage for stage in stages if Path(module) in stage_closure(stage)}
+
+
+def test_bytecode_is_not_code_to_dvc(tmp_path, s3_server, tiny_models):
+    """Python writes __pycache__ beside the modules a stage imports (the default everywhere but on the
+    dev machines): DVC must not take it for a code change, or every stage reruns and the PR gate
+    retrains for a pull request that changes nothing."""
+    import os
+    import pkgutil
+    import subprocess
+    import sys
+
+    from tests.conftest import make_project
+
+    project = make_project(tmp_path / "project", "http://127.0.0.1:9", s3_server, tiny_models)
+    # Each stage's outputs as placeholders: `dvc commit` records the stages without running them
+    # (what matters here is how DVC hashes their code dependencies).
+    for folder in ("data/download", "data/validate", "data/caption", "data/train", "data/evaluate", "data/promote"):
+        (project / folder).mkdir(parents=True, exist_ok=True)
+        (project / folder / "placeholder.txt").write_text(folder)
+    for name in ("data/validate/accepted.parquet", "data/caption/captions.parquet", "data/leaderboard.csv"):
+        (project / name).write_text("placeholder")
+    for stage in ("download", "validate", "caption", "train", "evaluate"):
+        (project / "data/metrics").mkdir(parents=True, exist_ok=True)
+        (project / f"data/metrics/{stage}.json").write_text("{}")
+    (project / "data/plots/train/plots/metrics").mkdir(parents=True)
+    (project / "data/plots/evaluate").mkdir(parents=True)
+    (project / "data/plots/evaluate/scores.csv").write_text("clip_score,aesthetic_score\n")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    dvc = [sys.executable, "-m", "dvc"]
+
+    def run(args: list[str]) -> subprocess.CompletedProcess:
+        proc = subprocess.run(args, cwd=project, env=env, capture_output=True, text=True)
+        assert proc.returncode == 0, (args, proc.stdout[-2000:], proc.stderr[-2000:])
+        return proc
+
+    run([*dvc, "commit", "--force", "--quiet"])
+    lock_before = (project / "dvc.lock").read_text()
+    assert "components/cli.py" in lock_before
+    # Every stage's code imported the way a stage imports it, with bytecode writing on.
+    modules = sorted(m.name for m in pkgutil.walk_packages([str(REPO / "components")], prefix="components."))
+    run([sys.executable, "-c", "import importlib\n" + "".join(f"importlib.import_module({m!r})\n" for m in modules)])
+    written = list((project / "components").rglob("*.pyc"))
+    assert len(written) > 20, "the imports wrote no bytecode: the test would prove nothing"
+    status = run([*dvc, "status", "--quiet"])
+    assert status.stdout.strip() == "", status.stdout
+    run([*dvc, "commit", "--force", "--quiet"])
+    assert (project / "dvc.lock").read_text() == lock_before

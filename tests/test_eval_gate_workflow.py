@@ -43,16 +43,33 @@ def should_run(step: dict, outcomes: dict[str, str], runner_set: bool) -> bool:
     raise AssertionError(f"the test does not know how to evaluate `if: {condition}`; teach it")
 
 
+def runner_path() -> str:
+    """PATH as a runner has it: the system's tools and setup-python's interpreter, no project venv."""
+    return os.pathsep.join(p for p in os.environ["PATH"].split(os.pathsep) if p and "/.venv/" not in p + "/")
+
+
 def run_workflow(project: Path, env: dict) -> dict[str, subprocess.CompletedProcess]:
-    """Every `run:` step, in order, as the runner would (bash -e); `uses:` steps are GitHub's own."""
+    """Every `run:` step, in order, as the runner would (bash -e, the runner's PATH, $GITHUB_PATH
+    entries put in front of PATH for the later steps); `uses:` steps are GitHub's own."""
     context = {"github.server_url": "https://github.example", "github.repository": "easel/easel", "github.run_id": "42"}
     outcomes: dict[str, str] = {}
     results = {}
+    env = {**env, "PATH": runner_path()}
+    github_path = project.parent / f"{project.name}-github-path"
     for step in workflow_steps():
         if "run" not in step or not should_run(step, outcomes, runner_set=False):
             continue
         command = expand(step["run"], context)
-        proc = subprocess.run(["bash", "-e", "-c", command], cwd=project, env=env, capture_output=True, text=True)
+        github_path.write_text("")
+        proc = subprocess.run(
+            ["bash", "-e", "-c", command],
+            cwd=project,
+            env={**env, "GITHUB_PATH": str(github_path)},
+            capture_output=True,
+            text=True,
+        )
+        added = [line for line in github_path.read_text().splitlines() if line]
+        env["PATH"] = os.pathsep.join([*reversed(added), env["PATH"]])
         results[step["id"]] = proc
         outcomes[step["id"]] = "success" if proc.returncode == 0 else "failure"
         if proc.returncode != 0 and not step.get("continue-on-error"):
@@ -129,3 +146,23 @@ def test_passing_then_failing_candidate(gate_project):
     comment = (project / "gate-comment.md").read_text()
     assert "**fails the gate**" in comment and "Promotion gate: **REJECT**" in comment
     assert "| aesthetic_mean |" in comment and "FAIL" in comment
+
+    # 3. The model is then promoted. A pull request that does not change it (one touching only flows/,
+    #    say) has nothing to measure: no training, no evaluation, and it passes as "unchanged" (the
+    #    raised bar is for candidates; production's own model is not judged again).
+    from components.storage import S3Settings
+    from tests.helpers import put_in_production
+
+    settings = S3Settings(env["EASEL_S3_ENDPOINT"], env["AWS_ACCESS_KEY_ID"], env["AWS_SECRET_ACCESS_KEY"])
+    _, version = put_in_production(
+        settings, params["storage"]["bucket"], project / "data/train/model", params["promote"]["model_name"]
+    )
+    results = run_workflow(project, env)
+    assert list(results) == ["setup", "storage", "pull", "sample", "models", "evaluate", "gate"], {
+        k: v.stdout[-500:] + v.stderr[-1500:] for k, v in results.items() if v.returncode
+    }
+    assert "Running stage" not in results["evaluate"].stdout  # neither trained nor evaluated
+    assert "The model is the one in production: nothing to evaluate." in results["evaluate"].stdout
+    assert results["gate"].returncode == 0 and "gate: unchanged" in results["gate"].stdout
+    comment = (project / "gate-comment.md").read_text()
+    assert "is **unchanged**" in comment and f"production ({version}) has this fingerprint" in comment

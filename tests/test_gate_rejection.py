@@ -89,7 +89,8 @@ def test_a_damaged_candidate_is_rejected_by_non_inferiority(tmp_path, tiny_model
     production = shutil.copytree(tiny_models / "sdxl", tmp_path / "production")
     damaged = shutil.copytree(tiny_models / "sdxl", tmp_path / "damaged")
     damage_unet(damaged)
-    control = shutil.copytree(tiny_models / "sdxl", tmp_path / "control")  # the same weights as production
+    control = shutil.copytree(tiny_models / "sdxl", tmp_path / "control")  # the same weights as production,
+    (control / "notes.txt").write_text("a copy")  # in a folder that is not production's model (another fingerprint)
 
     # The scorer: fitted on 24 held-out prompts x 2 seeds the evaluation never sees.
     held_out = [f"a held-out poster of object {i}" for i in range(24)]
@@ -148,3 +149,7 @@ def test_a_damaged_candidate_is_rejected_by_non_inferiority(tmp_path, tiny_model
     _, rules, decision = evaluate_and_gate(control)
     assert rules["non_inferiority_aesthetic_vs_production"]["status"] != "fail", rules
     assert rules["aesthetic_mean"]["status"] == "pass"
+
+    # Production's own model: nothing to compare, it is "unchanged" and passes, whatever the scores say.
+    decision = run_gate(GATE, promote, storage, evaluate, production, out_dir=tmp_path / "gate")
+    assert decision["verdict"] == "unchanged" and decision["inputs"]["production_version"] == version

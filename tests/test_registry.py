@@ -282,3 +282,34 @@ def test_registry_list_names_each_alias_once(project, s3_server, capsys, monkeyp
 
     assert main(["registry", "gc"]) == 0
     assert "would remove 0 orphan objects (0 bytes), 0 pending uploads (dry run" in capsys.readouterr().out
+
+
+def test_the_model_fingerprint_is_the_model_not_its_folder(tmp_path, tiny_models):
+    """Identical weights saved from two project folders (diffusers writes the source folder into each
+    config as `_name_or_path`) are one model: one fingerprint, so one registry version and one
+    leaderboard row. A changed weight or config value is another model; the model card is not the model."""
+    import json
+    import shutil
+
+    from components.fsutil import model_fingerprint
+
+    a = shutil.copytree(tiny_models / "sdxl", tmp_path / "a" / "model")
+    b = shutil.copytree(tiny_models / "sdxl", tmp_path / "elsewhere" / "b" / "model")
+    for folder in (a, b):
+        config = json.loads((folder / "unet/config.json").read_text())
+        config["_name_or_path"] = str(folder.parent / ".easel/models/tiny/sdxl")
+        (folder / "unet/config.json").write_text(json.dumps(config, indent=2))
+        (folder / "README.md").write_text(f"trained in {folder}")
+    assert model_fingerprint(a) == model_fingerprint(b)
+
+    config = json.loads((b / "unet/config.json").read_text())
+    config["sample_size"] += 1
+    (b / "unet/config.json").write_text(json.dumps(config))
+    assert model_fingerprint(a) != model_fingerprint(b)
+
+    c = shutil.copytree(a, tmp_path / "c")
+    weights = c / "unet/diffusion_pytorch_model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1
+    weights.write_bytes(bytes(data))
+    assert model_fingerprint(a) != model_fingerprint(c)

@@ -120,3 +120,147 @@ def test_the_lock_is_reentrant_in_a_process_and_freed_with_the_block(tmp_path):
             pass
         assert workspace.lock_path(tmp_path / "w") in workspace._held  # still held by the outer block
     assert workspace.lock_path(tmp_path / "w") not in workspace._held
+
+
+EXEC_HOLDER = textwrap.dedent(
+    """
+    import os, sys
+    from pathlib import Path
+    from flows import workspace
+    folder, log = Path(sys.argv[1]), Path(sys.argv[2])
+    workspace.hold(folder)  # the pull step
+    program = (
+        "import signal, sys, time\\n"
+        "from pathlib import Path\\n"
+        "from flows import workspace\\n"
+        "signal.alarm(30)  # waiting on a lock this very process holds would never end\\n"
+        "folder, log = Path(sys.argv[1]), Path(sys.argv[2])\\n"
+        "log.write_text('started')  # the engine starts up: the gap in which a lock could be lost\\n"
+        "while not (log.parent / 'probed').exists():\\n"
+        "    time.sleep(0.05)\\n"
+        "workspace.hold(folder)  # the flow, in the engine the supervisor exec'd\\n"
+        "log.write_text('adopted')\\n"
+        "while not (log.parent / 'release').exists():\\n"
+        "    time.sleep(0.05)\\n"
+    )
+    os.execv(sys.executable, [sys.executable, "-c", program, str(folder), str(log)])
+    """
+)
+
+
+def test_the_lock_survives_the_exec_of_the_flow_engine(tmp_path):
+    """Prefect's workspace supervisor runs the pull step, then execs the engine: the folder must stay
+    held across that exec (no second run's checkout in between), and the engine's own `hold` must
+    take over the inherited lock rather than wait for it."""
+    import fcntl
+    import os
+
+    folder, log = tmp_path / "work", tmp_path / "log.txt"
+    repo = Path(__file__).resolve().parents[1]
+    run = subprocess.Popen([sys.executable, "-c", EXEC_HOLDER, str(folder), str(log)], cwd=repo)
+
+    def wait_for(text: str) -> None:
+        deadline = time.monotonic() + 60
+        while run.poll() is None and time.monotonic() < deadline:
+            if log.exists() and log.read_text() == text:
+                return
+            time.sleep(0.05)
+        raise AssertionError(f"the exec'd engine never said {text!r} (exit {run.poll()})")
+
+    try:
+        wait_for("started")
+        other = os.open(workspace.lock_path(folder), os.O_RDWR)  # a second run's attempt
+        try:
+            with pytest.raises(BlockingIOError):  # held between the exec and the engine's own hold
+                fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            (tmp_path / "probed").touch()
+            wait_for("adopted")
+            with pytest.raises(BlockingIOError):
+                fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            (tmp_path / "release").touch()
+            assert run.wait(timeout=60) == 0
+            fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)  # free once the run ends
+        finally:
+            os.close(other)
+    finally:
+        run.kill()
+
+
+def test_a_stray_descriptor_number_is_not_taken_for_the_lock(tmp_path, monkeypatch):
+    """A child process inherits the variable, not the descriptor: a number naming another file is ignored."""
+    other = tmp_path / "not-the-lock"
+    other.write_text("x")
+    import os
+
+    fd = os.open(other, os.O_RDONLY)
+    try:
+        folder = tmp_path / "w"
+        monkeypatch.setenv(workspace.INHERITED_ENV, f"{fd}={workspace.lock_path(folder)}")
+        with workspace.held(folder):
+            held_fd = workspace._held[workspace.lock_path(folder)]
+            assert held_fd != fd and os.path.samestat(os.fstat(held_fd), os.stat(workspace.lock_path(folder)))
+    finally:
+        os.close(fd)
+
+
+def run_in(work: Path, lock: str, board: str) -> None:
+    """What a run leaves in the folder: DVC's lock and the leaderboard (both untracked on main)."""
+    (work / "dvc.lock").write_text(lock)
+    (work / "data").mkdir(exist_ok=True)
+    (work / "data" / "leaderboard.csv").write_text(board)
+
+
+def test_scheduled_runs_start_where_the_last_run_ended(tmp_path):
+    """main tracks neither dvc.lock nor the leaderboard; the last run's results branch does. Each run's
+    folder starts from main's code with them carried over, so nothing unchanged reruns, a run that
+    changed nothing records nothing, and the leaderboard grows across runs, even in a new folder."""
+    from components.pipeline import record_results
+
+    bare, dev = tmp_path / "origin.git", tmp_path / "dev"
+    git("init", "--bare", "-q", "-b", "main", str(bare), cwd=tmp_path)
+    git("clone", "-q", str(bare), str(dev), cwd=tmp_path)
+    (dev / "code.py").write_text("v1\n")
+    (dev / ".gitignore").write_text("/data/download\n")
+    git("add", "-A", cwd=dev)
+    git("commit", "-qm", "code", cwd=dev)
+    git("push", "-q", "origin", "HEAD:main", cwd=dev)
+    work = tmp_path / "work"
+
+    workspace.checkout(str(bare), "main", str(work))
+    run_in(work, "lock of run 1\n", "model,score\nm1,1\n")
+    first = record_results(work, "nightly", "run 1", workspace.RESULTS_PREFIX)
+    workspace.release(work)
+    assert first and first.startswith("easel/runs/nightly/")
+
+    # main moves on (a code change); the next run has main's code and run 1's lock and leaderboard.
+    (dev / "code.py").write_text("v2\n")
+    git("commit", "-qam", "code v2", cwd=dev)
+    git("push", "-q", "origin", "HEAD:main", cwd=dev)
+    time.sleep(1.1)  # branches are named by the second
+    second = workspace.checkout(str(bare), "main", str(work))
+    assert second["results"].endswith(first)
+    assert (work / "code.py").read_text() == "v2\n"
+    assert (work / "dvc.lock").read_text() == "lock of run 1\n"
+    assert record_results(work, "nightly", "run 2", workspace.RESULTS_PREFIX) is None  # nothing changed
+    # Its evaluation added a row: recorded, on top of run 1's.
+    run_in(work, "lock of run 2\n", "model,score\nm1,1\nm2,2\n")
+    recorded = record_results(work, "weekly", "run 2", workspace.RESULTS_PREFIX)
+    workspace.release(work)
+    assert recorded
+
+    # A cold folder (a new pod) starts from the newest results too.
+    cold = tmp_path / "cold"
+    workspace.checkout(str(bare), "main", str(cold))
+    workspace.release(cold)
+    assert (cold / "data" / "leaderboard.csv").read_text() == "model,score\nm1,1\nm2,2\n"
+    assert (cold / "dvc.lock").read_text() == "lock of run 2\n" and (cold / "code.py").read_text() == "v2\n"
+
+    # A dvc.lock someone committed on main since: where both changed, main's wins.
+    (dev / "dvc.lock").write_text("a lock committed on main\n")
+    git("add", "-A", cwd=dev)
+    git("commit", "-qm", "lock on main", cwd=dev)
+    git("push", "-q", "origin", "HEAD:main", cwd=dev)
+    workspace.checkout(str(bare), "main", str(cold))
+    workspace.release(cold)
+    assert (cold / "dvc.lock").read_text() == "a lock committed on main\n"
+    assert (cold / "data" / "leaderboard.csv").read_text() == "model,score\nm1,1\nm2,2\n"

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from components.config import REGISTRY_REF, ModelsParams, PanelModelParams, PromoteParams, StorageParams
 from components.errors import ConfigError
-from components.fsutil import folder_fingerprint, sha256_file
+from components.fsutil import model_fingerprint, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ def single_file_identity(path: Path | str, config: str | None) -> str:
 
 
 def candidate(model_dir: Path) -> ModelUnderTest:
-    return ModelUnderTest("candidate", str(model_dir), "sha256:" + folder_fingerprint(model_dir), origin=str(model_dir))
+    return ModelUnderTest("candidate", str(model_dir), "sha256:" + model_fingerprint(model_dir), origin=str(model_dir))
 
 
 def base(models: ModelsParams) -> ModelUnderTest:
@@ -48,7 +48,7 @@ def base(models: ModelsParams) -> ModelUnderTest:
     models.require("sdxl")
     ref = resolve_ref(models.sdxl, "sdxl")
     if Path(ref).is_dir():
-        identity = "sha256:" + folder_fingerprint(Path(ref))
+        identity = "sha256:" + model_fingerprint(Path(ref))
     elif Path(ref).is_file():  # a single-file checkpoint, read with the configs of models.sdxl_config
         identity = single_file_identity(ref, models.sdxl_config)
     else:
@@ -117,7 +117,7 @@ def panel_model(
     if path.is_dir():
         if not (path / "model_index.json").is_file():
             raise ConfigError(f"{key}.ref: {entry.ref} is a folder but not a diffusers pipeline (no model_index.json)")
-        return ModelUnderTest(entry.name, str(path.resolve()), "sha256:" + folder_fingerprint(path), origin=entry.ref)
+        return ModelUnderTest(entry.name, str(path.resolve()), "sha256:" + model_fingerprint(path), origin=entry.ref)
     if path.is_file():
         if path.suffix != ".safetensors":
             # A .ckpt or .pt is a pickle, which can run code when it is loaded.

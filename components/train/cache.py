@@ -111,9 +111,9 @@ def folder_identity(ref: str) -> str:
     """A model folder's (or single-file checkpoint's) content fingerprint, or a hub reference as given."""
     path = Path(ref)
     if path.is_dir():
-        from components.fsutil import folder_fingerprint
+        from components.fsutil import model_fingerprint
 
-        return "sha256:" + folder_fingerprint(path)
+        return "sha256:" + model_fingerprint(path)
     if path.is_file():
         from components.fsutil import sha256_file
 
