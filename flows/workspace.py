@@ -172,17 +172,19 @@ def carry_results(work_dir: Path, branch: str) -> str | None:
     return results
 
 
-def checkout(repository: str, branch: str = "", directory: str = "") -> dict[str, str]:
+def checkout(repository: str = "", branch: str = "", directory: str = "") -> dict[str, str]:
     """Clone `repository` at `branch` into `directory`, or update the clone there, and carry the last
     run's results onto it; returns {"directory", "commit", "results"}.
 
-    Empty arguments (unset environment variables in prefect.yaml) take the defaults: branch
-    `main`, directory `easel-work` under the worker's current folder.
+    Arguments left empty come from the run's environment when it runs: EASEL_GIT_REPOSITORY,
+    EASEL_GIT_BRANCH (default `main`), EASEL_WORK_DIR (default `easel-work` under the worker's
+    current folder).
     """
+    repository = repository or os.environ.get("EASEL_GIT_REPOSITORY", "")
     if not repository:
         raise ValueError("checkout: no repository; set EASEL_GIT_REPOSITORY on the worker (a URL or a path)")
-    branch = branch or "main"
-    work_dir = Path(directory or "easel-work").resolve()
+    branch = branch or os.environ.get("EASEL_GIT_BRANCH") or "main"
+    work_dir = Path(directory or os.environ.get("EASEL_WORK_DIR") or "easel-work").resolve()
     hold(work_dir)  # held until the run ends: no other run may reset this folder under it
     if not (work_dir / ".git").is_dir():
         work_dir.parent.mkdir(parents=True, exist_ok=True)

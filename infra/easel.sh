@@ -57,6 +57,9 @@ cmd="${1:-}"; [ $# -gt 0 ] && shift
 case "$cmd" in
   setup) setup ;;
   demo)  setup; exec "$VENV/bin/easel" demo "$@" ;;
-  test)  setup; export PATH="$VENV/bin:$PATH"; exec "$VENV/bin/python" -m pytest "$@" ;;
+  # Two test processes (pytest-xdist; EASEL_TEST_WORKERS to change): much of the suite waits on
+  # servers and subprocesses, so a second worker uses what would be an idle core.
+  test)  setup; export PATH="$VENV/bin:$PATH"
+         exec "$VENV/bin/python" -m pytest -n "${EASEL_TEST_WORKERS:-2}" --dist worksteal "$@" ;;
   *) echo "usage: bash infra/easel.sh {demo|test|setup} [args...]" >&2; exit 2 ;;
 esac

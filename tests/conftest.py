@@ -121,12 +121,17 @@ INFRA_TOOLS_PINNED = ["check-jsonschema==0.39.0", "kubernetes-validate==1.37.0",
 @pytest.fixture(scope="session")
 def infra_tools() -> Path:
     """The infra validators (tests/test_infra.py), in a venv of their own (pinned), made once and reused."""
+    import fcntl
+
     stamp = INFRA_TOOLS / "pinned.txt"
-    if not stamp.is_file() or stamp.read_text() != "\n".join(INFRA_TOOLS_PINNED):
-        subprocess.run([sys.executable, "-m", "venv", "--clear", str(INFRA_TOOLS)], check=True)
-        pip = [str(INFRA_TOOLS / "bin" / "pip"), "install", "--quiet", *INFRA_TOOLS_PINNED]
-        subprocess.run(pip, check=True, capture_output=True)
-        stamp.write_text("\n".join(INFRA_TOOLS_PINNED))
+    INFRA_TOOLS.parent.mkdir(parents=True, exist_ok=True)
+    with open(INFRA_TOOLS.parent / ".infra-venv.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # test workers in parallel: one makes it, the others wait
+        if not stamp.is_file() or stamp.read_text() != "\n".join(INFRA_TOOLS_PINNED):
+            subprocess.run([sys.executable, "-m", "venv", "--clear", str(INFRA_TOOLS)], check=True)
+            pip = [str(INFRA_TOOLS / "bin" / "pip"), "install", "--quiet", *INFRA_TOOLS_PINNED]
+            subprocess.run(pip, check=True, capture_output=True)
+            stamp.write_text("\n".join(INFRA_TOOLS_PINNED))
     return INFRA_TOOLS / "bin"
 
 

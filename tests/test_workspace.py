@@ -264,3 +264,20 @@ def test_scheduled_runs_start_where_the_last_run_ended(tmp_path):
     workspace.release(cold)
     assert (cold / "dvc.lock").read_text() == "a lock committed on main\n"
     assert (cold / "data" / "leaderboard.csv").read_text() == "model,score\nm1,1\nm2,2\n"
+
+
+def test_the_pull_step_reads_its_settings_when_the_run_runs(origin, tmp_path, monkeypatch):
+    """prefect.yaml's step has no inputs: `prefect deploy` would bake `{{ $VAR }}` placeholders with the
+    deploying shell's values, so the worker's (or the pod's) environment is read when the run runs."""
+    import yaml
+
+    step = yaml.safe_load((Path(__file__).resolve().parents[1] / "prefect.yaml").read_text())["pull"][0]
+    assert step == {"flows.workspace.checkout": {"id": "checkout"}}
+    bare, _ = origin
+    monkeypatch.setenv("EASEL_GIT_REPOSITORY", str(bare))
+    monkeypatch.setenv("EASEL_GIT_BRANCH", "main")
+    monkeypatch.setenv("EASEL_WORK_DIR", str(tmp_path / "from-the-environment"))
+    done = workspace.checkout()
+    workspace.release(tmp_path / "from-the-environment")
+    assert done["directory"] == str((tmp_path / "from-the-environment").resolve())
+    assert (tmp_path / "from-the-environment" / "dvc.lock").read_text() == "v1\n"
