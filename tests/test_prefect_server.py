@@ -50,7 +50,7 @@ def test_easel_prefect_start_status_stop(tmp_path):
         assert started.returncode == 0, started.stderr
         assert f"Prefect server started: UI http://127.0.0.1:{port}" in started.stdout
         server = LocalPrefectServer(tmp_path / ".easel/prefect", port=port)
-        assert server.healthy() and (server.home / "prefect.db").is_file()  # the database is the project's
+        assert server.answers() and (server.home / "prefect.db").is_file()  # the database is the project's
         assert json.loads(server.migrated_file.read_text())["prefect"]
         assert "already running" in easel(["prefect", "start"], tmp_path, env).stdout
         assert "running" in easel(["prefect", "status"], tmp_path, env).stdout
