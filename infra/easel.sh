@@ -34,6 +34,11 @@ pip_install() {
     2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
 }
 
+# What the stages, flows and tests import: imported once at setup, which also writes their bytecode.
+WARM_IMPORTS="import components.cli, torch, torchvision, diffusers, transformers, accelerate, open_clip, timm, \
+great_expectations, pandas, pyarrow, scipy.stats, matplotlib.pyplot, skimage, boto3, prefect, prefect_dask, \
+dvc.repo, dvclive, pytest, hypothesis"
+
 setup() {
   local want have=""
   want="$(cat "$LOCK" "$ROOT/pyproject.toml" | sha256sum | cut -d' ' -f1)"
@@ -46,9 +51,12 @@ setup() {
   [ -x "$VENV/bin/python" ] || "$py" -m venv "$VENV"
   rm -f "$STAMP"
   # The lock pins every package, so pip resolves nothing; --no-deps on the project keeps it that way.
-  pip_install -r "$LOCK"
+  # --no-compile: pip would write bytecode for every module of 5 GB of packages (about half of a cold
+  # install); instead the import check below writes it for what Easel imports (also where
+  # PYTHONDONTWRITEBYTECODE is set, which would otherwise leave every later import compiling).
+  pip_install --no-compile -r "$LOCK"
   pip_install --no-deps --no-build-isolation -e "$ROOT"
-  "$VENV/bin/python" -c "import components, torch, diffusers, prefect, dvc" \
+  env -u PYTHONDONTWRITEBYTECODE "$VENV/bin/python" -c "$WARM_IMPORTS" \
     || { echo "easel.sh: the environment in .venv does not import; see the pip output above" >&2; exit 1; }
   echo "$want" > "$STAMP"
 }
@@ -57,9 +65,6 @@ cmd="${1:-}"; [ $# -gt 0 ] && shift
 case "$cmd" in
   setup) setup ;;
   demo)  setup; exec "$VENV/bin/easel" demo "$@" ;;
-  # Two test processes (pytest-xdist; EASEL_TEST_WORKERS to change): much of the suite waits on
-  # servers and subprocesses, so a second worker uses what would be an idle core.
-  test)  setup; export PATH="$VENV/bin:$PATH"
-         exec "$VENV/bin/python" -m pytest -n "${EASEL_TEST_WORKERS:-2}" --dist worksteal "$@" ;;
+  test)  setup; export PATH="$VENV/bin:$PATH"; exec "$VENV/bin/python" -m pytest "$@" ;;
   *) echo "usage: bash infra/easel.sh {demo|test|setup} [args...]" >&2; exit 2 ;;
 esac

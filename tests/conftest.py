@@ -4,6 +4,7 @@ and throwaway copies of the project for pipeline runs."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import random
 import shutil
@@ -228,3 +229,37 @@ def project_factory(tmp_path, sample_site, s3_server, tiny_models):
         return make_project(tmp_path / name, sample_site.base_url, s3_server, tiny_models, overrides)
 
     return factory
+
+
+@dataclasses.dataclass(frozen=True)
+class FinishedPipeline:
+    project: Path  # read it; copy it (copy_project) to change anything
+    first_repro: str  # what the first `dvc repro` printed
+
+
+@pytest.fixture(scope="session")
+def finished_pipeline(tmp_path_factory, sample_site, s3_server, tiny_models) -> FinishedPipeline:
+    """A project whose six stages have run once (`easel s3 start`, `dvc repro`, `dvc push`; one model in
+    production), shared by the tests that start from a finished pipeline: one full run of the tiny
+    pipeline for all of them instead of one each."""
+    folder = tmp_path_factory.mktemp("finished") / "project"
+    project = make_project(folder, sample_site.base_url, s3_server, tiny_models)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("EASEL_S3_", "AWS_"))} | {"EASEL_NO_PROGRESS": "1"}
+    outputs = []
+    for args in (["easel", "s3", "start"], ["dvc", "repro"], ["dvc", "push"]):
+        proc = subprocess.run(args, cwd=project, capture_output=True, text=True, env=env)
+        assert proc.returncode == 0, (args, proc.stdout[-2000:] + proc.stderr[-2000:])
+        outputs.append(proc.stdout)
+    return FinishedPipeline(project, outputs[1])
+
+
+def copy_project(source: Path, dest: Path, bucket: str | None = None) -> Path:
+    """A copy of a project (its git repository, DVC cache and outputs); with `bucket`, pointed at a new,
+    empty bucket (another DVC remote and registry), so that nothing it does reaches the original's."""
+    shutil.copytree(source, dest, symlinks=True)
+    if bucket:
+        params = yaml.safe_load((dest / "params.yaml").read_text())
+        params["storage"]["bucket"] = bucket
+        (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+        (dest / ".dvc" / "config.local").unlink(missing_ok=True)  # `easel s3 start` writes the new remote
+    return dest

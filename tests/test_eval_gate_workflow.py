@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import REPO, free_port, make_project
+from tests.conftest import REPO, copy_project, free_port
 
 pytestmark = pytest.mark.slow
 
@@ -97,15 +97,14 @@ def workflow_env(project: Path, s3_server) -> dict[str, str]:
 
 
 @pytest.fixture()
-def gate_project(tmp_path, s3_server, tiny_models):
-    port = free_port()
-    project = make_project(
-        tmp_path / "repo",
-        f"http://127.0.0.1:{port}",
-        s3_server,
-        tiny_models,
-        {"sample_source.port": port, "sample_source.dir": ".easel/sample-source"},
-    )
+def gate_project(tmp_path, s3_server, finished_pipeline):
+    """The session's finished project (main, as it stands), in a registry and DVC remote of its own with
+    nothing in production, on a pull request that changes training (fewer steps)."""
+    project = copy_project(finished_pipeline.project, tmp_path / "repo", bucket="gate-" + os.urandom(3).hex())
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["sample_source"] = {"port": free_port(), "dir": ".easel/sample-source", "host": "127.0.0.1"}
+    params["profiles"]["tiny"]["train"]["max_train_steps"] = 20
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     # What the workflow's setup step needs: the lock, pyproject and the bootstrap script. The venv
     # is the one these tests run in (setup finds it up to date and installs nothing).
     shutil.copytree(REPO / "infra", project / "infra")
@@ -124,6 +123,9 @@ def test_passing_then_failing_candidate(gate_project):
         k: v.stdout[-500:] + v.stderr[-1500:] for k, v in results.items() if v.returncode
     }
     assert "EASEL_S3_ENDPOINT is set" in results["storage"].stdout  # the repository secrets' S3
+    # The pull request changed training: it trains, on data the earlier stages already made.
+    assert "Running stage 'train'" in results["evaluate"].stdout
+    assert "Running stage 'download'" not in results["evaluate"].stdout
     comment = (project / "gate-comment.md").read_text()
     assert comment.startswith("<!-- easel-eval-gate -->")
     assert "the candidate passes the gate" in comment and "Promotion gate: **PROMOTE**" in comment

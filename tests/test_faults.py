@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 import yaml
 
-from tests.conftest import free_port, make_project
+from tests.conftest import copy_project, free_port
 from tests.fault_servers import HangingServer, NotS3Server
 
 pytestmark = pytest.mark.slow
@@ -28,21 +27,16 @@ pytestmark = pytest.mark.slow
 FAST_S3 = {"storage.read_timeout_s": 1, "storage.connect_timeout_s": 1, "storage.retries": 0}
 
 
-@pytest.fixture(scope="module")
-def finished_project(tmp_path_factory, sample_site, s3_server, tiny_models):
-    """A project whose six stages have run (one model in production), made once for the module."""
-    project = make_project(
-        tmp_path_factory.mktemp("faults") / "project", sample_site.base_url, s3_server, tiny_models, FAST_S3
-    )
-    for args in (["easel", "s3", "start"], ["dvc", "repro"]):
-        proc = subprocess.run(args, cwd=project, capture_output=True, text=True, env=clean_env())
-        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    return project
-
-
 @pytest.fixture()
-def project(finished_project, tmp_path):
-    return Path(shutil.copytree(finished_project, tmp_path / "project", symlinks=True))
+def project(finished_pipeline, tmp_path):
+    """A copy of the session's finished project (six stages run, one model in production), with short S3 waits."""
+    project = copy_project(finished_pipeline.project, tmp_path / "project")
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    for key, value in FAST_S3.items():
+        section, name = key.split(".")
+        params[section][name] = value
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    return project
 
 
 def clean_env(**extra: str) -> dict[str, str]:
@@ -100,11 +94,19 @@ COMMANDS = [
 ]
 
 
+def fail_each(project: Path, commands: list[list[str]], env: dict[str, str]) -> list[str]:
+    """assert_fails_cleanly for each command, several at a time: each is a process that mostly waits
+    (on imports, on an endpoint), and none may write anything, so they cannot disturb one another."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        return list(pool.map(lambda args: assert_fails_cleanly(project, args, env), commands))
+
+
 def test_bad_params_stop_every_command_in_one_line(project):
     params = project / "params.yaml"
     params.write_text(params.read_text().replace("min_dpi: 96", "min_dpi: lots", 1))
-    for args in COMMANDS:
-        line = assert_fails_cleanly(project, args, clean_env())
+    for line in fail_each(project, COMMANDS, clean_env()):
         assert "params.yaml: validate.min_dpi:" in line and "'lots'" in line, line
     params.write_text("profile: tiny\nprofiles: [")
     for args in (["download"], ["gate"], ["registry", "list"]):
@@ -141,6 +143,8 @@ def test_unreadable_or_empty_inputs_are_named(project):
         target.write_bytes(saved)
 
     # The gate reads the evaluation: a broken one is a verdict (reject, exit 3), recorded only in its own folder.
+    # (Of a model other than production's: production's own is "unchanged", with nothing to evaluate.)
+    (project / "data/train/model/notes.txt").write_text("not the model in production")
     summary = project / "data/evaluate/summary.json"
     saved = summary.read_bytes()
     garble(summary)
@@ -179,8 +183,7 @@ def with_s3_source(project: Path) -> None:
 
 
 def check_every_s3_command(project: Path, env: dict[str, str], expected: str) -> None:
-    for args in S3_COMMANDS:
-        line = assert_fails_cleanly(project, args, env)
+    for args, line in zip(S3_COMMANDS, fail_each(project, S3_COMMANDS, env), strict=True):
         assert expected in line, (args, line)
     with_s3_source(project)
     assert expected in assert_fails_cleanly(project, ["download"], env)
@@ -198,8 +201,8 @@ def test_embedded_s3_not_running(project):
     params = yaml.safe_load((project / "params.yaml").read_text())
     params["storage"]["embedded"]["port"] = free_port()  # nothing there; `easel s3 start` would start it
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    for args in S3_COMMANDS[1:]:
-        assert "start it with `easel s3 start`" in assert_fails_cleanly(project, args, clean_env()), args
+    for args, line in zip(S3_COMMANDS[1:], fail_each(project, S3_COMMANDS[1:], clean_env()), strict=True):
+        assert "start it with `easel s3 start`" in line, args
 
 
 def test_s3_hanging(project):
