@@ -65,6 +65,12 @@ cmd="${1:-}"; [ $# -gt 0 ] && shift
 case "$cmd" in
   setup) setup ;;
   demo)  setup; exec "$VENV/bin/easel" demo "$@" ;;
-  test)  setup; export PATH="$VENV/bin:$PATH"; exec "$VENV/bin/python" -m pytest "$@" ;;
+  # One test process per core (pytest-xdist; EASEL_TEST_WORKERS to change), each with one torch/BLAS
+  # thread: two CPU-bound tests then never fight over a core. (Two workers of two threads each on 2
+  # cores did twice the CPU work and finished no sooner; benchmarks/RESULTS.md.)
+  test)  setup; export PATH="$VENV/bin:$PATH"
+         export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" MKL_NUM_THREADS="${MKL_NUM_THREADS:-1}" \
+                OPENBLAS_NUM_THREADS="${OPENBLAS_NUM_THREADS:-1}"
+         exec "$VENV/bin/python" -m pytest -n "${EASEL_TEST_WORKERS:-auto}" --dist worksteal "$@" ;;
   *) echo "usage: bash infra/easel.sh {demo|test|setup} [args...]" >&2; exit 2 ;;
 esac
