@@ -397,3 +397,62 @@ def test_an_empty_source_is_an_error_and_replaces_nothing(server, tmp_path, shap
     assert after == before  # the last good manifest and metrics are still there
     allowed = params.model_copy(update={"allow_empty": True})
     assert run_download(allowed, progress=False).rows == (2 if shape == "no urls" else 0)  # when it is expected
+
+
+# Every spelling of a host that leads to a private, loopback or link-local address, and what it leads to.
+# The IPv6 forms embed an IPv4 address (mapped, compatible, NAT64, SIIT, 6to4, Teredo): they are judged by it.
+REFUSED_HOSTS = [
+    ("127.0.0.1", "loopback"),
+    ("10.1.2.3", "private"),
+    ("169.254.169.254", "link-local (cloud metadata)"),
+    ("[::1]", "IPv6 loopback"),
+    ("[fe80::1]", "IPv6 link-local"),
+    ("[fd00::1]", "IPv6 unique local"),
+    ("[::ffff:127.0.0.1]", "IPv4-mapped"),
+    ("[::ffff:7f00:1]", "IPv4-mapped, hex"),
+    ("[::7f00:1]", "IPv4-compatible"),
+    ("[::a9fe:a9fe]", "IPv4-compatible, metadata"),
+    ("[::ffff:0:7f00:1]", "SIIT IPv4-translated"),
+    ("[64:ff9b::7f00:1]", "NAT64 well-known prefix"),
+    ("[64:ff9b::a9fe:a9fe]", "NAT64, metadata"),
+    ("[64:ff9b:1::a00:1]", "NAT64 local-use prefix"),
+    ("[2002:7f00:1::1]", "6to4 of 127.0.0.1"),
+    ("[2002:a9fe:a9fe::]", "6to4 of the metadata address"),
+    ("[2001:0:4136:e378:8000:63bf:80ff:fffe]", "Teredo, client 127.0.0.1"),
+]
+INVALID_HOSTS = ["2130706433", "0x7f000001", "017700000001", "127.1", "0x7f.1", "2852039166", "0251.0376.0251.0376"]
+ACCEPTED_HOSTS = ["8.8.8.8", "[2606:4700:4700::1111]", "[64:ff9b::808:808]", "[2002:808:808::1]", "[::ffff:8.8.8.8]"]
+
+
+@pytest.mark.parametrize(("host", "form"), REFUSED_HOSTS)
+def test_every_spelling_of_a_private_address_is_refused_before_connecting(host, form):
+    from components.download.fetch import refused_host
+
+    status, reason = refused_host(f"http://{host}/latest/meta-data", [])
+    assert status == "private_address", form
+    assert "not allowed" in reason
+
+
+@pytest.mark.parametrize("host", INVALID_HOSTS)
+def test_numeric_hosts_that_are_not_dotted_quads_are_invalid(host):
+    from components.download.fetch import refused_host
+
+    assert refused_host(f"http://{host}/x.png", [])[0] == "invalid_url"
+
+
+@pytest.mark.parametrize("host", ACCEPTED_HOSTS)
+def test_public_addresses_in_any_form_pass(host):
+    from components.download.fetch import refused_host
+
+    assert refused_host(f"http://{host}/x.png", []) is None
+
+
+def test_an_allowed_network_allows_its_embedded_forms():
+    import ipaddress
+
+    from components.download.fetch import refused_host
+
+    loopback = [ipaddress.ip_network("127.0.0.0/8")]
+    assert refused_host("http://[::ffff:127.0.0.1]:8765/x.png", loopback) is None
+    assert refused_host("http://[64:ff9b::7f00:1]/x.png", loopback) is None
+    assert refused_host("http://[64:ff9b::a9fe:a9fe]/x.png", loopback)[0] == "private_address"

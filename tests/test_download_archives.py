@@ -489,3 +489,12 @@ def test_an_archive_with_no_images_is_an_error_unless_expected(tmp_path):
     assert not (tmp_path / "out" / "manifest.parquet").exists()
     summary = run_download(params(tmp_path, [{"name": "s", "path": str(empty)}], allow_empty=True), progress=False)
     assert summary.rows == 0
+
+
+@pytest.mark.parametrize(("host", "status"), [("2130706433", "invalid_url"), ("[::ffff:7f00:1]", "private_address")])
+def test_archive_hosts_in_other_spellings_are_judged_like_image_hosts(tmp_path, host, status):
+    """A numeric host is not a name to retry (`connection_error`), and an IPv6 form of 127.0.0.1 is 127.0.0.1."""
+    run_download(
+        params(tmp_path, [{"name": "n", "path": f"http://{host}/posters.tar"}], allow_networks=[]), progress=False
+    )
+    assert manifest_of(tmp_path)["status"].tolist() == [status]

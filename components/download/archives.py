@@ -70,7 +70,7 @@ from components.download.fetch import (
     FetchSettings,
     RefusedAddress,
     backoff_delay,
-    check_literal_host,
+    refused_host,
     sniff_image_type,
 )
 from components.download.sources import IMAGE_SUFFIXES, _frame
@@ -339,8 +339,8 @@ async def _get(session, url: str, settings: FetchSettings):
         parts = urlsplit(current)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ArchiveUnavailable("invalid_url", f"unsupported URL: {current[:200]}")
-        if refusal := check_literal_host(current, allowed):
-            raise ArchiveUnavailable("private_address", refusal)
+        if refusal := refused_host(current, allowed):
+            raise ArchiveUnavailable(*refusal)
         response = await session.get(current, allow_redirects=False)
         if response.status in (301, 302, 303, 307, 308) and response.headers.get("Location"):
             current = urljoin(current, response.headers["Location"])

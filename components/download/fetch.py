@@ -80,9 +80,37 @@ class RefusedAddress(OSError):
     """The host resolves only to addresses that the settings do not allow."""
 
 
+# IPv6 prefixes whose addresses carry an IPv4 address in their last 32 bits: NAT64's well-known
+# and local-use prefixes (RFC 6052, 8215) and SIIT's IPv4-translated form (::ffff:0:a.b.c.d, RFC 2765).
+LAST_32_BITS_IPV4 = [ipaddress.ip_network(n) for n in ("64:ff9b::/96", "64:ff9b:1::/48", "::ffff:0:0:0/96")]
+
+
+def embedded_ipv4(ip: ipaddress._BaseAddress) -> list[ipaddress.IPv4Address]:
+    """The IPv4 addresses an IPv6 address reaches through a translator or tunnel, judged in its place:
+    IPv4-mapped (::ffff:a.b.c.d), IPv4-compatible (::a.b.c.d), NAT64, SIIT, 6to4 (2002:AABB:CCDD::)
+    and Teredo (2001:0::/32: its server and its client). A host written `[::7f00:1]` is 127.0.0.1."""
+    if not isinstance(ip, ipaddress.IPv6Address):
+        return []
+    if ip.ipv4_mapped:
+        return [ip.ipv4_mapped]
+    if ip.sixtofour:
+        return [ip.sixtofour]
+    if ip.teredo:
+        return list(ip.teredo)
+    low32 = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+    if int(ip) >> 32 == 0 and int(ip) > 1:  # IPv4-compatible (deprecated): ::a.b.c.d, not :: or ::1
+        return [low32]
+    if any(ip in net for net in LAST_32_BITS_IPV4):
+        return [low32]
+    return []
+
+
 def _ip_allowed(ip: ipaddress._BaseAddress, allowed: list[ipaddress._BaseNetwork]) -> bool:
     if any(ip in net for net in allowed):
         return True
+    embedded = embedded_ipv4(ip)
+    if embedded:  # judged by where it leads
+        return all(_ip_allowed(v4, allowed) for v4 in embedded)
     return ip.is_global and not ip.is_multicast
 
 
@@ -113,7 +141,7 @@ def non_canonical_ip(host: str) -> bool:
     `2852039166`, `0251.0376.0251.0376` (octal), `0xa9.254.169.254`, `169.254.43518`. No DNS name
     ends in a numeric label, so such a host is never a name; it is refused as invalid, not retried."""
     labels = host.rstrip(".").split(".")
-    if not host or not NUMERIC_LABEL.fullmatch(labels[-1]):
+    if not host or ":" in host or not NUMERIC_LABEL.fullmatch(labels[-1]):  # ":": an IPv6 literal
         return False
     try:
         ipaddress.IPv4Address(host)
@@ -122,16 +150,22 @@ def non_canonical_ip(host: str) -> bool:
         return True
 
 
-def check_literal_host(url: str, allowed: list[ipaddress._BaseNetwork]) -> str | None:
-    """aiohttp skips the resolver for IP literals, so check those here. Returns a refusal message."""
+def refused_host(url: str, allowed: list[ipaddress._BaseNetwork]) -> tuple[str, str] | None:
+    """(status, reason) when a URL's host must not be connected to, checked before any connection:
+    a numeric host that is not a dotted quad (`invalid_url`), or an IP literal (aiohttp skips the
+    resolver for those) that is private, loopback or link-local, or leads to one (`private_address`)."""
     host = urlsplit(url).hostname or ""
+    if non_canonical_ip(host):
+        return "invalid_url", f"{host} is not a canonical IPv4 address (a.b.c.d)"
     try:
         ip = ipaddress.ip_address(host)
     except ValueError:
         return None
     if _ip_allowed(ip, allowed):
         return None
-    return f"{host} is a private, loopback or link-local address, not allowed"
+    leads = embedded_ipv4(ip)
+    via = f" (it leads to {', '.join(map(str, leads))})" if leads else ""
+    return "private_address", f"{host} is a private, loopback or link-local address{via}, not allowed"
 
 
 def sniff_image_type(head: bytes) -> str | None:
@@ -214,13 +248,9 @@ class Fetcher:
             parts = urlsplit(current)
             if parts.scheme not in ("http", "https") or not parts.hostname:
                 return FetchResult(url, "invalid_url", f"unsupported URL: {current[:200]}")
-            if non_canonical_ip(parts.hostname):
-                return FetchResult(
-                    url, "invalid_url", f"{parts.hostname} is not a canonical IPv4 address (a.b.c.d)", final_url=current
-                )
-            refusal = check_literal_host(current, self._allowed)
+            refusal = refused_host(current, self._allowed)
             if refusal:
-                return FetchResult(url, "private_address", refusal, final_url=current)
+                return FetchResult(url, refusal[0], refusal[1], final_url=current)
             host = parts.hostname
             async with self._hosts.semaphore(host):
                 await self._hosts.wait_turn(host)
