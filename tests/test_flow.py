@@ -110,6 +110,17 @@ def test_a_deterministic_failure_is_not_retried_and_the_summary_is_written(harne
     assert "**Failed:** stage download failed" in summary_artifact() and "absent.csv" in summary_artifact()
 
 
+def test_a_run_that_fails_before_its_stages_still_writes_its_summary(harness, project_factory):
+    """Bad params stop the run in its first step: it fails at once (no retry) and its summary says why."""
+    project = project_factory("badparams")
+    params = project / "params.yaml"
+    params.write_text(params.read_text().replace("min_dpi: 96", "min_dpi: lots", 1))
+    state = easel_pipeline(stages=["download"], project_dir=str(project), push_to_remote=False, return_state=True)
+    assert state.is_failed()
+    assert "**Failed:** params.yaml: validate.min_dpi" in summary_artifact()
+    assert not (project / "data" / "download").exists()
+
+
 def test_a_stage_past_its_time_limit_is_stopped_and_the_run_times_out(harness, project_factory):
     """orchestration.stage_timeout_s: the stage and every process it started are stopped, and the run
     ends TimedOut (which the automation reports) instead of hanging."""
