@@ -117,7 +117,8 @@ def test_a_run_that_fails_before_its_stages_still_writes_its_summary(harness, pr
     params.write_text(params.read_text().replace("min_dpi: 96", "min_dpi: lots", 1))
     state = easel_pipeline(stages=["download"], project_dir=str(project), push_to_remote=False, return_state=True)
     assert state.is_failed()
-    assert "**Failed:** params.yaml: validate.min_dpi" in summary_artifact()
+    summary = summary_artifact()
+    assert "**Failed:** " in summary and "params.yaml: validate.min_dpi" in summary and "'lots'" in summary
     assert not (project / "data" / "download").exists()
 
 
