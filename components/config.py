@@ -577,6 +577,9 @@ class GateParams(Section):
     # Enough evidence: fewer paired prompts, or less power to detect a margin, is "inconclusive".
     min_prompts: int = Field(10, ge=2)
     min_power: float = Field(0.8, gt=0, lt=1)
+    # Training health: the saved weights' held-out loss may be at most this times the base model's on
+    # the same images (the model's easel_train.json); null: not checked.
+    max_val_loss_ratio: float | None = Field(None, gt=0)
 
 
 class Params(Section):

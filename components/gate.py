@@ -82,6 +82,8 @@ class GateInputs:
     prompt_problem: str | None
     seeds: list[int]  # the seeds every prompt must have been generated with
     production_version: str | None  # the alias's version now (None: nothing in production)
+    training: object = None  # the model folder's training record (easel_train.json): any JSON value
+    training_problem: str | None = None
 
 
 @dataclass
@@ -146,6 +148,7 @@ def gather_inputs(
         prompt_problem,
         list(evaluate.seeds),
         production_version,
+        *read_json(model_dir / TRAINING_RECORD),
     )
 
 
@@ -411,9 +414,51 @@ def judge(inputs: GateInputs, gate: GateParams, bootstrap: BootstrapParams) -> G
                 "" if ev else "no usable scores",
             )
         )
+    if gate.max_val_loss_ratio is not None:
+        rules += _training_health(inputs, gate.max_val_loss_ratio)
     statuses = {r.status for r in rules}
     verdict = "reject" if FAIL in statuses else "inconclusive" if INCONCLUSIVE in statuses else "promote"
     return GateResult(verdict, reference, rules, evidence, metrics)
+
+
+TRAINING_RECORD = "easel_train.json"  # written by the train stage into the model folder (part of its fingerprint)
+
+
+def _training_health(inputs: GateInputs, max_ratio: float) -> list[RuleResult]:
+    """Training went as it should: its losses stayed finite, and the weights it saved fit held-out
+    images about as well as the base model did (a learning rate 500x too high shows here, where the
+    scores of a few prompts may not)."""
+    record, problem = inputs.training, inputs.training_problem
+    if problem is not None:
+        why = f"no training record: {problem}"
+        return [
+            RuleResult("training_losses_finite", None, "==", "finite", FAIL, why),
+            RuleResult("val_loss_vs_base", None, "<=", max_ratio, FAIL, why),
+        ]
+    final, final_problem = number_at(record, "final_loss")
+    finite = final_problem is None and math.isfinite(final)
+    rules = [
+        RuleResult(
+            "training_losses_finite",
+            "finite" if finite else "not finite",
+            "==",
+            "finite",
+            PASS if finite else FAIL,
+            "" if finite else f"final_loss: {final_problem or describe(final)}",
+        )
+    ]
+    saved, saved_problem = number_at(record, "saved_val_loss")
+    base, base_problem = number_at(record, "base_val_loss")
+    if saved_problem or base_problem:
+        note = f"{TRAINING_RECORD}: {saved_problem or base_problem} (is train.validation.fraction 0?)"
+        rules.append(RuleResult("val_loss_vs_base", None, "<=", max_ratio, FAIL, note))
+    elif not (base > 0):
+        rules.append(RuleResult("val_loss_vs_base", None, "<=", max_ratio, FAIL, f"base_val_loss {describe(base)}"))
+    else:
+        ratio = compare("val_loss_vs_base", saved / base, "<=", max_ratio)
+        ratio.note = f"held-out loss {saved:.4g} against the base model's {base:.4g}"
+        rules.append(ratio)
+    return rules
 
 
 # -- records ---------------------------------------------------------------------------------------

@@ -516,3 +516,41 @@ def test_property_no_input_raises_and_promote_means_every_rule_held(
         ev = result.evidence[metric]
         assert all(math.isfinite(ev[k]) for k in ("ci_low", "ci_high", "sd_diff", "power")) and ev["power"] >= 0.8
         assert ev["ci_low"] > -getattr(GATE.margins, metric)
+
+
+# -- training health ---------------------------------------------------------------------------------
+
+HEALTHY = {"final_loss": 0.74, "base_val_loss": 1.13, "saved_val_loss": 0.87}
+
+
+@pytest.mark.parametrize(
+    ("record", "failing"),
+    [
+        (HEALTHY, {}),
+        # The issue's run: 500x the learning rate, held-out loss 1.17 where the base model has 1.13.
+        (HEALTHY | {"saved_val_loss": 1.17}, {"val_loss_vs_base": "fail"}),
+        (HEALTHY | {"final_loss": math.nan}, {"training_losses_finite": "fail"}),
+        (HEALTHY | {"final_loss": "Infinity"}, {"training_losses_finite": "fail"}),
+        (HEALTHY | {"base_val_loss": None, "saved_val_loss": None}, {"val_loss_vs_base": "fail"}),  # no held-out set
+        (HEALTHY | {"base_val_loss": 0.0}, {"val_loss_vs_base": "fail"}),
+        (None, {"training_losses_finite": "fail", "val_loss_vs_base": "fail"}),  # no training record at all
+    ],
+)
+def test_training_health_is_a_gate_input(tmp_path, record, failing):
+    """gate.max_val_loss_ratio: the model folder's training record (bound to the model: it is one of its
+    files) must show finite losses and held-out loss no worse than the base model's, times the ratio."""
+    prompts = write_prompts(tmp_path / "prompts.csv", 12)
+    model = make_model(tmp_path / "model")
+    if record is not None:
+        (model / "easel_train.json").write_text(json.dumps(record))
+    write_evaluation(tmp_path / "eval", model, prompts, bootstrap=BOOTSTRAP)
+    params = EvaluateParams(
+        out_dir=str(tmp_path / "eval"), prompts=str(prompts), seeds=[0, 1], bootstrap={"resamples": 2000}
+    )
+    e = SimpleNamespace(dir=tmp_path / "eval", model=model, params=params)
+    result = decide(e, gate=sdxl_gate_params(max_val_loss_ratio=1.02))
+    assert not_passing(result) == failing
+    assert result.verdict == ("reject" if failing else "promote")
+    if record is HEALTHY:
+        assert "held-out loss 0.87 against the base model's 1.13" in note(result, "val_loss_vs_base")
+    assert "val_loss_vs_base" not in {r.rule for r in decide(e).rules}  # off unless the ratio is set

@@ -357,6 +357,10 @@ def test_validation_keeps_the_best_and_ema_changes_the_saved_weights(tmp_path, t
     assert len(val) == 3 and metrics["best_val_loss"] == pytest.approx(val["loss"].min())
     card = json.loads((tmp_path / "v" / "train" / "model" / "easel_train.json").read_text())
     assert card["validation_images"] == 2 and card["images"] == 4
+    # The base model's held-out loss (before any step), for the gate; the saved weights' is the best one.
+    assert math.isfinite(card["base_val_loss"]) and card["base_val_loss"] != card["best_val_loss"]
+    assert card["saved_val_loss"] == card["best_val_loss"] and card["final_val_loss"] == val["loss"].iloc[-1]
+    assert metrics["base_val_loss"] == card["base_val_loss"]
     (run_dir,) = (tmp_path / "v" / "ckpt").iterdir()
     assert json.loads((run_dir / "best" / "best.json").read_text())["step"] == metrics["best_step"]
     # one best file is left: the others were removed as better ones came
@@ -393,6 +397,8 @@ def test_a_resumed_run_saves_the_best_weights_found_before_the_crash(tmp_path, t
         train_params(tmp_path / "b", resume_from_checkpoint="latest", **common), models, captions, progress=False
     )
     assert resumed.best_val_loss == pytest.approx(straight.best_val_loss)
+    resumed_card = json.loads((tmp_path / "b" / "train" / "model" / "easel_train.json").read_text())
+    assert resumed_card["base_val_loss"] == card["base_val_loss"]  # kept in the checkpoint, not measured again
     a, b = unet_weights(tmp_path / "a" / "train" / "model"), unet_weights(tmp_path / "b" / "train" / "model")
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5  # the best weights, not the last ones
 
@@ -511,3 +517,4 @@ def test_image_sizes_drive_the_buckets_used(tmp_path, tiny_models):
     used = trainer._bucket_of(trainer.train_items)
     assert len(set(used)) >= 3  # portrait, landscape and square images train in their own shapes
     assert np.all([w % 16 == 0 and h % 16 == 0 for w, h in used])
+

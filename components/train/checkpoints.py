@@ -58,15 +58,26 @@ class TrainState:
         self.step = 0
         self.best_val_loss = math.inf
         self.best_step: int | None = None
+        # The held-out loss of the U-Net before any step (the base model's), and at the last validation.
+        self.base_val_loss: float | None = None
+        self.last_val_loss: float | None = None
         self.generator = torch.Generator().manual_seed(seed)
 
     def state_dict(self) -> dict:
-        return {"step": self.step, "best_val_loss": self.best_val_loss, "best_step": self.best_step}
+        return {
+            "step": self.step,
+            "best_val_loss": self.best_val_loss,
+            "best_step": self.best_step,
+            "base_val_loss": self.base_val_loss,
+            "last_val_loss": self.last_val_loss,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.step = int(state["step"])
         self.best_val_loss = float(state["best_val_loss"])
         self.best_step = state["best_step"]
+        self.base_val_loss = state.get("base_val_loss")  # absent from checkpoints written before it existed
+        self.last_val_loss = state.get("last_val_loss")
 
 
 def generator_path(checkpoint: Path, rank: int) -> Path:

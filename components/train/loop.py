@@ -426,6 +426,10 @@ class Trainer:
             log.info("resumed from %s at step %d", resume, self.state.step)
         elif p.resume_from_checkpoint == "latest":
             log.info("no checkpoint of this run in %s yet: starting from step 0", self.run_dir)
+        if val_loader is not None and self.state.step == 0:
+            # The base model's loss on the same held-out images, noise and timesteps: what the gate
+            # compares the trained weights' loss with (gate.max_val_loss_ratio).
+            self.state.base_val_loss = self.validation_loss(unet, val_loader, texts)
 
         live = None
         if plots_dir is not None and acc.is_main_process:
@@ -497,6 +501,7 @@ class Trainer:
                 ):
                     val = self.validation_loss(unet, val_loader, texts)
                     metrics["val/loss"] = val
+                    self.state.last_val_loss = val
                     if val < self.state.best_val_loss:
                         self.state.best_val_loss, self.state.best_step = val, step
                         if p.validation.keep_best:
@@ -563,6 +568,9 @@ class Trainer:
             "mean_loss_last_10": float(sum(losses[-10:]) / len(losses[-10:])) if losses else float("nan"),
             "best_val_loss": None if math.isinf(self.state.best_val_loss) else self.state.best_val_loss,
             "best_step": self.state.best_step,
+            # Held-out losses: the base model's, the last validation's, and that of the weights saved.
+            "base_val_loss": self.state.base_val_loss,
+            "final_val_loss": self.state.last_val_loss,
             "seconds": round(seconds, 2),
             "images_per_second": round(
                 steps_this_run * p.train_batch_size * p.gradient_accumulation_steps / max(seconds, 1e-9), 3
@@ -570,6 +578,7 @@ class Trainer:
             "peak_memory_mb": round(peak_memory_mb(self.device), 1),
         }
         keep_best = p.validation.keep_best and self.state.best_step is not None
+        summary["saved_val_loss"] = summary["best_val_loss"] if keep_best else summary["final_val_loss"]
         weights = None if keep_best else self._weights(unet, ema)
         if self.accelerator.is_main_process:
             from accelerate import init_empty_weights
@@ -610,6 +619,9 @@ class Trainer:
                         "final_loss": summary["final_loss"],
                         "best_val_loss": summary["best_val_loss"],
                         "best_step": summary["best_step"],
+                        "base_val_loss": summary["base_val_loss"],
+                        "final_val_loss": summary["final_val_loss"],
+                        "saved_val_loss": summary["saved_val_loss"],
                         "weights": "ema" if (p.ema.enabled and p.ema.use_for_save) else "raw",
                     },
                 )
