@@ -363,7 +363,8 @@ def cmd_registry(args) -> int:
     name = args.name or params.promote.model_name
     if args.action == "list":
         aliases: dict[str, list[str]] = {}
-        for alias_name, record in sorted(registry.aliases(name).items()):
+        records = sorted(registry.aliases(name).items())
+        for alias_name, record in records:
             aliases.setdefault(record["version"], []).append(alias_name)
         for manifest in registry.list_versions(name):
             tags = ", ".join(aliases.get(manifest["version"], []))
@@ -371,6 +372,11 @@ def cmd_registry(args) -> int:
                 f"{manifest['version']}  {manifest['created_at']}  {len(manifest['files'])} files"
                 + (f"  [{tags}]" if tags else "")
             )
+        # Every alias, checked: one pointing at a version that is gone or not whole is flagged.
+        for alias_name, record in records:
+            problems = registry.check_whole(name, record["version"])
+            state = "whole" if not problems else f"NOT WHOLE: {'; '.join(problems[:3])}"
+            print(f"{alias_name} -> {record['version']}  ({state})")
     elif args.action == "show":
         ref = args.ref or params.promote.alias
         record = registry.manifest(name, ref) or registry.alias(name, ref)
@@ -388,6 +394,17 @@ def cmd_registry(args) -> int:
     elif args.action == "rollback":
         record = registry.rollback(name, args.alias or params.promote.alias, args.ref)
         print(f"{name}@{record['alias']} rolled back to {record['version']} (was {record['history'][0]['version']})")
+    elif args.action == "verify":
+        ref = args.ref or params.promote.alias
+        record = None if registry.manifest(name, ref) else registry.alias(name, ref)
+        version = record["version"] if record else ref
+        problems = registry.verify(name, version)
+        if problems:
+            more = f" and {len(problems) - 5} more" if len(problems) > 5 else ""
+            raise EaselError(f"registry verify: {name}/{version} is not whole: {'; '.join(problems[:5])}{more}")
+        manifest = registry.manifest(name, version)
+        count = len(manifest["files"]) + len(manifest.get("extras", []))
+        print(f"{name}/{version}{f' ({ref})' if record else ''}: whole, {count} files read back and hashed")
     elif args.action == "is-current":
         from components.fsutil import model_fingerprint
 
@@ -509,11 +526,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("sample-source", cmd_sample_source, "Build, serve, or start/stop in the background the sample image site.")
     p.add_argument("action", choices=["build", "serve", "start", "stop"])
     p = add("registry", cmd_registry, "List, show, download, promote, roll back or clean models in the S3 registry.")
-    p.add_argument("action", choices=["list", "show", "download", "promote", "rollback", "gc", "is-current"])
+    p.add_argument("action", choices=["list", "show", "download", "promote", "rollback", "gc", "verify", "is-current"])
     p.add_argument(
         "ref",
         nargs="?",
-        help="version or alias (show, download); version (promote; rollback --to); a model folder (is-current: "
+        help="version or alias (show, download, verify: default the alias); version (promote; rollback --to); "
+        "a model folder (is-current: "
         f"exit 0 if the alias points at this model, {NOT_CURRENT_EXIT} if not; default: the train stage's model)",
     )
     p.add_argument("--alias", help="alias for promote/rollback (default: promote.alias)")

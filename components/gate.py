@@ -84,6 +84,7 @@ class GateInputs:
     production_version: str | None  # the alias's version now (None: nothing in production)
     training: object = None  # the model folder's training record (easel_train.json): any JSON value
     training_problem: str | None = None
+    production_problem: str | None = None  # why production's version is not whole (None: it is, or none)
 
 
 @dataclass
@@ -104,8 +105,10 @@ def gather_inputs(
     model_dir: Path,
     evaluate: EvaluateParams,
     production_version: str | None,
+    production_problem: str | None = None,
 ) -> GateInputs:
-    """Read and hash what the gate looks at; whatever cannot be read is recorded, never raised."""
+    """Read and hash what the gate looks at; whatever cannot be read is recorded, never raised.
+    `production_problem`: why the version in production is not whole (the registry checked it)."""
     from components.errors import EaselError
     from components.fsutil import model_fingerprint
     from components.prompts import load_prompt_set
@@ -149,6 +152,7 @@ def gather_inputs(
         list(evaluate.seeds),
         production_version,
         *read_json(model_dir / TRAINING_RECORD),
+        production_problem,
     )
 
 
@@ -245,6 +249,17 @@ def _production_binding(summary: object, current: str | None) -> RuleResult:
     return RuleResult(rule, evaluated or "none", "==", current or "none", PASS)
 
 
+def _production_whole(version: str | None, problem: str | None) -> RuleResult:
+    """What a candidate is compared with must exist: an alias pointing at a version that is gone or
+    lacks files is no production to be non-inferior to (fix the registry first: rollback, or verify)."""
+    rule = "production_is_whole"
+    if version is None:
+        return RuleResult(rule, "none in production", "==", "whole", PASS)
+    if problem:
+        return RuleResult(rule, version, "==", "whole", FAIL, f"production {version} is not whole: {problem}")
+    return RuleResult(rule, version, "==", "whole", PASS)
+
+
 def _bindings(inputs: GateInputs) -> list[RuleResult]:
     s = inputs.summary
     if inputs.summary_problem:
@@ -270,6 +285,7 @@ def _bindings(inputs: GateInputs) -> list[RuleResult]:
             inputs.prompt_problem,
         ),
         _production_binding(s, inputs.production_version),
+        _production_whole(inputs.production_version, inputs.production_problem),
         same(
             "evaluated_these_scores",
             text_at(s, "scores_sha256"),

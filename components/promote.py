@@ -53,7 +53,8 @@ def run_gate(
     """
     registry = open_registry(storage)
     alias = registry.alias(promote.model_name, promote.alias)
-    if alias and (model_dir / "model_index.json").is_file():
+    problems = registry.check_whole(promote.model_name, alias["version"]) if alias else []
+    if alias and not problems and (model_dir / "model_index.json").is_file():
         production = registry.manifest(promote.model_name, alias["version"]) or {}
         decision = unchanged_record(
             model_fingerprint(model_dir),
@@ -67,7 +68,12 @@ def run_gate(
             return decision
     eval_dir = Path(evaluate.out_dir)
     inputs = gather_inputs(
-        eval_dir / "summary.json", eval_dir / "scores.csv", model_dir, evaluate, alias["version"] if alias else None
+        eval_dir / "summary.json",
+        eval_dir / "scores.csv",
+        model_dir,
+        evaluate,
+        alias["version"] if alias else None,
+        "; ".join(problems[:3]) if problems else None,
     )
     result = judge(inputs, gate, evaluate.bootstrap)
     decision = decision_record(inputs, result, gate, promote.model_name, promote.alias)

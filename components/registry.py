@@ -12,6 +12,11 @@ object replaced in a single PUT after the version is complete, so it never point
 half-written model; earlier targets are kept in its history.
 The version id is derived from the content (the hash of the file manifest): promoting the same
 model twice reuses the version.
+
+Production is always whole: a publish holds a lease (versions/<version>/publishing.json, renewed as
+it goes) that garbage collection respects, and checks every object before it writes the manifest;
+an alias moves (promote, rollback, by hand) only to a version whose every file is there with its
+size and sha256; `check_whole` and `verify` say what a version lacks.
 """
 
 from __future__ import annotations
@@ -27,6 +32,8 @@ from components.fsutil import atomic_dir, dir_manifest, manifest_digest, sha256_
 from components.storage import S3Settings, storage_errors
 
 ALIAS_HISTORY = 20
+LEASE = "publishing.json"  # beside a version's files while a publish of it runs
+LEASE_S = 3600.0  # a lease not renewed for this long belongs to a publish that died
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +121,81 @@ class Registry:
                             versions.append(manifest)
         return sorted(versions, key=lambda m: m.get("created_at", ""))
 
+    def _object_problem(self, key: str, entry: dict) -> str | None:
+        """Why the object at `key` is not the manifest's entry (missing, another size or sha256); None if it is."""
+        from botocore.exceptions import ClientError
+
+        try:
+            head = self.client.head_object(Bucket=self.bucket, Key=key)
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                return f"{entry['path']}: missing"
+            raise
+        if head["ContentLength"] != entry["bytes"]:
+            return f"{entry['path']}: {head['ContentLength']} bytes, not {entry['bytes']}"
+        if head.get("Metadata", {}).get("sha256") != entry["sha256"]:
+            return f"{entry['path']}: not the sha256 its manifest names"
+        return None
+
+    def _entries(self, name: str, manifest: dict) -> list[tuple[str, dict]]:
+        """(key, manifest entry) of every object a complete version holds."""
+        base = self.version_prefix(name, manifest["version"])
+        files = [(f"{base}/files/{entry['path']}", entry) for entry in manifest.get("files", [])]
+        return files + [(f"{base}/{entry['path']}", entry) for entry in manifest.get("extras", [])]
+
+    def check_whole(self, name: str, version: str) -> list[str]:
+        """What keeps `version` from being whole: no manifest, or files missing, short or not the ones
+        listed (by size and the sha256 stored with each object). Empty: every file is there."""
+        manifest = self.manifest(name, version)
+        if manifest is None:
+            return [f"{version}: no manifest (the version does not exist or its publish never finished)"]
+        with storage_errors(self.settings, f"registry check {name}/{version}"):
+            problems = [self._object_problem(key, entry) for key, entry in self._entries(name, manifest)]
+        return [p for p in problems if p]
+
+    def verify(self, name: str, version: str) -> list[str]:
+        """check_whole, then every file read back and hashed: what the stored bytes are, not what their
+        metadata says. Empty: the version is whole."""
+        import hashlib
+
+        problems = self.check_whole(name, version)
+        if problems:
+            return problems
+        manifest = self.manifest(name, version)
+        with storage_errors(self.settings, f"registry verify {name}/{version}"):
+            for key, entry in self._entries(name, manifest):
+                digest = hashlib.sha256()
+                for chunk in self.client.get_object(Bucket=self.bucket, Key=key)["Body"].iter_chunks(1 << 20):
+                    digest.update(chunk)
+                if digest.hexdigest() != entry["sha256"]:
+                    problems.append(f"{entry['path']}: its bytes do not hash to the manifest's sha256")
+        return problems
+
+    def require_whole(self, name: str, version: str, purpose: str) -> None:
+        """Refuse (EaselError) a version that is not whole, naming what it lacks."""
+        problems = self.check_whole(name, version)
+        if problems:
+            more = f" and {len(problems) - 3} more" if len(problems) > 3 else ""
+            raise EaselError(
+                f"registry: {name}/{version} is not whole ({'; '.join(problems[:3])}{more}); refusing to {purpose}. "
+                f"`easel registry verify {version}` checks it; publish it again to repair it"
+            )
+
     # -- writing -------------------------------------------------------------------------------
+
+    def _lease(self, base: str) -> None:
+        """Hold (or renew) the publish lease of the version under `base`: gc leaves the version alone."""
+        expires = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=LEASE_S)
+        body = json.dumps({"expires_at": expires.isoformat(timespec="seconds")}).encode()
+        self.client.put_object(Bucket=self.bucket, Key=f"{base}/{LEASE}", Body=body, ContentType="application/json")
+
+    def _leased(self, base: str) -> bool:
+        """A publish of this version is running (its lease has not expired)."""
+        record = self._get_json(f"{base}/{LEASE}")
+        try:
+            return dt.datetime.fromisoformat(record["expires_at"]) > dt.datetime.now(dt.UTC)
+        except (TypeError, KeyError, ValueError):
+            return False
 
     def _already_there(self, key: str, sha256: str, size: int) -> bool:
         """An object from an earlier, interrupted publish that is already complete and verified."""
@@ -164,27 +245,36 @@ class Registry:
         Idempotent: an existing complete version with the same content is returned as is. A run
         killed part-way leaves no manifest, so the version does not exist until a retry finishes.
         """
+        import time
+
         files = dir_manifest(model_dir)
         if not files:
             raise EaselError(f"registry: {model_dir} holds no files to publish")
         version = "v-" + manifest_digest(files)[:16]
         existing = self.manifest(name, version)
-        if existing:
+        if existing and not self.check_whole(name, version):
             return existing
+        # (A manifest whose files went missing: published again, which puts them back.)
         base = self.version_prefix(name, version)
         with storage_errors(self.settings, f"registry publish {name}/{version}"):
-            for entry in files:
-                self._upload_verified(
-                    model_dir / entry["path"],
-                    f"{base}/files/{entry['path']}",
-                    entry["sha256"],
-                    entry["bytes"],
-                )
-            extra_entries = []
-            for rel, path in sorted(extras.items()):
-                entry = {"path": rel, "bytes": path.stat().st_size, "sha256": sha256_file(path)}
-                self._upload_verified(path, f"{base}/{rel}", entry["sha256"], entry["bytes"])
-                extra_entries.append(entry)
+            self._lease(base)  # before anything else: gc leaves this version's objects alone from now on
+            renewed = time.monotonic()
+            extra_entries = [
+                {"path": rel, "bytes": path.stat().st_size, "sha256": sha256_file(path)}
+                for rel, path in sorted(extras.items())
+            ]
+            uploads = [(model_dir / e["path"], f"{base}/files/{e['path']}", e) for e in files]
+            uploads += [(extras[e["path"]], f"{base}/{e['path']}", e) for e in extra_entries]
+            for path, key, entry in uploads:
+                if time.monotonic() - renewed > LEASE_S / 4:
+                    self._lease(base)
+                    renewed = time.monotonic()
+                self._upload_verified(path, key, entry["sha256"], entry["bytes"])
+            # Objects found already there (an earlier, interrupted publish) may have gone since: every
+            # one is checked again, and put back, before the manifest makes the version exist.
+            for path, key, entry in uploads:
+                if self._object_problem(key, entry):
+                    self._upload_verified(path, key, entry["sha256"], entry["bytes"])
             manifest = {
                 "name": name,
                 "version": version,
@@ -199,6 +289,7 @@ class Registry:
                 Body=json.dumps(manifest, indent=2).encode(),
                 ContentType="application/json",
             )
+            self.client.delete_object(Bucket=self.bucket, Key=f"{base}/{LEASE}")
         return manifest
 
     def set_alias(
@@ -219,6 +310,7 @@ class Registry:
 
         if self.manifest(name, version) is None:
             raise EaselError(f"registry: {name} has no complete version {version}; refusing to point {alias} at it")
+        self.require_whole(name, version, f"point {alias} at it")
         key = self.alias_key(name, alias)
         current, etag = self._get_json_etag(key)
         current = current or {"history": []}
@@ -316,6 +408,8 @@ class Registry:
                     by_version.setdefault(obj["Key"][len(prefix) :].split("/")[0], []).append(obj)
             for version, objects in sorted(by_version.items()):
                 manifest = self.manifest(name, version)
+                if manifest is None and self._leased(f"{prefix}{version}"):
+                    continue  # a publish of it is running: its objects are not orphans
                 if manifest is None:
                     keep: set[str] = set()
                 else:

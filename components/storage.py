@@ -15,6 +15,7 @@ import os
 import secrets
 import shutil
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,7 @@ from components.fsutil import atomic_write_bytes
 from components.procs import LoopbackService
 
 ENDPOINT_ENV = S3_ENDPOINT_ENV
+VOLUME_WAIT_S = 45.0  # how long a restarted embedded server may take to report its volumes
 DEFAULT_REGION = "us-east-1"
 
 
@@ -140,11 +142,38 @@ class EmbeddedS3(LoopbackService):
         args += ["-webdav=false", "-admin.ui=false", "-master.telemetry=false"]
         # weed mini creates its S3 identity from these variables; without them it runs with auth off.
         env = {**os.environ, "AWS_ACCESS_KEY_ID": access, "AWS_SECRET_ACCESS_KEY": secret}
+        self._launched_at = time.monotonic()
         self.launch(args, env, timeout_s)
         return True
 
     def ready(self) -> bool:
-        """A start waits until the server lists buckets with our credentials (listening is not enough)."""
+        """A start waits until the server lists buckets with our credentials (listening is not enough)
+        and, on a restart, until its volume server has reported every volume on disk to the master:
+        before that, reading a stored object answers InternalError."""
+        if not self._lists_buckets():
+            return False
+        on_disk = len(list(self.data_dir.glob("*.dat")))
+        # (A volume the master never counts would wait forever: after VOLUME_WAIT_S it is left to S3's errors.)
+        waited = time.monotonic() - getattr(self, "_launched_at", 0.0)
+        return on_disk == 0 or self._volumes_known() >= on_disk or waited > VOLUME_WAIT_S
+
+    def _volumes_known(self) -> int:
+        import urllib.request
+
+        try:
+            url = f"http://{self.host}:{_ports(self.port)['master.port']}/dir/status"
+            with urllib.request.urlopen(url, timeout=2) as resp:
+                topology = json.loads(resp.read()).get("Topology") or {}
+            return sum(
+                int(node.get("Volumes", 0))
+                for center in topology.get("DataCenters") or []
+                for rack in center.get("Racks") or []
+                for node in rack.get("DataNodes") or []
+            )
+        except (OSError, ValueError, TypeError, AttributeError):
+            return 0
+
+    def _lists_buckets(self) -> bool:
         try:
             client = make_client(self.settings(), retries=0)
             client.list_buckets()

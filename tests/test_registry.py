@@ -277,8 +277,9 @@ def test_registry_list_names_each_alias_once(project, s3_server, capsys, monkeyp
     (project["tmp"] / "params.yaml").write_text(yaml.safe_dump(params))
     monkeypatch.chdir(project["tmp"])
     assert main(["registry", "list"]) == 0
-    line = capsys.readouterr().out.strip()
-    assert line.startswith(version) and line.endswith("[production, staging]")
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0].startswith(version) and lines[0].endswith("[production, staging]")
+    assert lines[1:] == [f"production -> {version}  (whole)", f"staging -> {version}  (whole)"]
 
     assert main(["registry", "gc"]) == 0
     assert "would remove 0 orphan objects (0 bytes), 0 pending uploads (dry run" in capsys.readouterr().out
@@ -313,3 +314,117 @@ def test_the_model_fingerprint_is_the_model_not_its_folder(tmp_path, tiny_models
     data[-1] ^= 1
     weights.write_bytes(bytes(data))
     assert model_fingerprint(a) != model_fingerprint(c)
+
+
+# -- production is always whole ------------------------------------------------------------------
+
+
+def cli_in(project, monkeypatch):
+    """`easel` in a folder whose params name the project's bucket and model (what a user would run)."""
+    import yaml
+
+    from components.cli import main
+
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["storage"] = project["storage"].model_dump()
+    params["promote"]["model_name"] = "posters"
+    (project["tmp"] / "params.yaml").write_text(yaml.safe_dump(params))
+    monkeypatch.chdir(project["tmp"])
+    return main
+
+
+def delete_files(registry, version: str, count: int) -> list[str]:
+    base = registry.version_prefix("posters", version)
+    keys = [f"{base}/files/{e['path']}" for e in registry.manifest("posters", version)["files"]][:count]
+    for key in keys:
+        registry.client.delete_object(Bucket=registry.bucket, Key=key)
+    return keys
+
+
+def test_gc_racing_a_resumed_publish_leaves_a_whole_version(project, s3_server, monkeypatch):
+    """An interrupted publish left files (no manifest); `registry gc --apply` runs while the retry, finding
+    them there, goes on. gc spares the version (its publish holds a lease), and files that vanish anyway
+    (a gc that listed them before the lease was taken) are put back before the manifest is written."""
+    import components.registry as registry_module
+    from components.fsutil import dir_manifest, manifest_digest
+
+    registry = registry_of(project, s3_server)
+    model = make_model(project["tmp"] / "m", b"m" * 1000)
+    version = "v-" + manifest_digest(dir_manifest(model))[:16]
+    files = f"{registry.version_prefix('posters', version)}/files/"
+    original = registry_module.Registry._upload_verified
+
+    def killed_after_the_first_file(self, path, key, sha256, size):
+        if self.client.list_objects_v2(Bucket=self.bucket, Prefix=files).get("KeyCount", 0):
+            raise StorageUnavailable("the publish was killed")
+        return original(self, path, key, sha256, size)
+
+    # A publish killed long ago: its lease has run out, so what it left is garbage.
+    monkeypatch.setattr(registry_module, "LEASE_S", -1.0)
+    monkeypatch.setattr(registry_module.Registry, "_upload_verified", killed_after_the_first_file)
+    with pytest.raises(StorageUnavailable):
+        registry.publish("posters", model, {}, {})
+    assert len(registry.garbage("posters", older_than_s=0).objects) == 2  # the file it finished, and its lease
+    monkeypatch.setattr(registry_module, "LEASE_S", 3600.0)
+
+    seen = {}
+
+    def gc_while_publishing(self, path, key, sha256, size):
+        if not seen:
+            seen["gc"] = self.garbage("posters", older_than_s=0)  # the retry holds the lease now
+            self.collect("posters", seen["gc"])
+            for obj in self.client.list_objects_v2(Bucket=self.bucket, Prefix=files).get("Contents", []):
+                self.client.delete_object(Bucket=self.bucket, Key=obj["Key"])  # a gc that raced the lease
+        return original(self, path, key, sha256, size)
+
+    monkeypatch.setattr(registry_module.Registry, "_upload_verified", gc_while_publishing)
+    manifest = registry.publish("posters", model, {}, {})
+    assert seen["gc"].objects == [] and seen["gc"].uploads == []
+    assert manifest["version"] == version and registry.verify("posters", version) == []
+    assert registry.garbage("posters", older_than_s=0).objects == []  # the lease went with the publish
+
+
+def test_production_with_files_gone_is_flagged_and_never_moved_to(project, s3_server, monkeypatch, capsys):
+    first = promote_model(project, "one", b"one")["registry"]["version"]
+    second = promote_model(project, "two", b"two", production_version=first)["registry"]["version"]
+    registry = registry_of(project, s3_server)
+    main = cli_in(project, monkeypatch)
+
+    # Files of the earlier version vanish: nothing may point at it again.
+    (gone,) = delete_files(registry, first, 1)
+    assert registry.check_whole("posters", first) == [f"{gone.split('/files/')[1]}: missing"]
+    with pytest.raises(EaselError, match=rf"posters/{first} is not whole .*missing.*refusing to point production"):
+        registry.rollback("posters", "production")
+    with pytest.raises(EaselError, match="is not whole"):
+        registry.set_alias("posters", "staging", first, "by hand")
+    assert registry.alias("posters", "production")["version"] == second
+    assert main(["registry", "verify", first]) == 2
+    assert f"posters/{first} is not whole" in capsys.readouterr().err
+    assert main(["registry", "verify"]) == 0  # production (the second) is whole
+    assert "whole, 4 files read back and hashed" in capsys.readouterr().out
+
+    # Now production itself loses a file: listed as not whole, and the gate will not compare with it.
+    delete_files(registry, second, 1)
+    assert main(["registry", "list"]) == 0
+    assert f"production -> {second}  (NOT WHOLE: " in capsys.readouterr().out
+    model, evaluate = evaluated_model(project, "three", b"three", production_version=second)
+    with pytest.raises(GateRejected, match="production_is_whole"):
+        run_promote(GATE, project["promote"], project["storage"], evaluate, model)
+    assert registry.alias("posters", "production")["version"] == second
+
+
+def test_a_dangling_production_alias_is_listed_and_rejects(project, s3_server, monkeypatch, capsys):
+    """The version production names was deleted, the alias kept: `registry list` shows it (it printed
+    nothing), and the gate does not promote against a production that is not there."""
+    version = promote_model(project, "one", b"one")["registry"]["version"]
+    registry = registry_of(project, s3_server)
+    base = registry.version_prefix("posters", version)
+    for obj in registry.client.list_objects_v2(Bucket=registry.bucket, Prefix=base).get("Contents", []):
+        registry.client.delete_object(Bucket=registry.bucket, Key=obj["Key"])
+    main = cli_in(project, monkeypatch)
+    assert main(["registry", "list"]) == 0
+    assert f"production -> {version}  (NOT WHOLE: {version}: no manifest" in capsys.readouterr().out
+    model, evaluate = evaluated_model(project, "two", b"two", production_version=version)
+    with pytest.raises(GateRejected, match="production_is_whole"):
+        run_promote(GATE, project["promote"], project["storage"], evaluate, model)
+    assert registry.alias("posters", "production")["version"] == version  # not moved
