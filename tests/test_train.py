@@ -517,4 +517,3 @@ def test_image_sizes_drive_the_buckets_used(tmp_path, tiny_models):
     used = trainer._bucket_of(trainer.train_items)
     assert len(set(used)) >= 3  # portrait, landscape and square images train in their own shapes
     assert np.all([w % 16 == 0 and h % 16 == 0 for w, h in used])
-
