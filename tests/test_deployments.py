@@ -149,7 +149,10 @@ def test_a_scheduled_run_fetches_the_code_and_records_results_anyone_can_pull(
     git(["fetch", "-q", "origin", result_branch], fresh)
     git(["checkout", "-q", "FETCH_HEAD"], fresh)
     assert (fresh / "data/promote/decision.json").is_file()  # the decision travels with the branch
-    results = run_workflow(fresh, workflow_env(fresh, s3_server))
+    try:
+        results = run_workflow(fresh, workflow_env(fresh, s3_server))
+    finally:  # the workflow's sample step leaves the sample site serving, as a runner's job would
+        subprocess.run([str(REPO / ".venv/bin/easel"), "sample-source", "stop"], cwd=fresh, capture_output=True)
     failed = {k: v.stdout[-800:] + v.stderr[-1500:] for k, v in results.items() if v.returncode}
     # The pull request's model is production itself, from the remote: no training, no evaluation,
     # nothing to decide on, and it passes.

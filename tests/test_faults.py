@@ -241,3 +241,75 @@ def test_an_unexpected_error_is_one_line_and_a_log_file(project, monkeypatch, ca
     monkeypatch.setenv("EASEL_TRACEBACK", "1")
     with pytest.raises(KeyError):
         cli.main(["config", "show"])
+
+
+# -- what a file says never runs, and a failed command writes nothing ------------------------------------
+
+
+def with_params(project: Path, name: str, change) -> str:
+    """A second params file in the project, changed by `change`; returns its name for --params."""
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    change(params)
+    (project / name).write_text(yaml.safe_dump(params, sort_keys=False))
+    return name
+
+
+def test_a_pickle_checkpoint_named_in_params_is_refused_when_params_load(project):
+    """A .ckpt runs code when it is loaded: refused by name before any model code is imported."""
+
+    def base_ckpt(params):
+        params["profiles"]["tiny"]["models"]["sdxl"] = "/models/merged-sdxl.ckpt"
+
+    def vae_pt(params):
+        params["models"]["vae"] = "/models/sdxl_vae.pt"
+
+    commands = [
+        ["--params", with_params(project, "ckpt.yaml", base_ckpt), "train"],
+        ["--params", with_params(project, "pt.yaml", vae_pt), "evaluate"],
+    ]
+    first, second = fail_each(project, commands, clean_env())
+    assert "profiles.tiny.models.sdxl: a pickle checkpoint, which can run code" in first, first
+    assert "models.vae: a pickle checkpoint" in second, second
+
+
+def test_a_broken_safetensors_file_is_named_in_one_line(project):
+    """Pickle bytes under a .safetensors name, a header that claims more than the file holds, an empty
+    file: exit 2 with the file named, not "unexpected error"."""
+    import pickle
+    import struct
+
+    broken = {
+        "pickled.safetensors": pickle.dumps({"model.diffusion_model.x": [0.0] * 8}),
+        "short.safetensors": struct.pack("<Q", 10_000) + b'{"a": 1}',
+        "empty.safetensors": b"",
+        "cut.safetensors": struct.pack("<Q", 64)
+        + b'{"t":{"dtype":"F32","shape":[1000],"data_offsets":[0,4000]}}'.ljust(64)
+        + b"\0" * 100,
+    }
+    commands = []
+    for name, content in broken.items():
+        (project / name).write_bytes(content)
+        sdxl = str(project / name)
+        config = str(project / ".easel/models/tiny/sdxl")
+
+        def point_at(params, sdxl=sdxl, config=config):
+            params["profiles"]["tiny"]["models"]["sdxl"] = sdxl
+            params["profiles"]["tiny"]["models"]["sdxl_config"] = config
+
+        commands.append(["--params", with_params(project, f"{name}.yaml", point_at), "train"])
+    for (name, _), line in zip(broken.items(), fail_each(project, commands, clean_env()), strict=True):
+        assert f"{name}: " in line and ("not a safetensors file" in line or "truncated" in line), line
+
+
+def test_a_reader_of_an_s3_server_never_started_writes_nothing(project, tmp_path):
+    """`easel gate` with the embedded server never started here: one line, and no credentials made."""
+    fresh = tmp_path / "never-started"
+
+    def elsewhere(params):
+        params["storage"]["embedded"] = {"port": free_port(), "data_dir": str(fresh)}
+
+    name = with_params(project, "fresh-s3.yaml", elsewhere)
+    for args in (["gate"], ["registry", "list"], ["promote"]):
+        line = assert_fails_cleanly(project, ["--params", name, *args], clean_env())
+        assert "has never been started" in line and "easel s3 start" in line, line
+    assert not fresh.exists()

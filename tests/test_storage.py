@@ -54,6 +54,11 @@ def test_start_reuses_a_running_server(s3_server):
 def test_embedded_is_used_without_endpoint_env(monkeypatch, tmp_path):
     monkeypatch.delenv("EASEL_S3_ENDPOINT", raising=False)
     storage = StorageParams(bucket="easel", embedded={"port": 8333, "data_dir": str(tmp_path / "s3")})
+    # A reader of a server never started here is told to start it, and nothing is written.
+    with pytest.raises(StorageUnavailable, match=r"has never been started .*easel s3 start"):
+        resolve_settings(storage)
+    assert not (tmp_path / "s3").exists()
+    EmbeddedS3.from_params(storage).credentials(create=True)  # what a start does first
     settings = resolve_settings(storage)
     assert settings.embedded and settings.endpoint_url == "http://127.0.0.1:8333"
     assert (tmp_path / "s3" / "credentials.json").stat().st_mode & 0o777 == 0o600
@@ -101,7 +106,9 @@ def test_a_hanging_endpoint_fails_within_its_bounded_wait(monkeypatch):
 def test_the_default_waits_bound_a_hanging_endpoint_to_30_seconds(monkeypatch, tmp_path):
     """No timing assert: the client's configuration is what bounds the wait (botocore enforces it)."""
     monkeypatch.delenv("EASEL_S3_ENDPOINT", raising=False)
-    settings = resolve_settings(StorageParams(bucket="easel", embedded={"data_dir": str(tmp_path)}))
+    storage = StorageParams(bucket="easel", embedded={"data_dir": str(tmp_path)})
+    EmbeddedS3.from_params(storage).credentials(create=True)
+    settings = resolve_settings(storage)
     config = make_client(settings).meta.config
     tries = config.retries["total_max_attempts"]
     assert config.connect_timeout and config.read_timeout
