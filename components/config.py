@@ -73,7 +73,7 @@ class ModelsParams(Section):
     # 150 / 225 with kohya's chunked encoding (components/prompt_encoding.py). Captions are checked against it.
     max_token_length: Literal[75, 150, 225] = 75
 
-    @field_validator("sdxl", "vae")
+    @field_validator("sdxl", "vae", "clip_pretrained")
     @classmethod
     def _no_pickle_checkpoints(cls, value: str | None) -> str | None:
         """Refused when params load, before anything is imported or read: a pickle runs code when loaded."""
@@ -83,6 +83,17 @@ class ModelsParams(Section):
                 ".safetensors first (or name a diffusers folder or hub id)"
             )
         return value
+
+    @model_validator(mode="after")
+    def _aesthetic_pickle_only_pinned(self) -> ModelsParams:
+        # LAION publishes the aesthetic MLP only as a .pth: read (weights-only) when its hash is pinned.
+        pickle = bool(self.aesthetic) and self.aesthetic.lower().split("?")[0].endswith(PICKLE_SUFFIXES)
+        if pickle and not self.aesthetic_sha256:
+            raise ValueError(
+                "models.aesthetic: a pickle file is read only when models.aesthetic_sha256 pins its content "
+                "(the published file's sha256); or convert it to .safetensors"
+            )
+        return self
 
     def require(self, *names: str) -> None:
         missing = [n for n in names if not getattr(self, n)]
@@ -180,6 +191,10 @@ class DownloadParams(Section):
     retries: int = Field(2, ge=0, le=10)
     max_redirects: int = Field(5, ge=0, le=20)
     max_bytes: int = Field(25_000_000, gt=0)
+    # One archive source file (zip, tar, shard): read for at most this long and this many bytes,
+    # local or remote, so a dripping server or a huge member cannot hold the stage.
+    archive_timeout_s: float = Field(3600.0, gt=0)
+    archive_max_bytes: int = Field(20_000_000_000, gt=0)
     verify_tls: bool = True
     allow_networks: list[str] = []
     robots_optout: list[str] = ["noai", "noimageai"]

@@ -25,8 +25,9 @@ import datetime as dt
 import json
 import logging
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
+from components.config import PICKLE_SUFFIXES
 from components.errors import EaselError
 from components.fsutil import atomic_dir, dir_manifest, manifest_digest, sha256_file
 from components.storage import S3Settings, storage_errors
@@ -40,6 +41,16 @@ log = logging.getLogger(__name__)
 
 class ConcurrentAliasUpdate(EaselError):
     """The alias moved between reading it and writing it."""
+
+
+def _refuse_unsafe_path(where: str, path: str) -> None:
+    """A version holds relative paths inside its folder, and no pickle (a file that runs code when a
+    library loads it): a model folder is published and fetched with safetensors weights only."""
+    parts = PurePosixPath(path).parts
+    if not parts or path.startswith("/") or "\\" in path or ".." in parts:
+        raise EaselError(f"{where}: file path {path!r} leaves the version's folder; refused")
+    if path.lower().endswith(PICKLE_SUFFIXES):
+        raise EaselError(f"{where}: {path} is a pickle file, which can run code when loaded; refused")
 
 
 def _now() -> str:
@@ -250,6 +261,8 @@ class Registry:
         files = dir_manifest(model_dir)
         if not files:
             raise EaselError(f"registry: {model_dir} holds no files to publish")
+        for entry in files:
+            _refuse_unsafe_path(f"registry: {model_dir}", entry["path"])
         version = "v-" + manifest_digest(files)[:16]
         existing = self.manifest(name, version)
         if existing and not self.check_whole(name, version):
@@ -379,6 +392,8 @@ class Registry:
             if manifest is None:
                 raise EaselError(f"registry: alias {version_or_alias} points at missing version {alias['version']}")
         base = self.version_prefix(name, manifest["version"])
+        for entry in manifest["files"]:  # what a manifest says is data: checked before anything is fetched
+            _refuse_unsafe_path(f"registry: {name}/{manifest['version']} manifest", entry["path"])
         with atomic_dir(dest) as tmp, storage_errors(self.settings, f"registry download {name}"):
             for entry in manifest["files"]:
                 target = tmp / entry["path"]

@@ -54,7 +54,9 @@ class ImageTextScorer:
         self.workers = workers
         self.clip, self.preprocess, self.tokenizer = load_open_clip(models, self.device)
         embed_dim = self._embed_dim()
-        self.aesthetic = load_aesthetic_mlp(aesthetic_weights_path(models), expected_input=embed_dim).to(self.device)
+        self.aesthetic = load_aesthetic_mlp(
+            aesthetic_weights_path(models), expected_input=embed_dim, sha256=models.aesthetic_sha256
+        ).to(self.device)
         self.model_name = models.clip_model + (f"/{models.clip_pretrained}" if models.clip_pretrained else "")
 
     def _embed_dim(self) -> int:

@@ -209,3 +209,23 @@ def self_signed_cert(folder: Path) -> tuple[Path, Path]:
     command = ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", *subject]
     subprocess.run([*command, "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
     return cert, key
+
+
+class _Payload:
+    """What an attacker plants: unpickling it makes the folder `ran` (a harmless, visible effect)."""
+
+    def __init__(self, ran: Path) -> None:
+        self.ran = str(ran)
+
+    def __reduce__(self):
+        import os
+
+        return (os.mkdir, (self.ran,))
+
+
+def pickle_payload(ran: Path) -> bytes:
+    """Pickle bytes that, if anything ever unpickles them (pickle.load, torch.load with
+    weights_only=False), create the folder `ran`."""
+    import pickle
+
+    return pickle.dumps({"state": _Payload(ran)})

@@ -4,10 +4,12 @@ bomb-sized members refused and reported."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import io
 import json
 import os
+import random
 import struct
 import subprocess
 import tarfile
@@ -267,6 +269,16 @@ class ArchiveHandler(SimpleHTTPRequestHandler):
             self.wfile.flush()
             time.sleep(0.5)  # the client reads the first half before the connection drops
             self.close_connection = True
+        elif self.path == "/drip.tar":  # a whole archive promised, then one byte at a time: each read is "in time"
+            body = Path(self.directory, "posters.tar").read_bytes()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            with contextlib.suppress(OSError):
+                for byte in body[:200]:
+                    self.wfile.write(bytes([byte]))
+                    self.wfile.flush()
+                    time.sleep(0.25)
         elif self.path == "/optout.tar":
             body = Path(self.directory, "posters.tar").read_bytes()
             self.send_response(200)
@@ -498,3 +510,75 @@ def test_archive_hosts_in_other_spellings_are_judged_like_image_hosts(tmp_path, 
         params(tmp_path, [{"name": "n", "path": f"http://{host}/posters.tar"}], allow_networks=[]), progress=False
     )
     assert manifest_of(tmp_path)["status"].tolist() == [status]
+
+
+# -- archives as untrusted streams (issue 23 item 3) ---------------------------------------------------
+
+
+def noisy_png(seed: int, side: int = 140) -> bytes:
+    """A PNG of noise (about 60 KB, incompressible): an image member whose data spans many blocks."""
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.frombytes("RGB", (side, side), random.Random(seed).randbytes(side * side * 3)).save(out, "PNG")
+    return out.getvalue()
+
+
+def test_archives_cut_or_lying_give_rows_not_crashes(tmp_path):
+    """Cut inside a member's data (tar and tar.gz) or inside a header; a corrupt sidecar; two members
+    with one name: every member read gets its own row, the archive a `truncated` row where it ends
+    early, and the stage finishes."""
+    members = [("a.png", noisy_png(1)), ("b.png", noisy_png(2)), ("c.png", noisy_png(3))]
+    with tarfile.open(tmp_path / "whole.tar", "w") as tar:
+        for name, data in members:
+            _tar_add(tar, name, data)
+    whole = (tmp_path / "whole.tar").read_bytes()
+    second_header = 512 + (len(members[0][1]) + 511) // 512 * 512
+    (tmp_path / "in-member.tar").write_bytes(whole[: second_header + 512 + 20_000])  # inside b.png's data
+    (tmp_path / "in-header.tar").write_bytes(whole[: second_header + 100])  # inside b.png's header
+    import gzip
+
+    (tmp_path / "in-member.tar.gz").write_bytes(gzip.compress(whole)[: second_header + 30_000])
+
+    with zipfile.ZipFile(tmp_path / "sidecar.zip", "w", zipfile.ZIP_DEFLATED) as z:
+        z.writestr("p0.txt", "".join(random.Random(0).choices("abcdefghij klmnop", k=4000)))
+        z.writestr("p0.png", IMAGES["p0"])
+        z.writestr("p1.png", IMAGES["p1"])
+    damaged = bytearray((tmp_path / "sidecar.zip").read_bytes())
+    damaged[60:80] = b"\xff" * 20  # inside p0.txt's deflate data
+    (tmp_path / "sidecar.zip").write_bytes(bytes(damaged))
+
+    with tarfile.open(tmp_path / "twice.tar", "w") as tar:
+        _tar_add(tar, "dup.png", kind=tarfile.SYMTYPE, link="/etc/passwd")
+        _tar_add(tar, "dup.png", IMAGES["p0"])
+    names = ("in-member.tar", "in-header.tar", "in-member.tar.gz", "sidecar.zip", "twice.tar")
+    sources = [{"name": n.replace(".", "-"), "path": str(tmp_path / n)} for n in names]
+    run_download(params(tmp_path, sources), progress=False)
+    manifest = manifest_of(tmp_path)
+    status = manifest.groupby("source", sort=False)["status"].apply(list).to_dict()
+    assert status["in-member-tar"] == ["ok", "truncated"]
+    assert status["in-header-tar"] == ["ok", "truncated"]
+    assert status["in-member-tar-gz"][0] == "ok" and status["in-member-tar-gz"][-1] == "truncated"
+    sidecar = manifest[manifest["source"] == "sidecar-zip"].set_index("src_member")
+    assert sidecar.loc["p0.txt", "status"] == "read_error" and sidecar.loc["p1.png", "status"] == "ok"
+    twice = manifest[manifest["source"] == "twice-tar"]
+    assert twice["status"].tolist() == ["unsafe_member", "ok"] and twice["url"].is_unique
+
+
+def test_archive_streams_have_a_deadline_and_a_size_cap(tmp_path, site, archive_dir):
+    """A URL that drips a byte at a time (each read within read_timeout_s) stops at
+    archive_timeout_s; a remote zip larger than archive_max_bytes is not copied past it; a local
+    archive has the same deadline."""
+    sources = [{"name": "drip", "path": f"{site}/drip.tar"}, {"name": "zip", "path": f"{site}/posters.zip"}]
+    # The drip would send 200 bytes over 50 s and end (truncated); the deadline ends it first.
+    run_download(
+        params(tmp_path, sources, read_timeout_s=5, archive_timeout_s=1.5, archive_max_bytes=2_000), progress=False
+    )
+    manifest = manifest_of(tmp_path)
+    rows = manifest.set_index("source")
+    assert rows.loc["drip", "status"] == "timeout" and "download.archive_timeout_s" in rows.loc["drip", "error"]
+    assert rows.loc["zip", "status"] == "too_large" and "download.archive_max_bytes" in rows.loc["zip", "error"]
+    assert not (tmp_path / "out" / "tmp").exists()
+    local = [{"name": "local", "path": str(archive_dir / "posters.tar")}]
+    run_download(params(tmp_path / "l", local, archive_timeout_s=1e-9), progress=False)
+    assert manifest_of(tmp_path / "l")["status"].tolist()[-1] == "timeout"

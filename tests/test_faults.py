@@ -11,6 +11,7 @@ which would mean the case is not handled), and that every file under data/ is by
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import subprocess
 from pathlib import Path
@@ -313,3 +314,26 @@ def test_a_reader_of_an_s3_server_never_started_writes_nothing(project, tmp_path
         line = assert_fails_cleanly(project, ["--params", name, *args], clean_env())
         assert "has never been started" in line and "easel s3 start" in line, line
     assert not fresh.exists()
+
+
+def test_a_second_params_file_keeps_its_metrics_plots_and_logs_to_itself(project, monkeypatch, capsys):
+    """`--params other.yaml` with its own `reporting` folders: the stage's metrics go there, and the
+    project's data/ (its DVC-tracked metrics) is left as it was; a crash's log goes to its logs_dir."""
+    import components.cli as cli
+
+    def elsewhere(params):
+        params["reporting"] = {"metrics_dir": "runs/b/metrics", "plots_dir": "runs/b/plots", "logs_dir": "runs/b/logs"}
+        params["validate"]["out_dir"] = "runs/b/validate"
+
+    name = with_params(project, "b.yaml", elsewhere)
+    before = data_files(project)
+    proc = easel(project, ["--params", name, "validate"], clean_env())
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads((project / "runs/b/metrics/validate.json").read_text())["accepted"] >= 1
+    assert data_files(project) == before
+
+    monkeypatch.chdir(project)
+    monkeypatch.setattr(cli, "cmd_config", lambda args: {}["no such key"])
+    assert cli.main(["--params", name, "config", "show"]) == 1
+    line = capsys.readouterr().err.strip()
+    assert Path(line.split("traceback in ")[1].split(";")[0]).parent == Path("runs/b/logs")

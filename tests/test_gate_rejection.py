@@ -68,7 +68,7 @@ def fitted_aesthetic(scorer: ImageTextScorer, good: list, poor: list, out_path, 
                 layer.weight[0, 0] = 1.0  # pass the first unit through every later layer
         mlp.layers[0].weight[0] = torch.tensor(weights, dtype=torch.float32)
         mlp.layers[7].bias[0] = float(bias)
-    torch.save(mlp.state_dict(), out_path)
+    save_file(mlp.state_dict(), str(out_path))
 
 
 def images_of(model_dir, prompts: list[str], seeds: list[int], out_dir) -> list:
@@ -97,10 +97,10 @@ def test_a_damaged_candidate_is_rejected_by_non_inferiority(tmp_path, tiny_model
     models = ModelsParams(
         sdxl=str(production),
         clip_model=f"local-dir:{tiny_models / 'open_clip'}",
-        aesthetic=str(tiny_models / "aesthetic/aesthetic_mlp.pth"),
+        aesthetic=str(tiny_models / "aesthetic/aesthetic_mlp.safetensors"),
     )
     scorer = ImageTextScorer(models, workers=0)
-    fitted = tmp_path / "fitted_aesthetic.pth"
+    fitted = tmp_path / "fitted_aesthetic.safetensors"
     fitted_aesthetic(
         scorer,
         images_of(production, held_out, [100, 101], tmp_path / "fit" / "good"),

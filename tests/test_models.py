@@ -1,13 +1,18 @@
 """The tiny offline models load through the same code as the real ones."""
 
+import os
+
 import open_clip
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from components.config import ModelsParams
 from components.errors import EaselError
+from components.fsutil import sha256_file
 from components.models.aesthetic import AestheticMLP, load_aesthetic_mlp
 from components.models.loaders import load_blip, load_open_clip, load_sdxl_parts, load_sdxl_pipeline, resolve_ref
+from tests.helpers import pickle_payload
 
 
 def tiny_params(root) -> ModelsParams:
@@ -15,7 +20,7 @@ def tiny_params(root) -> ModelsParams:
         sdxl=str(root / "sdxl"),
         blip=str(root / "blip"),
         clip_model=f"local-dir:{root / 'open_clip'}",
-        aesthetic=str(root / "aesthetic" / "aesthetic_mlp.pth"),
+        aesthetic=str(root / "aesthetic" / "aesthetic_mlp.safetensors"),
     )
 
 
@@ -58,28 +63,83 @@ def test_sdxl_parts_and_blip_and_clip_load(tiny_models):
 
 
 def test_aesthetic_loader_checks_width_and_architecture(tiny_models, tmp_path):
-    path = tiny_models / "aesthetic" / "aesthetic_mlp.pth"
+    path = tiny_models / "aesthetic" / "aesthetic_mlp.safetensors"
     assert isinstance(load_aesthetic_mlp(path, expected_input=32), AestheticMLP)
     with pytest.raises(EaselError, match="expect 32-d CLIP embeddings but the CLIP model gives 768-d"):
         load_aesthetic_mlp(path, expected_input=768)
-    state = torch.load(path, weights_only=True)
+    state = load_file(str(path))
     state["layers.2.weight"] = torch.zeros(64, 1024)
-    torch.save(state, tmp_path / "wrong.pth")
+    save_file(state, str(tmp_path / "wrong.safetensors"))
     with pytest.raises(EaselError, match="architecture mismatch"):
-        load_aesthetic_mlp(tmp_path / "wrong.pth")
+        load_aesthetic_mlp(tmp_path / "wrong.safetensors")
+    # LAION's own format, a .pth, is read when its hash is pinned.
+    torch.save(load_file(str(path)), tmp_path / "laion.pth")
+    pinned = sha256_file(tmp_path / "laion.pth")
+    assert isinstance(load_aesthetic_mlp(tmp_path / "laion.pth", 32, sha256=pinned), AestheticMLP)
+    with pytest.raises(EaselError, match=r"read only when models\.aesthetic_sha256 pins"):
+        load_aesthetic_mlp(tmp_path / "laion.pth", 32)
 
 
 def test_pickled_code_is_refused(tmp_path):
+    ran = tmp_path / "payload-ran"
+
     class Evil:
         def __reduce__(self):
-            return (print, ("pwned",))
+            return (os.mkdir, (str(ran),))
 
     torch.save({"layers.0.weight": Evil()}, tmp_path / "evil.pth")
+    with pytest.raises(EaselError, match="pickle file is read only when"):
+        load_aesthetic_mlp(tmp_path / "evil.pth")  # not pinned: never opened
+    pinned = sha256_file(tmp_path / "evil.pth")  # even pinned, the weights-only loader refuses the call
     with pytest.raises(EaselError, match="cannot be loaded safely"):
-        load_aesthetic_mlp(tmp_path / "evil.pth")
+        load_aesthetic_mlp(tmp_path / "evil.pth", sha256=pinned)
+    assert not ran.exists()
+    with pytest.raises(ValueError, match=r"a pickle file is read only when models\.aesthetic_sha256"):
+        ModelsParams(aesthetic="https://example.com/sac+logos+ava1-l14-linearMSE.pth")
 
 
 def test_bad_model_reference_is_named():
     with pytest.raises(EaselError, match=r"models\.sdxl: './nowhere/sdxl' is neither an existing path nor a hub id"):
         resolve_ref("./nowhere/sdxl", "sdxl")
     assert resolve_ref("stabilityai/stable-diffusion-xl-base-1.0", "sdxl") == "stabilityai/stable-diffusion-xl-base-1.0"
+
+
+# Each model folder's weights file, and the pickle a library would fall back to beside it.
+PICKLE_FALLBACKS = {
+    "sdxl/unet": ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin"),
+    "sdxl/text_encoder": ("model.safetensors", "pytorch_model.bin"),
+    "sdxl/vae": ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin"),
+    "blip": ("model.safetensors", "pytorch_model.bin"),
+    "tagger": ("model.safetensors", "pytorch_model.bin"),
+    "open_clip": ("open_clip_model.safetensors", "open_clip_pytorch_model.bin"),
+}
+
+
+@pytest.mark.parametrize("part", list(PICKLE_FALLBACKS))
+def test_a_model_folder_with_only_pickle_weights_is_refused(tiny_models, tmp_path, part):
+    """A model folder (a download, a hub cache, a registry version once fetched) whose safetensors
+    file was swapped for a pickle: the loader refuses it, by name, and the pickle never runs."""
+    import shutil
+
+    from components.caption.tagger import WDTagger
+    from components.config import TaggerParams
+
+    root = tmp_path / "models"
+    shutil.copytree(tiny_models, root)
+    safe, pickled = PICKLE_FALLBACKS[part]
+    (root / part / safe).unlink()
+    ran = tmp_path / "payload-ran"
+    (root / part / pickled).write_bytes(pickle_payload(ran))
+    params = tiny_params(root).model_copy(update={"tagger": str(root / "tagger")})
+    load = {
+        "sdxl": lambda: load_sdxl_parts(params),
+        "blip": lambda: load_blip(params),
+        "tagger": lambda: WDTagger(params, TaggerParams(), torch.float32, torch.device("cpu"))._load(),
+        "open_clip": lambda: load_open_clip(params, torch.device("cpu")),
+    }[part.split("/")[0]]
+    with pytest.raises(EaselError, match=r"cannot load models\.|has no .*safetensors"):
+        load()
+    if part.startswith("sdxl"):  # the pipeline the evaluation loads, too
+        with pytest.raises(EaselError, match=r"cannot load models\."):
+            load_sdxl_pipeline(str(root / "sdxl"), params)
+    assert not ran.exists()

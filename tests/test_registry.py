@@ -14,7 +14,7 @@ from components.promote import run_gate, run_promote
 from components.registry import ConcurrentAliasUpdate, Registry
 from components.storage import EmbeddedS3, StorageUnavailable, make_client
 from tests.conftest import REPO, free_port_block
-from tests.helpers import make_model, sdxl_gate_params, write_evaluation, write_prompts
+from tests.helpers import make_model, pickle_payload, sdxl_gate_params, write_evaluation, write_prompts
 
 GATE = sdxl_gate_params()
 BOOTSTRAP = (0.95, 2000, 0)
@@ -130,6 +130,30 @@ def test_download_verifies_and_refuses_a_corrupted_file(registry, tmp_path):
     with pytest.raises(EaselError, match=r"unet/diffusion_pytorch_model\.safetensors does not match"):
         registry.download("posters", version, tmp_path / "out2")
     assert not (tmp_path / "out2").exists()  # nothing half-downloaded is left
+
+
+def test_a_version_holds_no_pickle_and_no_path_outside_its_folder(registry, tmp_path):
+    """Publishing a folder with a pickle is refused; a manifest (written by whoever can write the
+    bucket) that lists a pickle or a path out of the folder is refused before anything is fetched."""
+    ran = tmp_path / "payload-ran"
+    model = make_model(tmp_path / "m")
+    (model / "unet" / "diffusion_pytorch_model.bin").write_bytes(pickle_payload(ran))
+    with pytest.raises(EaselError, match=r"unet/diffusion_pytorch_model\.bin is a pickle file"):
+        registry.publish("posters", model, {}, {})
+    (model / "unet" / "diffusion_pytorch_model.bin").unlink()
+    manifest = registry.publish("posters", model, {}, {})
+    key = f"{registry.version_prefix('posters', manifest['version'])}/manifest.json"
+    for planted, refused in (
+        ("text_encoder/pytorch_model.bin", "is a pickle file"),
+        ("../../escaped.safetensors", "leaves the version's folder"),
+        ("/etc/cron.d/evil", "leaves the version's folder"),
+    ):
+        entry = {"path": planted, "bytes": 1, "sha256": "0" * 64}
+        tampered = manifest | {"files": [*manifest["files"], entry]}
+        registry.client.put_object(Bucket=registry.bucket, Key=key, Body=json.dumps(tampered).encode())
+        with pytest.raises(EaselError, match=refused):
+            registry.download("posters", manifest["version"], tmp_path / "out" / "model")
+    assert not (tmp_path / "out").exists() and not ran.exists()
 
 
 def test_two_promotes_at_once_one_wins_and_the_alias_is_never_torn(registry, tmp_path):

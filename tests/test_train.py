@@ -26,7 +26,7 @@ from components.train.data import (
 )
 from components.train.optim import build_lr_scheduler, build_optimizer
 from components.train.sdxl import min_snr_weights, offset_noise, time_ids
-from tests.helpers import encode, make_caption_dir, noise
+from tests.helpers import encode, make_caption_dir, noise, pickle_payload
 from tests.test_models import tiny_params
 
 UNET = "unet/diffusion_pytorch_model.safetensors"
@@ -282,6 +282,53 @@ def test_resume_is_exact(tmp_path, tiny_models, monkeypatch):
     assert curve_b["loss"].tolist() == pytest.approx(curve_a["loss"].tolist(), rel=1e-4)
 
 
+# Every name a pickle goes by in accelerate's save_state folders and Easel's older checkpoints.
+PLANTED = (
+    "custom_checkpoint_0.pkl",
+    "custom_checkpoint_1.pkl",
+    "random_states_0.pkl",
+    "optimizer.bin",
+    "scheduler.bin",
+    "pytorch_model.bin",
+    "scaler.pt",
+    "easel_generator_0.pt",
+)
+
+
+def test_a_checkpoint_never_runs_what_its_files_say(tmp_path, tiny_models):
+    """A checkpoint is data only (JSON and safetensors). Pickles planted under every name accelerate
+    and older Easel used are never opened; a folder in accelerate's format, or another run's
+    checkpoint, is refused in one line naming why; the planted code never runs."""
+    captions, models = captioned_set(tmp_path), tiny_params(tiny_models)
+    common = dict(checkpoint_every=2, ema={"enabled": True, "decay": 0.9})
+    run_train(train_params(tmp_path / "a", max_train_steps=2, **common), models, captions, progress=False)
+    (run_dir,) = (tmp_path / "a" / "ckpt").iterdir()
+    checkpoint = run_dir / "step-00000002"
+    assert {p.suffix for p in checkpoint.iterdir()} == {".json", ".safetensors"}
+    ran = tmp_path / "payload-ran"
+    for name in PLANTED:
+        (checkpoint / name).write_bytes(pickle_payload(ran))
+    resumed = train_params(tmp_path / "a", max_train_steps=4, resume_from_checkpoint="latest", **common)
+    assert run_train(resumed, models, captions, progress=False).steps == 4
+
+    accelerate_folder = tmp_path / "shared-disk" / "checkpoint"  # the issue's crafted folder
+    accelerate_folder.mkdir(parents=True)
+    (accelerate_folder / "easel_checkpoint.json").write_text(json.dumps({"step": 2, "run": run_dir.name}))
+    for name in PLANTED:
+        (accelerate_folder / name).write_bytes(pickle_payload(ran))
+    crafted = train_params(tmp_path / "a", max_train_steps=6, resume_from_checkpoint=str(accelerate_folder), **common)
+    with pytest.raises(EaselError, match="older Easel checkpoint in accelerate's pickle files, which are not read"):
+        run_train(crafted, models, captions, progress=False)
+
+    other = train_params(
+        tmp_path / "c", learning_rate=3e-4, max_train_steps=6, resume_from_checkpoint=str(checkpoint), **common
+    )
+    refused = rf"belongs to run {run_dir.name}, not this run .*differs: train\.learning_rate$"
+    with pytest.raises(EaselError, match=refused):
+        run_train(other, models, captions, progress=False)
+    assert not ran.exists()
+
+
 def test_checkpoints_rotate(tmp_path, tiny_models):
     captions = captioned_set(tmp_path)
     run_train(
@@ -517,3 +564,29 @@ def test_image_sizes_drive_the_buckets_used(tmp_path, tiny_models):
     used = trainer._bucket_of(trainer.train_items)
     assert len(set(used)) >= 3  # portrait, landscape and square images train in their own shapes
     assert np.all([w % 16 == 0 and h % 16 == 0 for w, h in used])
+
+
+@pytest.mark.parametrize("schedule", ["constant_with_warmup", "cosine", "polynomial"])
+def test_a_fused_backward_run_resumes_on_its_schedule(tmp_path, tiny_models, monkeypatch, schedule):
+    """The fused pass steps parameters from hooks that read the optimizer's param groups; a resume
+    replaces those groups. Resumed at step 2 of a 4-step warm-up, the run must go on at the
+    scheduled learning rates (not 0) and end with the uninterrupted run's weights."""
+    captions, models = captioned_set(tmp_path), tiny_params(tiny_models)
+    common = dict(
+        max_train_steps=6,
+        optimizer="adamw",
+        fused_backward_pass=True,
+        max_grad_norm=None,
+        lr_scheduler=schedule,
+        lr_warmup_steps=4,
+        checkpoint_every=2,
+        log_every_n_steps=1,
+    )
+    run_train(train_params(tmp_path / "a", **common), models, captions, progress=False)
+    crash_at_training_loss(monkeypatch, 3)
+    with pytest.raises(RuntimeError, match="power cut"):
+        run_train(train_params(tmp_path / "b", **common), models, captions, progress=False)
+    monkeypatch.undo()
+    run_train(train_params(tmp_path / "b", resume_from_checkpoint="latest", **common), models, captions, progress=False)
+    a, b = unet_weights(tmp_path / "a" / "train" / "model"), unet_weights(tmp_path / "b" / "train" / "model")
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -77,8 +77,10 @@ def test_ddp_and_multinode_configs_train_the_same_and_resume_exactly(tmp_path, t
     launched(launch("ddp_8gpu.yaml", tmp_path / "b1.json", ddp, **spec("b", max_train_steps=3), plots=tmp_path / "pb"))
     (run_dir,) = (tmp_path / "b" / "ckpt").iterdir()
     checkpoint = run_dir / "step-00000003"
-    assert {p.name for p in checkpoint.glob("easel_generator_*.pt")} == {"easel_generator_0.pt", "easel_generator_1.pt"}
-    assert {p.name for p in checkpoint.glob("random_states_*.pkl")} == {"random_states_0.pkl", "random_states_1.pkl"}
+    # Each process's random states, and nothing a loader would unpickle.
+    rng_files = {f"rng_{rank}.{kind}" for rank in (0, 1) for kind in ("json", "safetensors")}
+    assert {p.name for p in checkpoint.glob("rng_*")} == rng_files
+    assert not [p for p in checkpoint.iterdir() if p.suffix in (".pkl", ".bin", ".pt", ".pth", ".ckpt")]
     second = spec("b", max_train_steps=6, resume_from_checkpoint="latest")
     launched(launch("ddp_8gpu.yaml", tmp_path / "b2.json", ddp, **second, plots=tmp_path / "pb"))
     # Two nodes of one process each, meeting on this machine.

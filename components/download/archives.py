@@ -27,8 +27,15 @@ Nothing in an archive is trusted:
 - by URL, the host is checked as for every download (private addresses refused at connect time,
   TLS verified, redirects re-checked, `X-Robots-Tag` opt-outs honoured).
 
+Every archive is read as an untrusted stream: at most `download.archive_max_bytes` bytes and for at
+most `download.archive_timeout_s` seconds in all (a server that drips a byte per read timeout, or a
+local tar.gz with a huge member to skip, ends as `timeout`), and a remote zip is not copied past that
+size. A member that cannot be read (a damaged sidecar too) gets its own `read_error` row and the next
+member is read; two members with one name get a row each (the second's URL ends `#2`).
+
 An archive that cannot be read at all is one row with its outcome (`http_404`, `not_archive`,
-`truncated`, ...); rows already read from a truncated archive are kept before it.
+`truncated`, ...); rows already read from a truncated archive are kept before it, and a tar cut
+inside a member's data or a header is `truncated` too.
 A finished archive is indexed in out_dir/archives/: a rerun reuses the index while the archive is
 unchanged (size and mtime of a file; ETag or Last-Modified and size of an S3 object or URL) and its
 images are in the store, and reads nothing.
@@ -50,6 +57,7 @@ import stat
 import tarfile
 import tempfile
 import threading
+import time
 import zipfile
 import zlib
 from collections.abc import Callable, Iterator
@@ -238,19 +246,28 @@ class Member:
 
 
 def tar_members(stream: BinaryIO) -> Iterator[Member]:
-    """The members of a tar (gzip, bzip2 or xz compressed or not) read as a stream, in order."""
+    """The members of a tar (gzip, bzip2 or xz compressed or not) read as a stream, in order. A tar
+    that ends inside a header raises EOFError (tarfile itself takes that for the end of the archive)."""
     with tarfile.open(fileobj=stream, mode="r|*") as tar:
-        for info in tar:
-            if info.isreg():
-                kind = "file"
-            elif info.isdir():
-                kind = "dir"
-            elif info.issym() or info.islnk():
-                kind = "link"
-            else:
-                kind = "special"
-            # Read before the next member: a stream cannot go back.
-            yield Member(info.name, kind, info.size, (lambda info=info: tar.extractfile(info)))
+        yield from _tar_infos(tar)
+        # tarfile stops at the first header it cannot read whole; a whole end-of-archive block is 512 bytes.
+        short = tar.fileobj.tell() - tar.offset
+        if 0 < short < tarfile.BLOCKSIZE:
+            raise EOFError(f"the archive ends inside a member header ({short} of {tarfile.BLOCKSIZE} bytes)")
+
+
+def _tar_infos(tar: tarfile.TarFile) -> Iterator[Member]:
+    for info in tar:
+        if info.isreg():
+            kind = "file"
+        elif info.isdir():
+            kind = "dir"
+        elif info.issym() or info.islnk():
+            kind = "link"
+        else:
+            kind = "special"
+        # Read before the next member: a stream cannot go back.
+        yield Member(info.name, kind, info.size, (lambda info=info: tar.extractfile(info)))
 
 
 def zip_members(archive: zipfile.ZipFile) -> Iterator[Member]:
@@ -292,6 +309,47 @@ class _LoopThread:
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join()
         self.loop.close()
+
+
+class _Bounded(io.RawIOBase):
+    """An archive stream read within a total deadline and byte budget (the read timeout of a socket
+    restarts with every byte; this does not). Seeks pass through, for a local zip."""
+
+    def __init__(self, raw: BinaryIO, settings: FetchSettings) -> None:
+        self.raw = raw
+        self.settings = settings
+        self.deadline = time.monotonic() + settings.archive_timeout_s
+        self.count = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return bool(getattr(self.raw, "seekable", lambda: False)())  # an S3 body may not say
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        return self.raw.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self.raw.tell()
+
+    def readinto(self, buffer) -> int:
+        if time.monotonic() > self.deadline:
+            raise ArchiveUnavailable(
+                "timeout", f"not read within download.archive_timeout_s = {self.settings.archive_timeout_s:g} s"
+            )
+        data = self.raw.read(len(buffer))
+        self.count += len(data)
+        if self.count > self.settings.archive_max_bytes:
+            raise ArchiveUnavailable(
+                "too_large", f"more than download.archive_max_bytes = {self.settings.archive_max_bytes} bytes"
+            )
+        buffer[: len(data)] = data
+        return len(data)
+
+
+def bounded(stream: BinaryIO, settings: FetchSettings) -> BinaryIO:
+    return io.BufferedReader(_Bounded(stream, settings), 1 << 20)
 
 
 class _BodyReader(io.RawIOBase):
@@ -380,7 +438,7 @@ def open_url(url: str, settings: FetchSettings) -> Iterator[Opened]:
             identity = headers.get("ETag") or headers.get("Last-Modified")
             identity = f"{identity};{headers.get('Content-Length')}" if identity else None
             try:
-                yield Opened(io.BufferedReader(_BodyReader(runner, response.content), 1 << 20), identity)
+                yield Opened(_BodyReader(runner, response.content), identity)  # buffered by bounded()
             finally:
                 runner.run(_release(response))  # on the loop's own thread: aiohttp is not thread-safe
         finally:
@@ -447,13 +505,17 @@ def _failure_record(url: str, status: str, error: str) -> dict:
     return dict.fromkeys(RECORD_FIELDS) | {"url": url, "status": status, "error": error}
 
 
+# What one damaged, encrypted or oddly compressed zip member raises; the others can still be read.
+MEMBER_ERRORS = (zipfile.BadZipFile, zlib.error, RuntimeError, NotImplementedError)
+
+
 def _image_record(url: str, member: Member, store: ImageStore, max_bytes: int) -> dict:
     if member.size > max_bytes:
         return _failure_record(url, "too_large", f"member of {member.size} bytes > {max_bytes}")
     try:
         with member.open() as fh:
             data = read_at_most(fh, max_bytes + 1)
-    except (zipfile.BadZipFile, zlib.error, RuntimeError, NotImplementedError) as exc:
+    except MEMBER_ERRORS as exc:
         # A damaged, encrypted or oddly compressed zip member; the other members can still be read.
         return _failure_record(url, "read_error", f"{type(exc).__name__}: {exc}"[:300])
     if len(data) > max_bytes:
@@ -513,27 +575,39 @@ def ingest_members(
     """
     urls, names, records = [], [], []
     sidecars: dict[str, dict[str, bytes]] = {}
+    seen: dict[str, int] = {}
     failure = None
+
+    def add(member: Member, record: Callable[[str], dict]) -> None:
+        # A row per member, even where two share a name (the second's URL ends #2): a refused link
+        # never hides behind the file of the same name.
+        seen[member.name] = seen.get(member.name, 0) + 1
+        url = f"{archive}#{member.name}" + (f"#{seen[member.name]}" if seen[member.name] > 1 else "")
+        row = record(url)  # first: a read that fails part-way leaves no half row
+        urls.append(url)
+        names.append(member.name)
+        records.append(row)
+
     try:
         for member in members:
-            url = f"{archive}#{member.name}"
             if problem := _refusal(member):
-                urls.append(url)
-                names.append(member.name)
-                records.append(_failure_record(url, "unsafe_member", f"member {member.name!r} refused: {problem}"))
+                refused = f"member {member.name!r} refused: {problem}"
+                add(member, lambda url, refused=refused: _failure_record(url, "unsafe_member", refused))
             elif member.kind != "file":
                 continue
             elif _suffix(member.name) in IMAGE_SUFFIXES:
                 if pattern is not None and not fnmatch.fnmatchcase(member.name, pattern):
                     continue
-                urls.append(url)
-                names.append(member.name)
-                records.append(_image_record(url, member, store, max_bytes))
+                add(member, lambda url, member=member: _image_record(url, member, store, max_bytes))
             elif _suffix(member.name) in CAPTION_SUFFIXES and member.size <= MAX_SIDECAR_BYTES:
-                with member.open() as fh:
-                    sidecars.setdefault(_stem(member.name), {})[_suffix(member.name)] = read_at_most(
-                        fh, MAX_SIDECAR_BYTES
-                    )
+                try:
+                    with member.open() as fh:
+                        text = read_at_most(fh, MAX_SIDECAR_BYTES)
+                except MEMBER_ERRORS as exc:  # a damaged sidecar: its own row; the archive goes on
+                    broken = f"{type(exc).__name__}: {exc}"[:300]
+                    add(member, lambda url, broken=broken: _failure_record(url, "read_error", broken))
+                    continue
+                sidecars.setdefault(_stem(member.name), {})[_suffix(member.name)] = text
     except STREAM_ERRORS as exc:  # a stream that fails part-way is an outcome, not a crash
         failure = _archive_failure(exc, archive)
     rows = ArchiveRows(urls, [], records)
@@ -636,7 +710,8 @@ class ArchiveReader:
                 if cached is not None:
                     return cached
                 scratch = self.out_dir / "tmp"
-                rows = read_archive(opened, archive, store, self.settings.max_bytes, scratch, pattern)
+                stream = Opened(bounded(opened.stream, self.settings), opened.identity)
+                rows = read_archive(stream, archive, store, self.settings.max_bytes, scratch, pattern)
         except ArchiveUnavailable as exc:
             return ArchiveRows([archive], [{"archive": archive}], [_failure_record(archive, exc.status, str(exc))])
         complete = not (rows.urls and rows.urls[-1] == archive)  # no row for the archive itself: it was read whole

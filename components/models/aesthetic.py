@@ -48,15 +48,27 @@ def _expected_shapes(input_size: int) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def load_aesthetic_mlp(path: Path | str, expected_input: int | None = None) -> AestheticMLP:
-    """Load the MLP safely (`weights_only=True` or safetensors) and check every tensor's shape.
+def load_aesthetic_mlp(path: Path | str, expected_input: int | None = None, sha256: str | None = None) -> AestheticMLP:
+    """Load the MLP safely and check every tensor's shape.
 
+    A .safetensors file is read as is. A pickle (LAION's own .pth) is read only when `sha256` pins its
+    content, and then with torch's weights-only loader: no file can choose what runs.
     `expected_input` is the CLIP embedding width; a mismatch (e.g. ViT-B-32 weights with an
     L/14 predictor) is an error, not a silently wrong score.
     """
+    from components.fsutil import sha256_file
+
     path = Path(path)
     if not path.is_file():
         raise EaselError(f"aesthetic weights {path}: file not found")
+    if path.suffix != ".safetensors":
+        if not sha256:
+            raise EaselError(
+                f"aesthetic weights {path}: a pickle file is read only when models.aesthetic_sha256 pins its "
+                "content; pin the published file's sha256, or convert it to .safetensors"
+            )
+        if (got := sha256_file(path)) != sha256:
+            raise EaselError(f"aesthetic weights {path}: sha256 {got} is not the pinned {sha256}")
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file

@@ -398,9 +398,12 @@ def openai_clip_repo(sizes: SmallSizes, seed: int = 0) -> RepoFiles:
 
 
 def _laion_weights(sizes: SmallSizes, path: Path, seed: int = 0) -> str:
-    from components.models.tiny import build_tiny_aesthetic
+    from components.models.aesthetic import AestheticMLP
 
-    build_tiny_aesthetic(path, sizes.clip_embed_dim, seed)
+    torch.manual_seed(seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # LAION's own format: a plain state dict in a .pth (a pickle), read only because its sha256 is pinned.
+    torch.save(AestheticMLP(sizes.clip_embed_dim).state_dict(), path)
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 

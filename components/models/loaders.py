@@ -65,8 +65,23 @@ def resolve_ref(ref: str, what: str) -> str:
     return ref
 
 
+# Weights are read from safetensors only: a folder or hub snapshot with only pickle files
+# (pytorch_model.bin, diffusion_pytorch_model.bin) is refused by the loader instead of unpickled.
+SAFE_WEIGHTS: dict[str, Any] = {"use_safetensors": True}
+
+
+def require_safetensors(folder: str | Path, filename: str, what: str) -> None:
+    """A local model folder must hold its weights as `filename` (safetensors): libraries that fall
+    back to a pickle beside it (timm, open_clip) are not given the chance."""
+    if not (Path(folder) / filename).is_file():
+        raise EaselError(
+            f"models.{what}: {folder} has no {filename}; weights in pickle files (.bin, .pth) are not read, "
+            "convert them to safetensors"
+        )
+
+
 def hub_kwargs(models: ModelsParams) -> dict[str, Any]:
-    kwargs: dict[str, Any] = {}
+    kwargs: dict[str, Any] = dict(SAFE_WEIGHTS)
     if models.revision:
         kwargs["revision"] = models.revision
     if models.variant:
@@ -101,7 +116,7 @@ def load_vae(models: ModelsParams, dtype: torch.dtype = torch.float32):
             return AutoencoderKL.from_single_file(
                 ref, config=config, subfolder="vae", local_files_only=True, dtype=dtype
             )
-        return AutoencoderKL.from_pretrained(ref, dtype=dtype)
+        return AutoencoderKL.from_pretrained(ref, dtype=dtype, **SAFE_WEIGHTS)
     except (OSError, ValueError) as exc:
         raise _hub_error("vae", models.vae, exc) from None
 
@@ -209,7 +224,7 @@ def load_sdxl_pipeline(path_or_id: str, models: ModelsParams | None = None, dtyp
             raise EaselError(f"{ref}: a single-file checkpoint needs models.sdxl_config to be read")
         extra = {"vae": load_vae(models, dtype)} if vae_override else {}
         return load_single_file_pipeline(ref, sdxl_config_ref(models, ref), dtype, **extra)
-    kw: dict[str, Any] = {"dtype": dtype}
+    kw: dict[str, Any] = {"dtype": dtype, **SAFE_WEIGHTS}
     if models is not None:
         kw.update(hub_kwargs(models))
         if vae_override:
@@ -230,7 +245,7 @@ def load_blip(models: ModelsParams, dtype: torch.dtype = torch.float32, device: 
     try:
         # models.revision pins the SDXL repository only; a commit of one repository is no revision of another.
         processor = BlipProcessor.from_pretrained(ref)
-        model = BlipForConditionalGeneration.from_pretrained(ref, dtype=dtype)
+        model = BlipForConditionalGeneration.from_pretrained(ref, dtype=dtype, **SAFE_WEIGHTS)
     except OSError as exc:
         raise _hub_error("blip", models.blip, exc) from None
     return model.to(device or default_device()).eval(), processor
@@ -244,6 +259,7 @@ def load_open_clip(models: ModelsParams, device: torch.device | None = None):
     name = models.clip_model
     if name.startswith("local-dir:"):
         name = "local-dir:" + resolve_ref(name[len("local-dir:") :], "clip_model")
+        require_safetensors(name[len("local-dir:") :], "open_clip_model.safetensors", "clip_model")
     pretrained = models.clip_pretrained
     if pretrained and Path(pretrained).exists():
         pretrained = str(Path(pretrained).resolve())

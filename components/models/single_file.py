@@ -37,6 +37,7 @@ from typing import Any
 import torch
 
 from components.errors import EaselError
+from components.tensor_tree import check_safetensors
 
 log = logging.getLogger(__name__)
 
@@ -483,30 +484,6 @@ def is_single_file(ref: str | Path) -> bool:
         raise EaselError(f"{path}: only .safetensors single-file checkpoints are read (convert a {path.suffix} first)")
     check_safetensors(path)
     return True
-
-
-def check_safetensors(path: Path) -> None:
-    """Refuse (EaselError, naming the file) what is not a whole safetensors file, before any library
-    reads it: an empty file, pickle bytes under a .safetensors name, a header that is not JSON, or one
-    that places tensors past the end of the file (a truncated copy)."""
-    size = path.stat().st_size
-    with open(path, "rb") as fh:
-        head = fh.read(8)
-        length = int.from_bytes(head, "little") if len(head) == 8 else -1
-        if length < 2 or 8 + length > size:
-            why = "empty" if size == 0 else f"its header claims {length} bytes; the file has {size}"
-            raise EaselError(f"{path}: not a safetensors file ({why}); is it whole, and not a pickle renamed?")
-        try:
-            header = json.loads(fh.read(length))
-            if not isinstance(header, dict):
-                raise ValueError("not a JSON object")
-            end = max((int(t["data_offsets"][1]) for k, t in header.items() if k != "__metadata__"), default=0)
-        except (ValueError, KeyError, TypeError, IndexError, UnicodeDecodeError) as exc:
-            raise EaselError(f"{path}: not a safetensors file (its header does not parse: {exc})") from None
-    if 8 + length + end > size:
-        raise EaselError(
-            f"{path}: truncated: its tensors need {8 + length + end} bytes, the file has {size}; copy it again"
-        )
 
 
 def _config_widths(config: str) -> tuple[int, int] | None:

@@ -8,7 +8,7 @@ same code as the real models (`from_pretrained`, open_clip's `local-dir:`, the a
 - `blip/`: BlipForConditionalGeneration + BlipProcessor (word-piece vocab built from CLIP's BPE);
 - `tagger/`: a WD-style multi-label tagger (timm ViT folder + selected_tags.csv);
 - `open_clip/`: an open_clip model folder (open_clip_config.json + open_clip_model.safetensors);
-- `aesthetic/aesthetic_mlp.pth`: the LAION aesthetic MLP, input width matched to the tiny CLIP.
+- `aesthetic/aesthetic_mlp.safetensors`: the LAION aesthetic MLP, input width matched to the tiny CLIP.
 
 The outputs are meaningless pictures and captions; everything around them is real.
 """
@@ -30,7 +30,7 @@ from components.models.tokenizers import (
 )
 
 # Bump when the tiny architectures change, so stale builds are rebuilt.
-TINY_VERSION = 2
+TINY_VERSION = 3
 MARKER = "tiny-models.json"
 CLIP_EMBED_DIM = 32
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -230,11 +230,13 @@ def build_tiny_open_clip(out_dir: Path, seed: int = 0) -> None:
 
 
 def build_tiny_aesthetic(out_path: Path, input_size: int = CLIP_EMBED_DIM, seed: int = 0) -> None:
+    from safetensors.torch import save_file
+
     out_path.parent.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
     model = AestheticMLP(input_size)
-    # Saved as a plain state dict (.pth), the format of sac+logos+ava1-l14-linearMSE.pth.
-    torch.save(model.state_dict(), out_path)
+    # The state dict of sac+logos+ava1-l14-linearMSE.pth, in safetensors (a .pth is a pickle).
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out_path))
 
 
 TAGGER_SIZE = 64
@@ -314,14 +316,14 @@ def build_tiny_models(root: Path | str, seed: int = 0, force: bool = False) -> P
         build_tiny_blip(tmp / "blip", seed)
         build_tiny_tagger(tmp / "tagger", seed)
         build_tiny_open_clip(tmp / "open_clip", seed)
-        build_tiny_aesthetic(tmp / "aesthetic" / "aesthetic_mlp.pth", CLIP_EMBED_DIM, seed)
+        build_tiny_aesthetic(tmp / "aesthetic" / "aesthetic_mlp.safetensors", CLIP_EMBED_DIM, seed)
         atomic_write_json(
             tmp / MARKER,
             {
                 "version": TINY_VERSION,
                 "seed": seed,
                 "note": "Randomly initialised tiny models for offline tests and demos. Not for real use.",
-                "models": ["sdxl", "blip", "tagger", "open_clip", "aesthetic/aesthetic_mlp.pth"],
+                "models": ["sdxl", "blip", "tagger", "open_clip", "aesthetic/aesthetic_mlp.safetensors"],
             },
         )
     return root

@@ -164,7 +164,8 @@ class Trainer:
             self.parts.noise_scheduler.register_to_config(prediction_type=params.prediction_type)
         # Each process draws its own noise and timesteps.
         self.state = checkpoints.TrainState(params.seed + self.accelerator.process_index)
-        self.run_dir = Path(params.checkpoint_dir) / checkpoints.run_id(params, models, self.fingerprint)
+        self.identity = checkpoints.run_identity(params, models, self.fingerprint)
+        self.run_dir = Path(params.checkpoint_dir) / checkpoints.run_id(self.identity)
         self.buckets = make_buckets(params.resolution, params.bucketing)
 
     # -- setup ------------------------------------------------------------------------------------
@@ -190,6 +191,9 @@ class Trainer:
                 ("ema.enabled", p.ema.enabled),
                 ("full_bf16", p.full_bf16),
                 ("fused_backward_pass", p.fused_backward_pass),
+                # A checkpoint holds whole tensors; FSDP's sharded optimizer state would need its own format.
+                ("checkpoint_every", bool(p.checkpoint_every)),
+                ("resume_from_checkpoint", p.resume_from_checkpoint is not None),
             )
             options = [name for name, on in chosen if on]
             if options:
@@ -415,17 +419,16 @@ class Trainer:
         # After prepare, which moved (and maybe wrapped) the U-Net: the EMA and the hooks must see the
         # parameters where they now are.
         ema = self._build_ema(unet)
-        fused = FusedBackward(raw_optimizer, unet.parameters()) if p.fused_backward_pass else None
-        acc.register_for_checkpointing(self.state)
-        if ema is not None:
-            acc.register_for_checkpointing(ema)
-        resume = checkpoints.resolve_resume(p.resume_from_checkpoint, self.run_dir)
+        resumable = checkpoints.Resumable(unet, optimizer, lr_scheduler, self.state, ema)
+        resume = checkpoints.resolve_resume(p.resume_from_checkpoint, self.run_dir, self.identity)
         if resume is not None:
-            acc.load_state(str(resume))
-            checkpoints.load_generator(resume, acc.process_index, self.state.generator)
+            checkpoints.load_checkpoint(acc, resume, resumable)
             log.info("resumed from %s at step %d", resume, self.state.step)
         elif p.resume_from_checkpoint == "latest":
             log.info("no checkpoint of this run in %s yet: starting from step 0", self.run_dir)
+        # After the resume: loading the optimizer's state replaces its param groups, and the hooks must
+        # read the groups the LR scheduler writes to.
+        fused = FusedBackward(raw_optimizer, unet.parameters()) if p.fused_backward_pass else None
         if val_loader is not None and self.state.step == 0:
             # The base model's loss on the same held-out images, noise and timesteps: what the gate
             # compares the trained weights' loss with (gate.max_val_loss_ratio).
@@ -511,9 +514,7 @@ class Trainer:
                 curves.add(step, metrics)
                 if p.checkpoint_every and step % p.checkpoint_every == 0:
                     curves.flush()  # the curves on disk reach the checkpoint a resume starts from
-                    checkpoints.save_checkpoint(
-                        acc, self.run_dir, step, p.keep_checkpoints, self.state.best_step, self.state.generator
-                    )
+                    checkpoints.save_checkpoint(acc, self.run_dir, step, p.keep_checkpoints, resumable, self.identity)
                 if p.sample_every_n_steps and p.sample_prompts and step % p.sample_every_n_steps == 0:
                     self.sample_images(unet, step, out_dir, live)
                 bar.update(1)
