@@ -15,10 +15,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from components.config import METRICS_DIR, STAGES
+from components.config import STAGES
 from components.errors import EaselError, GateRejected
 
-PLOTS_DIR = Path("data/plots")
 NOT_CURRENT_EXIT = 3  # `easel registry is-current`: the model is not the one the alias points at
 
 log = logging.getLogger("easel")
@@ -55,8 +54,19 @@ def _shard(args) -> tuple[int, int] | None:
     return parse_shard(args.shard) if getattr(args, "shard", None) else None
 
 
-def _metrics(stage: str) -> Path:
-    return METRICS_DIR / f"{stage}.json"
+def _metrics(params, stage: str) -> Path:
+    return Path(params.reporting.metrics_dir) / f"{stage}.json"
+
+
+def _plots(params, *parts: str) -> Path:
+    return Path(params.reporting.plots_dir, *parts)
+
+
+def _logs_dir(args) -> Path:
+    """The logs folder of the params this command reads (the default where they do not load)."""
+    from components.config import reporting_params
+
+    return Path(reporting_params(args.params).logs_dir)
 
 
 # -- stages --------------------------------------------------------------------------------------
@@ -69,7 +79,7 @@ def cmd_download(args) -> int:
     shard = _shard(args)
     summary = run_download(
         params.download,
-        _metrics("download"),
+        _metrics(params, "download"),
         progress=_progress(args),
         shard=shard,
         write_manifest=not args.no_manifest,
@@ -94,7 +104,7 @@ def cmd_validate(args) -> int:
     summary = run_validate(
         params.validate_,
         Path(params.download.out_dir),
-        _metrics("validate"),
+        _metrics(params, "validate"),
         progress=_progress(args),
         models=params.models,
     )
@@ -121,7 +131,7 @@ def cmd_caption(args) -> int:
         params.caption,
         params.models,
         Path(params.validate_.out_dir),
-        _metrics("caption"),
+        _metrics(params, "caption"),
         progress=_progress(args),
     )
     print(
@@ -140,8 +150,8 @@ def cmd_train(args) -> int:
         params.train,
         params.models,
         Path(params.caption.out_dir),
-        _metrics("train"),
-        PLOTS_DIR / "train",
+        _metrics(params, "train"),
+        _plots(params, "train"),
         progress=_progress(args),
     )
     from accelerate import PartialState
@@ -171,8 +181,8 @@ def cmd_evaluate(args) -> int:
         params.evaluate,
         params.models,
         model_dir,
-        _metrics("evaluate"),
-        PLOTS_DIR / "evaluate" / "scores.csv",
+        _metrics(params, "evaluate"),
+        _plots(params, "evaluate", "scores.csv"),
         progress=_progress(args),
         storage=params.storage,
         promote=params.promote,
@@ -571,7 +581,8 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # the safety net: a bug, not bad input; the tests cover the inputs
         if os.environ.get(TRACEBACK_ENV) == "1":
             raise
-        print(f"easel {args.command}: unexpected error: {one_line(exc)} ({traceback_file(exc)})", file=sys.stderr)
+        where = traceback_file(exc, _logs_dir(args))
+        print(f"easel {args.command}: unexpected error: {one_line(exc)} ({where})", file=sys.stderr)
         return 1
 
 
@@ -583,14 +594,14 @@ def one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[:300]}" if text else type(exc).__name__
 
 
-def traceback_file(exc: BaseException) -> str:
+def traceback_file(exc: BaseException, logs_dir: Path) -> str:
     """Write the traceback to a log file; say where (or, if no file can be written, how to see it)."""
     import tempfile
     import traceback
 
     text = "".join(traceback.format_exception(exc))
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    for folder in (Path(".easel") / "logs", Path(tempfile.gettempdir())):
+    for folder in (logs_dir, Path(tempfile.gettempdir())):
         try:
             folder.mkdir(parents=True, exist_ok=True)
             path = folder / f"easel-error-{stamp}-{os.getpid()}.log"

@@ -26,7 +26,6 @@ STAGES = ("download", "validate", "caption", "train", "evaluate", "promote")
 # when a run is created, before anything runs.
 StageName = Literal["download", "validate", "caption", "train", "evaluate", "promote"]
 assert get_args(StageName) == STAGES
-METRICS_DIR = Path("data/metrics")
 # dvc.yaml tracks profiles.<profile>.<section> for these, so every profile must set them.
 PROFILE_SECTIONS = ("models", "train", "evaluate", "gate")
 SECTIONS = (
@@ -612,6 +611,15 @@ class GateParams(Section):
     max_val_loss_ratio: float | None = Field(None, gt=0)
 
 
+class ReportingParams(Section):
+    """Where the stages' metrics (`dvc metrics`), curves and score plots (`dvc plots`) and the logs
+    of failed commands go: a second params file gives its own, so its runs leave the project's alone."""
+
+    metrics_dir: str = "data/metrics"  # <stage>.json
+    plots_dir: str = "data/plots"  # train/ (dvclive curves), evaluate/scores.csv
+    logs_dir: str = ".easel/logs"  # easel-error-*.log: the traceback of an unexpected error
+
+
 class Params(Section):
     profile: str
     profiles: dict[str, dict[str, Any]] = {}
@@ -626,9 +634,19 @@ class Params(Section):
     evaluate: EvaluateParams
     promote: PromoteParams
     gate: GateParams
+    reporting: ReportingParams = ReportingParams()
 
     # `validate` shadows a pydantic method name, hence the alias; read it as params.validate_.
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True, allow_inf_nan=False)
+
+
+def reporting_params(path: str | Path = DEFAULT_PARAMS) -> ReportingParams:
+    """A params file's reporting folders; the defaults where it does not load, so a command that
+    failed on bad params still logs, and a run that failed on them still gets its summary."""
+    try:
+        return load_params(path).reporting
+    except (ConfigError, OSError):
+        return ReportingParams()
 
 
 def deep_merge(base: dict[str, Any], overlay: dict[str, Any]) -> dict[str, Any]:

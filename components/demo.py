@@ -78,7 +78,7 @@ def run_demo(params_path: Path, stages: list[str] | None = None) -> int:
         ("trained model", Path(params.train.out_dir) / "model"),
         ("evaluation report", Path(params.evaluate.out_dir) / "report.html"),
         ("promotion decision", Path(params.promote.out_dir) / "decision.md"),
-        ("metrics", Path("data/metrics")),
+        ("metrics", Path(params.reporting.metrics_dir)),
     ]
     for label, path in where:
         if path.exists():

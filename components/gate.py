@@ -48,6 +48,9 @@ SCORE_COLUMNS = ("model", "prompt_id", "seed", "aesthetic_score", "clip_score")
 # Scores live in [-1, 1] (CLIP) and about [0, 10] (aesthetic): anything past this is corrupt, and
 # keeping sums far from overflow keeps every statistic finite.
 SCORE_LIMIT = 1e6
+# scores.csv is read whole: 5,000 prompts x 8 seeds x 10 models is about 40 MB. Past this, a file is not
+# an evaluation's, and is refused before it fills memory.
+MAX_SCORES_BYTES = 256 << 20
 METRICS = {"aesthetic": "aesthetic_score", "clip_score": "clip_score"}  # summary name -> scores column
 
 
@@ -117,6 +120,8 @@ def gather_inputs(
     summary_sha = sha256_file(summary_path) if summary_problem is None else None
     scores, scores_problem, scores_sha = None, None, None
     try:
+        if (size := scores_path.stat().st_size) > MAX_SCORES_BYTES:
+            raise ValueError(f"{size} bytes, more than the {MAX_SCORES_BYTES} an evaluation writes")
         scores = pd.read_csv(scores_path, dtype=str, keep_default_na=False)
         scores_sha = sha256_file(scores_path)
     except FileNotFoundError:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from components import report
-from components.config import METRICS_DIR, STAGES
+from components.config import STAGES
 from components.errors import TEMPORARY, ConfigError, EaselError
 from components.numbers import number_at, read_json
 from components.procs import CommandTimedOut, run_captured
@@ -252,7 +252,9 @@ def dvc_push(project_dir: Path | str, timeout_s: float | None = None) -> str:
 
 def read_metrics(project_dir: Path | str) -> dict[str, object]:
     """Each stage's metrics file as parsed JSON (any shape: read values through components.numbers)."""
-    folder = Path(project_dir) / METRICS_DIR
+    from components.config import reporting_params
+
+    folder = Path(project_dir) / reporting_params(Path(project_dir) / "params.yaml").metrics_dir
     metrics = {}
     for stage in STAGES:
         value, problem = read_json(folder / f"{stage}.json")

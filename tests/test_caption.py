@@ -64,6 +64,35 @@ def test_hygiene_replacements_exclusions_and_limits():
     assert normalize_tag("hatsune_miku") == "hatsune miku" and normalize_tag(">_<") == ">_<"
 
 
+@pytest.mark.parametrize(
+    ("blip", "expected"),
+    [
+        ("arafed woman in a red dress", "woman in a red dress"),
+        ("there is an araffe poster on the wall", "there is a poster on the wall"),
+        ("a arafed orange cat", "an orange cat"),
+        ("Araffed man next to an arafe", "man next to"),
+        ("a portrait of yasser arafat", "a portrait of yasser arafat"),  # a real name stays
+    ],
+)
+def test_blip_artefacts_are_dropped_from_captions(blip, expected):
+    """BLIP large's made-up words (from LAION's alt texts) never reach the training captions."""
+    caption = merge_caption("{blip}", trigger=None, source=None, blip=blip, tags=[], replacements={})
+    assert caption == expected
+
+
+def test_word_replacements_apply_inside_parts_to_whole_words_only():
+    caption = merge_caption(
+        "{blip}, {tags}",
+        trigger=None,
+        source=None,
+        blip="a 1girl standing by a tshirt shop",
+        tags=["1girl", "tshirts"],
+        replacements={"1girl": "solo"},  # whole parts first
+        word_replacements={"1girl": "one girl", "tshirt": "t-shirt"},
+    )
+    assert caption == "a one girl standing by a t-shirt shop, solo, tshirts"
+
+
 def test_tag_selection_by_category_threshold_and_confidence():
     scored = [
         ("general", 0.9, 9),

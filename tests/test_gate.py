@@ -12,6 +12,7 @@ import io
 import json
 import math
 import shutil
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -189,6 +190,23 @@ def test_unreadable_files_are_failing_rules_not_crashes(evaluation):
     assert "cannot be read" in note(result, "evaluation_summary")
     assert "prompt set is empty" in note(result, "evaluated_this_prompt_set")
     assert note(result, "scores_complete")  # whatever the bytes were, a reason and not an exception
+
+
+def test_an_oversized_scores_file_is_refused_unread(evaluation, monkeypatch):
+    """scores.csv is read whole; one larger than any evaluation writes is a reason, not a memory spike."""
+    from components import gate
+
+    monkeypatch.setattr(gate, "MAX_SCORES_BYTES", 1000)  # rather than writing 256 MB here
+    read_csv = gate.pd.read_csv
+
+    def reading(path, *args, **kwargs):
+        if Path(path).name == "scores.csv":
+            pytest.fail("an oversized scores.csv was read")
+        return read_csv(path, *args, **kwargs)
+
+    monkeypatch.setattr(gate.pd, "read_csv", reading)
+    result = decide(evaluation)
+    assert result.verdict == "reject" and "more than the 1000 an evaluation writes" in note(result, "scores_complete")
 
 
 def test_a_swapped_scores_file_is_stale(evaluation, tmp_path):

@@ -329,6 +329,27 @@ def test_a_checkpoint_never_runs_what_its_files_say(tmp_path, tiny_models):
     assert not ran.exists()
 
 
+def test_a_cache_file_that_is_not_safetensors_is_made_again_never_unpickled(tmp_path, tiny_models):
+    """Latent and text-embedding cache files swapped for pickles (or cut short): each is encoded again,
+    and the pickle never runs."""
+    from components.tensor_tree import check_safetensors
+
+    captions, models = captioned_set(tmp_path), tiny_params(tiny_models)
+    common = dict(max_train_steps=2, cache_latents=True, cache_text_embeddings=True)
+    run_train(train_params(tmp_path, **common), models, captions, progress=False)
+    cached = sorted((tmp_path / "cache").rglob("*.safetensors"))
+    assert {p.parent.parent.name for p in cached} >= {"latents"} and len(cached) > 6
+    ran = tmp_path / "payload-ran"
+    for path in cached[::2]:
+        path.write_bytes(pickle_payload(ran))
+    for path in cached[1::4]:
+        path.write_bytes(path.read_bytes()[:-10])
+    assert run_train(train_params(tmp_path, **common), models, captions, progress=False).steps == 2
+    for path in cached:
+        check_safetensors(path)  # made again, whole
+    assert not ran.exists()
+
+
 def test_checkpoints_rotate(tmp_path, tiny_models):
     captions = captioned_set(tmp_path)
     run_train(
@@ -590,3 +611,71 @@ def test_a_fused_backward_run_resumes_on_its_schedule(tmp_path, tiny_models, mon
     run_train(train_params(tmp_path / "b", resume_from_checkpoint="latest", **common), models, captions, progress=False)
     a, b = unet_weights(tmp_path / "a" / "train" / "model"), unet_weights(tmp_path / "b" / "train" / "model")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_noise_and_micro_conditioning_are_float32_whatever_the_training_precision():
+    """bf16 latents at the first timesteps: the U-Net gets latents noised as a float32 reference
+    computes them (in bf16, alphas_cumprod rounds to 1 and they would get no noise), and SDXL's size
+    conditioning exactly (777, not bf16's 776)."""
+    from components.train.sdxl import diffusion_loss
+
+    scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+    latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0)).bfloat16()
+    ids = time_ids([(777, 1023)] * 2, [(0, 0)] * 2, [(1024, 1024)] * 2, torch.device("cpu"))
+    assert ids.dtype == torch.float32 and ids[0].tolist() == [777, 1023, 0, 0, 1024, 1024]
+    seen = {}
+
+    def unet(noisy, timesteps, encoder_hidden_states, added_cond_kwargs, return_dict):
+        seen["noisy"] = noisy
+        return (torch.zeros_like(noisy),)
+
+    for t in (0, 1, 2):
+        embeds, pooled = torch.zeros(2, 77, 8).bfloat16(), torch.zeros(2, 8).bfloat16()
+        diffusion_loss(
+            unet, scheduler, latents, embeds, pooled, ids, timestep_range=(t, t + 1), generator=torch.Generator()
+        )
+        noise = offset_noise(latents.float(), 0.0, torch.Generator())  # the same first draw
+        alpha = scheduler.alphas_cumprod[t].double()
+        reference = alpha.sqrt() * latents.double() + (1 - alpha).sqrt() * noise.double()
+        assert seen["noisy"].dtype == torch.bfloat16
+        assert torch.allclose(seen["noisy"].double(), reference, rtol=2**-7, atol=1e-3), t
+
+
+def test_a_v_prediction_model_is_saved_sampled_and_exported_as_v_prediction(tmp_path, tiny_models):
+    """The saved pipeline's scheduler, what loads it (evaluation, samples), and the single-file export
+    (ComfyUI and Forge read `"v_pred" in state_dict`) all say v-prediction, and the export reads back so."""
+    from safetensors import safe_open
+
+    from components.models.single_file import export_single_file, load_single_file_pipeline
+
+    captions, models = captioned_set(tmp_path), tiny_params(tiny_models)
+    v_params = train_params(tmp_path, max_train_steps=1, prediction_type="v_prediction")
+    run_train(v_params, models, captions, progress=False)
+    model = tmp_path / "train" / "model"
+    saved = json.loads((model / "scheduler" / "scheduler_config.json").read_text())
+    assert saved["prediction_type"] == "v_prediction"
+    assert load_sdxl_pipeline(str(model)).scheduler.config.prediction_type == "v_prediction"
+    exported = export_single_file(model, tmp_path / "poster-v.safetensors", "fp32")
+    with safe_open(str(exported), "pt") as handle:
+        keys, metadata = set(handle.keys()), handle.metadata()
+    assert "v_pred" in keys and metadata["modelspec.prediction_type"] == "v"
+    back = load_single_file_pipeline(exported, str(tiny_models / "sdxl"))
+    assert back.scheduler.config.prediction_type == "v_prediction"
+
+
+def test_the_frozen_parts_are_saved_as_the_base_holds_them(tmp_path, tiny_models):
+    """bf16 training casts the text encoders to bf16 (and may release them); the saved model folder
+    still carries the base's VAE and encoders bit for bit, so its fingerprint, registry version and
+    export change only where training changed something: the U-Net."""
+    captions, models = captioned_set(tmp_path), tiny_params(tiny_models)
+    params = train_params(tmp_path, max_train_steps=1, mixed_precision="bf16", cache_text_embeddings=True)
+    run_train(params, models, captions, progress=False)
+    for part, name in (
+        ("vae", "diffusion_pytorch_model.safetensors"),
+        ("text_encoder", "model.safetensors"),
+        ("text_encoder_2", "model.safetensors"),
+    ):
+        saved = load_file(str(tmp_path / "train" / "model" / part / name))
+        base = load_file(str(tiny_models / "sdxl" / part / name))
+        assert saved.keys() == base.keys(), part
+        assert all(saved[k].dtype == base[k].dtype and torch.equal(saved[k], base[k]) for k in base), part
