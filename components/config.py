@@ -309,6 +309,7 @@ class CaptionParams(Section):
     template: str = "{trigger}, {source_or_blip}, {tags}"
     trigger: str | None = None  # a token for concept training, written first
     replacements: dict[str, str] = {}  # applied to every tag and caption part, after normalisation
+    word_replacements: dict[str, str] = {}  # applied to whole words inside every part ("1girl" in "1girl standing")
     source_caption_column: str = "caption"  # the source column (src_<name>) holding a caption, if any
 
     @field_validator("template")

@@ -6,6 +6,7 @@ section is the `sdxl` profile's, with two changes only: the aesthetic weights' U
 server) and their sha256 (of the small file). Prints one JSON object of observations for the test.
 
     python tests/hub_cache_worker.py CACHE_OUT_DIR LAION_URL
+    python tests/hub_cache_worker.py CACHE_OUT_DIR --train-pinned WORK_DIR
 """
 
 from __future__ import annotations
@@ -119,5 +120,38 @@ def main(out_dir: Path, laion_url: str) -> dict:
     return seen
 
 
+def train_pinned(out_dir: Path, work: Path) -> dict:
+    """One training step of the `sdxl` profile at the cached commit, from a cache whose SDXL repository
+    has no refs/main (a commit-pinned download), through to the saved model."""
+    from components.models import hub_cache as hc
+    from components.train import run_train
+    from tests.helpers import encode, make_caption_dir, noise
+
+    manifest = json.loads((out_dir / hc.MANIFEST).read_text())
+    params = sdxl_profile_models()
+    models = params.models.model_copy(update={"revision": manifest["repos"][hc.SDXL_BASE]["commit"]})
+    files = {f"p{i}.png": encode(noise(96, 80, seed=i), "PNG", dpi=(96, 96)) for i in range(2)}
+    captions = make_caption_dir(work, files, ["a poster", "a travel poster"])
+    train = params.train.model_copy(
+        update={
+            "out_dir": str(work / "train"),
+            "checkpoint_dir": str(work / "ckpt"),
+            "cache_dir": str(work / "cache"),
+            "resolution": 64,
+            "bucketing": params.train.bucketing.model_copy(update={"min_size": 32, "max_size": 128, "step": 16}),
+            "max_train_steps": 1,
+            "checkpoint_every": 0,
+            "sample_every_n_steps": 0,
+            "validation": params.train.validation.model_copy(update={"fraction": 0.0}),
+        }
+    )
+    summary = run_train(train, models, captions, progress=False)
+    scheduler = json.loads((work / "train" / "model" / "scheduler" / "scheduler_config.json").read_text())
+    return {"steps": summary.steps, "scheduler": scheduler["_class_name"]}
+
+
 if __name__ == "__main__":
-    print(json.dumps(main(Path(sys.argv[1]), sys.argv[2])))
+    if sys.argv[2] == "--train-pinned":
+        print(json.dumps(train_pinned(Path(sys.argv[1]), Path(sys.argv[3]))))
+    else:
+        print(json.dumps(main(Path(sys.argv[1]), sys.argv[2])))

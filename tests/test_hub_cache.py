@@ -160,6 +160,25 @@ def test_sdxl_profile_loads_offline_from_the_cache(hub, https_files, tls_cert, t
     assert (tmp_path / "easel-cache" / "weights").is_dir()
 
 
+def test_a_commit_pinned_run_trains_and_saves_offline_without_refs_main(hub, tmp_path):
+    """`models.revision` = a commit and a cache that holds only that commit (no refs/main, as a pinned
+    download leaves it): training runs, and the final save finds the scheduler at that commit."""
+    import shutil
+
+    out, _ = hub
+    cache = tmp_path / "cache"
+    shutil.copytree(out, cache, symlinks=True)
+    repo = cache / "hub" / ("models--" + hc.SDXL_BASE.replace("/", "--"))
+    (repo / "refs" / "main").unlink()
+    env = {**os.environ, "HF_HUB_CACHE": str(cache / "hub"), "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+    env.pop("HF_HOME", None)
+    worker = [sys.executable, str(REPO / "tests" / "hub_cache_worker.py"), str(cache), "--train-pinned", str(tmp_path)]
+    done = subprocess.run(worker, cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
+    assert done.returncode == 0, done.stderr[-3000:]
+    seen = json.loads(done.stdout.strip().splitlines()[-1])
+    assert seen == {"steps": 1, "scheduler": "EulerDiscreteScheduler"}
+
+
 def test_laion_weights_are_checked_against_their_sha256(hub, https_files, tls_cert, tmp_path, monkeypatch):
     out, manifest = hub
     monkeypatch.setattr(loaders, "CACHE_DIR", tmp_path / "cache")

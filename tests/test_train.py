@@ -139,7 +139,7 @@ def test_crop_conditioning_follows_the_crop_and_the_flip():
     _, (top, left) = resize_and_crop(image, (64, 64), center_crop=False, flip=False, rng=random.Random(3))
     _, (top_f, left_f) = resize_and_crop(image, (64, 64), center_crop=False, flip=True, rng=random.Random(3))
     assert top_f == top and left_f == 128 - left - 64  # the same crop, seen in the mirror
-    ids = time_ids([(100, 200)], [(top, left)], [(64, 64)], torch.device("cpu"), torch.float32)
+    ids = time_ids([(100, 200)], [(top, left)], [(64, 64)], torch.device("cpu"))
     assert ids.tolist() == [[100, 200, top, left, 64, 64]]
 
 
@@ -679,3 +679,21 @@ def test_the_frozen_parts_are_saved_as_the_base_holds_them(tmp_path, tiny_models
         base = load_file(str(tiny_models / "sdxl" / part / name))
         assert saved.keys() == base.keys(), part
         assert all(saved[k].dtype == base[k].dtype and torch.equal(saved[k], base[k]) for k in base), part
+
+
+def test_validation_judges_the_weights_that_are_saved(tmp_path, tiny_models):
+    """With the EMA saved, validation (so the best step and the gate's saved_val_loss) measures the
+    EMA's weights, not the raw U-Net's. An EMA not updated yet still holds the base weights: its
+    held-out loss is the base model's, however far the raw U-Net has moved."""
+    captions, models = captioned_set(tmp_path), tiny_params(tiny_models)
+    params = train_params(
+        tmp_path,
+        max_train_steps=4,
+        learning_rate=1e-3,
+        validation={"fraction": 0.34, "every_n_steps": 2},
+        ema={"enabled": True, "update_every": 100},
+    )
+    run_train(params, models, captions, progress=False)
+    card = json.loads((tmp_path / "train" / "model" / "easel_train.json").read_text())
+    assert card["weights"] == "ema"
+    assert card["final_val_loss"] == card["saved_val_loss"] == card["base_val_loss"]

@@ -186,6 +186,7 @@ def run_caption(
             blip=blip,
             tags=tags,
             replacements=params.replacements,
+            word_replacements=params.word_replacements,
             exclude=params.tagger.exclude,
             max_tags=params.tagger.max_tags,
         )

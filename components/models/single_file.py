@@ -416,6 +416,10 @@ def _verify(path: Path, components: dict[str, dict[str, torch.Tensor]]) -> None:
                     raise EaselError(f"export verification failed: {name}.{key} does not read back unchanged")
 
 
+# An empty tensor whose presence says "v-prediction" to ComfyUI, Forge and kohya's scripts.
+V_PRED_KEY = "v_pred"
+
+
 def export_single_file(model_dir: str | Path, dest: str | Path, precision: str = "fp16") -> Path:
     """Write the diffusers SDXL pipeline in `model_dir` as one SGM-layout safetensors file at `dest`.
 
@@ -439,6 +443,8 @@ def export_single_file(model_dir: str | Path, dest: str | Path, precision: str =
     checkpoint = diffusers_to_sgm(components)
     unet_config = _config(model_dir / "unet" / "config.json")
     scheduler_config = _config(model_dir / "scheduler" / "scheduler_config.json")
+    if scheduler_config.get("prediction_type") == "v_prediction":
+        checkpoint[V_PRED_KEY] = torch.tensor([])
     vae_scale = 2 ** (len(_config(model_dir / "vae" / "config.json")["block_out_channels"]) - 1)
     metadata = {
         "format": "pt",
@@ -535,5 +541,16 @@ def load_single_file_pipeline(path: str | Path, config: str, dtype: torch.dtype 
         )
     except (OSError, ValueError, KeyError) as exc:
         raise EaselError(f"cannot load the single-file checkpoint {path} with config {config}: {exc}") from None
+    if is_v_prediction(path):
+        pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, prediction_type="v_prediction")
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def is_v_prediction(path: str | Path) -> bool:
+    """Whether a single file marks its model as v-prediction, as ComfyUI and Forge read it (a `v_pred` key)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as handle:
+        keys = set(handle.keys())
+    return V_PRED_KEY in keys

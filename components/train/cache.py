@@ -3,7 +3,9 @@
 Latents: the VAE's latent distribution (mean and std) of each image's crop, keyed by the image's
 sha256, the VAE's identity, the bucket size and whether it is flipped; training samples from it
 each step, as the uncached loop does. Text embeddings: both encoders' outputs for a caption,
-keyed by the caption and the encoders' identity. Files are safetensors, written atomically.
+keyed by the caption and the encoders' identity. Files are safetensors, written atomically; a file
+that is not a whole safetensors file (cut short, or replaced by anything else) is encoded again,
+never read.
 """
 
 from __future__ import annotations
@@ -16,12 +18,23 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
+from components.errors import EaselError
 from components.images import load_rgb
+from components.tensor_tree import check_safetensors
 from components.train.data import ImageCaption, resize_and_crop, to_tensor
 
 
 def _digest(*parts: object) -> str:
     return hashlib.sha256("\0".join(map(str, parts)).encode()).hexdigest()
+
+
+def _cached(path: Path) -> bool:
+    """A whole safetensors file is there (its header read, not its tensors)."""
+    try:
+        check_safetensors(path)
+    except (EaselError, OSError):
+        return False
+    return True
 
 
 def _save(path: Path, tensors: dict[str, torch.Tensor]) -> None:
@@ -65,7 +78,7 @@ class LatentCache:
 
     def prepare(self, vae, items, bucket_of, flips: tuple[bool, ...], device, progress: bool = True) -> int:
         """Encode every (image, flip) not cached yet; returns how many were encoded."""
-        todo = [(i, f) for i, item in enumerate(items) for f in flips if not self.path(item, bucket_of[i], f).is_file()]
+        todo = [(i, f) for i, item in enumerate(items) for f in flips if not _cached(self.path(item, bucket_of[i], f))]
         for index, flip in tqdm(todo, desc="cache latents", unit="img", disable=not progress):
             item, size = items[index], bucket_of[index]
             image, crop = resize_and_crop(load_rgb(item.path), size, True, flip, random.Random(0))
@@ -95,7 +108,7 @@ class TextEmbeddingCache:
         return self.root / key[:2] / f"{key}.safetensors"
 
     def prepare(self, captions: list[str], encode, progress: bool = True) -> int:
-        todo = sorted({c for c in captions if not self.path(c).is_file()})
+        todo = sorted({c for c in captions if not _cached(self.path(c))})
         for caption in tqdm(todo, desc="cache text embeddings", unit="caption", disable=not progress):
             with torch.no_grad():
                 prompt_embeds, pooled = encode([caption])

@@ -261,7 +261,7 @@ class Trainer:
                 pixels = batch["pixel_values"].to(self.device, dtype=vae.dtype)
                 dist = vae.encode(pixels).latent_dist
                 sample = dist.mean + dist.std * torch.randn(dist.mean.shape, generator=generator).to(self.device)
-        return (sample.to(self.device) * self.latent_scale).to(self.weight_dtype)
+        return sample.to(self.device, torch.float32) * self.latent_scale  # noised in float32 (diffusion_loss)
 
     def text_of(self, batch: dict, texts: TextEmbeddingCache | None) -> tuple[torch.Tensor, torch.Tensor]:
         if texts is not None:
@@ -274,9 +274,7 @@ class Trainer:
         p = self.params
         latents = self.latents_of(batch, generator)
         prompt_embeds, pooled = self.text_of(batch, texts)
-        add_time_ids = time_ids(
-            batch["original_sizes"], batch["crop_top_lefts"], batch["target_sizes"], self.device, self.weight_dtype
-        )
+        add_time_ids = time_ids(batch["original_sizes"], batch["crop_top_lefts"], batch["target_sizes"], self.device)
         return diffusion_loss(
             unet,
             self.parts.noise_scheduler,
@@ -288,6 +286,7 @@ class Trainer:
             min_snr_gamma=p.min_snr_gamma,
             timestep_range=(p.min_timestep, min(p.max_timestep, self.parts.noise_scheduler.config.num_train_timesteps)),
             generator=generator,
+            input_dtype=self.weight_dtype,
         )
 
     # -- periodic work ----------------------------------------------------------------------------
@@ -304,10 +303,17 @@ class Trainer:
         return float(sum(losses) / len(losses))
 
     def pipeline(self, unet):
-        """The base pipeline's frozen parts with this U-Net, and the Euler sampler SDXL ships with."""
+        """The base pipeline's frozen parts with this U-Net, and the Euler sampler SDXL ships with, set
+        to predict what the U-Net was trained to predict (samples, the saved model, its export)."""
         from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
 
         parts = self.parts
+        options: dict[str, str] = {}
+        if parts.config_source == parts.base and self.models.revision:
+            options["revision"] = self.models.revision  # offline, a cache may hold only the pinned commit
+        if self.params.prediction_type:
+            options["prediction_type"] = self.params.prediction_type
+        scheduler = EulerDiscreteScheduler.from_pretrained(parts.config_source, subfolder="scheduler", **options)
         return StableDiffusionXLPipeline(
             vae=parts.vae,
             text_encoder=parts.text_encoder,
@@ -315,7 +321,7 @@ class Trainer:
             tokenizer=parts.tokenizer,
             tokenizer_2=parts.tokenizer_2,
             unet=unet,
-            scheduler=EulerDiscreteScheduler.from_pretrained(parts.config_source, subfolder="scheduler"),
+            scheduler=scheduler,
         )
 
     def sample_images(self, unet, step: int, out_dir: Path, live) -> None:
@@ -599,7 +605,10 @@ class Trainer:
             for param in self.accelerator.unwrap_model(unet).parameters():
                 param.data = torch.empty(0, dtype=param.dtype, device=param.device)
             model.to(SAVE_DTYPES[p.save_precision])
-            self.frozen.loaded()  # released during training on a CPU: loaded again to be saved
+            # The frozen parts as the base files hold them: training cast the encoders to its precision
+            # (or released them), and the model folder and its export must carry the base's, unrounded.
+            parts = self.parts
+            parts.vae, parts.text_encoder, parts.text_encoder_2 = load_sdxl_frozen(self.models, torch.float32)
             pipe = self.pipeline(model)
             with atomic_dir(model_dir) as tmp:
                 pipe.save_pretrained(str(tmp), safe_serialization=True)

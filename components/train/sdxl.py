@@ -38,11 +38,13 @@ def time_ids(
     crop_top_lefts: list[tuple[int, int]],
     target_sizes: list[tuple[int, int]],
     device: torch.device,
-    dtype: torch.dtype,
 ) -> torch.Tensor:
-    """SDXL's micro-conditioning per example: original (h, w) + crop (top, left) + target (h, w)."""
+    """SDXL's micro-conditioning per example: original (h, w) + crop (top, left) + target (h, w).
+
+    Always float32, whatever the training precision: the U-Net embeds them in float32 anyway, and
+    bf16 holds integers exactly only up to 256 (777 would become 776)."""
     rows = [list(o) + list(c) + list(t) for o, c, t in zip(original_sizes, crop_top_lefts, target_sizes, strict=True)]
-    return torch.tensor(rows, device=device, dtype=dtype)
+    return torch.tensor(rows, device=device, dtype=torch.float32)
 
 
 def offset_noise(latents: torch.Tensor, noise_offset: float, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -81,8 +83,16 @@ def diffusion_loss(
     min_snr_gamma: float | None = None,
     timestep_range: tuple[int, int] = (0, 1000),
     generator: torch.Generator | None = None,
+    input_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """Noise the latents at random timesteps and regress the scheduler's target (epsilon or v)."""
+    """Noise the latents at random timesteps and regress the scheduler's target (epsilon or v).
+
+    The noising and the target are computed in float32 and only the U-Net's input is cast to
+    `input_dtype` (default: the latents' dtype): diffusers' add_noise casts alphas_cumprod to the
+    latents' dtype, and in bf16 the first timesteps' alphas_cumprod round to 1, so they would get
+    no noise at all."""
+    input_dtype = input_dtype or latents.dtype
+    latents = latents.float()
     noise = offset_noise(latents, noise_offset, generator)
     source = generator.device if generator is not None else latents.device
     timesteps = (
@@ -99,7 +109,7 @@ def diffusion_loss(
     else:
         raise ValueError(f"unsupported prediction type {prediction_type!r}")
     model_pred = unet(
-        noisy,
+        noisy.to(input_dtype),
         timesteps,
         encoder_hidden_states=prompt_embeds,
         added_cond_kwargs={"text_embeds": pooled_embeds, "time_ids": add_time_ids},
