@@ -193,7 +193,7 @@ class DownloadParams(Section):
     # One archive source file (zip, tar, shard): read for at most this long and this many bytes,
     # local or remote, so a dripping server or a huge member cannot hold the stage.
     archive_timeout_s: float = Field(3600.0, gt=0)
-    archive_max_bytes: int = Field(20_000_000_000, gt=0)
+    max_archive_bytes: int = Field(20_000_000_000, gt=0)
     verify_tls: bool = True
     allow_networks: list[str] = []
     robots_optout: list[str] = ["noai", "noimageai"]

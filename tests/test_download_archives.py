@@ -23,6 +23,8 @@ from typing import ClassVar
 import pandas as pd
 import pytest
 import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from components.config import DownloadParams, StorageParams
 from components.download import archives, run_download
@@ -235,7 +237,7 @@ def test_damaged_archives_are_reported_and_keep_what_was_read(tmp_path, archive_
     assert cut[-1] == "truncated" and cut[:3] == ["ok", "ok", "ok"]  # the members before the cut are kept
     assert manifest.loc[manifest["source"] == "cut-tar-gz", "url"].iloc[-1] == str(tmp_path / "cut.tar.gz")
     forged_rows = manifest[manifest["source"] == "forged-zip"].set_index("src_member")
-    assert forged_rows.loc["bomb.png", "status"] == "read_error"  # zipfile stops at the declared size; CRC fails
+    assert forged_rows.loc["bomb.png", "status"] == "corrupt_member"  # zipfile stops at the declared size; CRC fails
     assert "Bad CRC-32" in forged_rows.loc["bomb.png", "error"] and forged_rows.loc["posters/p0.png", "status"] == "ok"
     assert len(list((tmp_path / "out" / "archives").iterdir())) == 1  # only the archive read to its end is indexed
 
@@ -560,25 +562,115 @@ def test_archives_cut_or_lying_give_rows_not_crashes(tmp_path):
     assert status["in-header-tar"] == ["ok", "truncated"]
     assert status["in-member-tar-gz"][0] == "ok" and status["in-member-tar-gz"][-1] == "truncated"
     sidecar = manifest[manifest["source"] == "sidecar-zip"].set_index("src_member")
-    assert sidecar.loc["p0.txt", "status"] == "read_error" and sidecar.loc["p1.png", "status"] == "ok"
+    assert sidecar.loc["p0.txt", "status"] == "corrupt_member" and sidecar.loc["p1.png", "status"] == "ok"
     twice = manifest[manifest["source"] == "twice-tar"]
     assert twice["status"].tolist() == ["unsafe_member", "ok"] and twice["url"].is_unique
 
 
 def test_archive_streams_have_a_deadline_and_a_size_cap(tmp_path, site, archive_dir):
     """A URL that drips a byte at a time (each read within read_timeout_s) stops at
-    archive_timeout_s; a remote zip larger than archive_max_bytes is not copied past it; a local
+    archive_timeout_s; a remote zip larger than max_archive_bytes is not copied past it; a local
     archive has the same deadline."""
     sources = [{"name": "drip", "path": f"{site}/drip.tar"}, {"name": "zip", "path": f"{site}/posters.zip"}]
     # The drip would send 200 bytes over 50 s and end (truncated); the deadline ends it first.
     run_download(
-        params(tmp_path, sources, read_timeout_s=5, archive_timeout_s=1.5, archive_max_bytes=2_000), progress=False
+        params(tmp_path, sources, read_timeout_s=5, archive_timeout_s=1.5, max_archive_bytes=2_000), progress=False
     )
     manifest = manifest_of(tmp_path)
     rows = manifest.set_index("source")
     assert rows.loc["drip", "status"] == "timeout" and "download.archive_timeout_s" in rows.loc["drip", "error"]
-    assert rows.loc["zip", "status"] == "too_large" and "download.archive_max_bytes" in rows.loc["zip", "error"]
+    assert rows.loc["zip", "status"] == "too_large" and "download.max_archive_bytes" in rows.loc["zip", "error"]
     assert not (tmp_path / "out" / "tmp").exists()
     local = [{"name": "local", "path": str(archive_dir / "posters.tar")}]
     run_download(params(tmp_path / "l", local, archive_timeout_s=1e-9), progress=False)
     assert manifest_of(tmp_path / "l")["status"].tolist()[-1] == "timeout"
+
+
+# -- any archive, however damaged: rows, never an exception ------------------------------------------------
+
+MEMBER_NAMES = (
+    "a.png", "b.jpg", "sub/c.png", "a.txt", "notes.md", "000001.png", "000001.txt", "000001.seg.png",
+    "../up.png", "/abs.png", "C:/drive.png", "..\\win.png", "sub/../../deep.png",
+)  # fmt: skip
+MEMBER_KINDS = ("file", "file", "file", "symlink", "hardlink", "device", "dir")
+
+
+def build_archive(path: Path, fmt: str, members: list[tuple[str, str, bool]]) -> Path:
+    """A zip, tar, tar.gz or WebDataset shard (a tar of keyed samples) holding `members`:
+    (name, kind, whether the bytes are an image)."""
+    import warnings
+
+    if fmt == "zip":
+        with warnings.catch_warnings(), zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as z:
+            warnings.simplefilter("ignore")  # "Duplicate name": what this test is about
+            for name, kind, image in members:
+                info = zipfile.ZipInfo(name + ("/" if kind == "dir" else ""))
+                mode = {"symlink": 0o120777, "device": 0o020644, "dir": 0o040755}.get(kind, 0o100644)
+                info.external_attr = mode << 16
+                z.writestr(info, IMAGES["p0"] if image else b"not an image")
+        return path
+    with tarfile.open(path, "w:gz" if fmt == "tar.gz" else "w") as tar:
+        for name, kind, image in members:
+            info = tarfile.TarInfo(name)
+            info.type = {
+                "symlink": tarfile.SYMTYPE,
+                "hardlink": tarfile.LNKTYPE,
+                "device": tarfile.CHRTYPE,
+                "dir": tarfile.DIRTYPE,
+            }.get(kind, tarfile.REGTYPE)
+            data = IMAGES["p0"] if image else b"not an image"
+            info.size, info.linkname = (len(data), "") if kind == "file" else (0, "/etc/passwd")
+            tar.addfile(info, io.BytesIO(data) if kind == "file" else None)
+    return path
+
+
+def rows_expected(members: list[tuple[str, str, bool]]) -> int:
+    """Refused members (a hostile name, a link, a device) and image files each give one row."""
+    count = 0
+    for name, kind, _image in members:
+        refused = unsafe_name(name) is not None or kind in ("symlink", "hardlink", "device")
+        count += refused or (kind == "file" and name.rsplit(".", 1)[-1] in ("png", "jpg"))
+    return count
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    members=st.lists(
+        st.tuples(st.sampled_from(MEMBER_NAMES), st.sampled_from(MEMBER_KINDS), st.booleans()), min_size=1, max_size=8
+    ),
+    fmt=st.sampled_from(["zip", "tar", "tar.gz", "wds"]),
+    damage=st.one_of(
+        st.none(),
+        st.tuples(st.just("cut"), st.floats(0.0, 1.0)),
+        st.tuples(st.just("flip"), st.floats(0.0, 1.0), st.integers(1, 600)),
+    ),
+)
+def test_property_any_archive_gives_one_row_per_member_and_never_an_exception(tmp_path_factory, members, fmt, damage):
+    """Random members (hostile names, links, devices, repeated names) in any format, cut or with bytes
+    overwritten anywhere: no exception escapes, nothing is written outside out_dir, every row's URL is
+    its own, and an undamaged archive has exactly one row per image or refused member."""
+    from components.download.fetch import FetchSettings
+
+    work = tmp_path_factory.mktemp("any-archive")
+    suffix = {"zip": "zip", "tar": "tar", "tar.gz": "tar.gz", "wds": "tar"}[fmt]
+    if fmt == "wds":  # WebDataset names: a sample key, then the extension
+        members = [(f"{i // 2:06d}.{n.rsplit('.', 1)[-1]}", k, img) for i, (n, k, img) in enumerate(members)]
+    if fmt == "zip":  # a zip has no hard links
+        members = [(n, "file" if k == "hardlink" else k, img) for n, k, img in members]
+    path = build_archive(work / f"shard.{suffix}", fmt, members)
+    data = bytearray(path.read_bytes())
+    if damage and damage[0] == "cut":
+        data = data[: int(len(data) * damage[1])]
+    elif damage:
+        at = int(len(data) * damage[1])
+        data[at : at + damage[2]] = random.Random(at).randbytes(len(data[at : at + damage[2]]))
+    path.write_bytes(bytes(data))
+    before = {p for p in work.rglob("*")}
+    out = work / "out"
+    rows = archives.ArchiveReader(out, FetchSettings(max_bytes=MAX_BYTES)).read_one(str(path), "s")
+    assert {p for p in work.rglob("*")} - before <= {out, *out.rglob("*")}
+    assert len(set(rows.urls)) == len(rows.urls) == len(rows.records) == len(rows.extras)
+    for record in rows.records:
+        assert record["status"] != "ok" or (out / "images") in (out / record["path"]).resolve().parents
+    if damage is None:
+        assert len(rows.urls) == rows_expected(members) and str(path) not in rows.urls, rows.records

@@ -171,6 +171,30 @@ def test_easel_export_command(tiny_models, tmp_path, capsys):
     assert main([*args, "--out", str(tmp_path / "poster.ckpt")]) == 2  # only .safetensors is written
 
 
+def test_a_broken_safetensors_file_is_named_before_any_library_reads_it(tiny_models, tmp_path):
+    """Pickle bytes under a .safetensors name, a header that claims more than the file holds, an empty
+    file, tensors past the end of a cut copy: each is an EaselError naming the file."""
+    import pickle
+    import struct
+
+    broken = {
+        "pickled.safetensors": (pickle.dumps({"model.diffusion_model.x": [0.0] * 8}), "not a safetensors file"),
+        "short.safetensors": (struct.pack("<Q", 10_000) + b'{"a": 1}', "not a safetensors file"),
+        "empty.safetensors": (b"", r"not a safetensors file \(empty\)"),
+        "cut.safetensors": (
+            struct.pack("<Q", 64)
+            + b'{"t":{"dtype":"F32","shape":[1000],"data_offsets":[0,4000]}}'.ljust(64)
+            + b"\0" * 100,
+            "truncated: its tensors need 4072 bytes, the file has 172",
+        ),
+    }
+    models = ModelsParams(sdxl_config=str(tiny_models / "sdxl"))
+    for name, (content, refused) in broken.items():
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(EaselError, match=rf"{name}: {refused}"):
+            load_sdxl_pipeline(str(tmp_path / name), models)
+
+
 def test_bad_single_file_inputs_are_named(tiny_models, tmp_path):
     path = sf.export_single_file(tiny_models / "sdxl", tmp_path / "base.safetensors", "fp16")
     with pytest.raises(ConfigError, match=r"models\.sdxl_config must be set"):

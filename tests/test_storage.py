@@ -45,6 +45,13 @@ def test_credentials_never_show_in_repr(s3_server):
     assert settings.secret_key not in repr(settings) and settings.secret_key not in str(settings)
 
 
+def test_the_server_keeps_its_logs_in_its_own_folder(s3_server):
+    """SeaweedFS writes its log files under the server's data folder (.easel/s3/logs in a project),
+    not as /tmp/weed.* where every project's would mix."""
+    logs = s3_server.data_dir / "logs"
+    assert logs.is_dir() and any(p.name.startswith("weed") for p in logs.iterdir())
+
+
 def test_start_reuses_a_running_server(s3_server):
     again = EmbeddedS3(data_dir=s3_server.data_dir, port=s3_server.port)
     assert again.start() is False  # already running: reused, not restarted

@@ -27,15 +27,16 @@ Nothing in an archive is trusted:
 - by URL, the host is checked as for every download (private addresses refused at connect time,
   TLS verified, redirects re-checked, `X-Robots-Tag` opt-outs honoured).
 
-Every archive is read as an untrusted stream: at most `download.archive_max_bytes` bytes and for at
+Every archive is read as an untrusted stream: at most `download.max_archive_bytes` bytes and for at
 most `download.archive_timeout_s` seconds in all (a server that drips a byte per read timeout, or a
 local tar.gz with a huge member to skip, ends as `timeout`), and a remote zip is not copied past that
-size. A member that cannot be read (a damaged sidecar too) gets its own `read_error` row and the next
-member is read; two members with one name get a row each (the second's URL ends `#2`).
+size. A member that cannot be read (a damaged sidecar too) gets its own `corrupt_member` row and the
+next member is read; two members with one name get a row each (the second's URL ends `#2`).
 
 An archive that cannot be read at all is one row with its outcome (`http_404`, `not_archive`,
-`truncated`, ...); rows already read from a truncated archive are kept before it, and a tar cut
-inside a member's data or a header is `truncated` too.
+`truncated`, ...); rows already read from a truncated archive are kept before it: a tar cut inside a
+member's data or a header is `truncated`, and one whose later header is damaged ends with a
+`corrupt_member` row (tarfile alone takes either for the end of the archive).
 A finished archive is indexed in out_dir/archives/: a rerun reuses the index while the archive is
 unchanged (size and mtime of a file; ETag or Last-Modified and size of an S3 object or URL) and its
 images are in the store, and reads nothing.
@@ -111,6 +112,8 @@ STREAM_ERRORS = (
     tarfile.TarError,
     zipfile.BadZipFile,
     zlib.error,
+    UnicodeDecodeError,  # a damaged zip directory's file name
+    NotImplementedError,  # a zip "version" or compression zipfile does not read (damage, mostly)
     aiohttp.ClientError,
     BotoCoreError,
 )
@@ -245,29 +248,43 @@ class Member:
     open: Callable[[], BinaryIO] | None = None
 
 
+class _StrictTarInfo(tarfile.TarInfo):
+    """tarfile ends an archive quietly at a header it cannot read (cut short, or a bad checksum) after
+    the first: here those end it with an outcome. The first header's problems stay tarfile's own
+    ReadError (`not_archive`)."""
+
+    @classmethod
+    def fromtarfile(cls, tar):
+        try:
+            return super().fromtarfile(tar)
+        except tarfile.TruncatedHeaderError:
+            if tar.offset == 0:
+                raise
+            raise ArchiveUnavailable("truncated", "the archive ends inside a member header") from None
+        except tarfile.InvalidHeaderError as exc:
+            if tar.offset == 0:
+                raise
+            raise ArchiveUnavailable("corrupt_member", f"a damaged member header at byte {tar.offset}: {exc}") from None
+
+
 def tar_members(stream: BinaryIO) -> Iterator[Member]:
-    """The members of a tar (gzip, bzip2 or xz compressed or not) read as a stream, in order. A tar
-    that ends inside a header raises EOFError (tarfile itself takes that for the end of the archive)."""
-    with tarfile.open(fileobj=stream, mode="r|*") as tar:
-        yield from _tar_infos(tar)
-        # tarfile stops at the first header it cannot read whole; a whole end-of-archive block is 512 bytes.
-        short = tar.fileobj.tell() - tar.offset
-        if 0 < short < tarfile.BLOCKSIZE:
-            raise EOFError(f"the archive ends inside a member header ({short} of {tarfile.BLOCKSIZE} bytes)")
-
-
-def _tar_infos(tar: tarfile.TarFile) -> Iterator[Member]:
-    for info in tar:
-        if info.isreg():
-            kind = "file"
-        elif info.isdir():
-            kind = "dir"
-        elif info.issym() or info.islnk():
-            kind = "link"
-        else:
-            kind = "special"
-        # Read before the next member: a stream cannot go back.
-        yield Member(info.name, kind, info.size, (lambda info=info: tar.extractfile(info)))
+    """The members of a tar (gzip, bzip2 or xz compressed or not) read as a stream, in order."""
+    try:
+        tar = tarfile.open(fileobj=stream, mode="r|*", tarinfo=_StrictTarInfo)  # noqa: SIM115 (closed below)
+    except TypeError as exc:  # tarfile's gzip-header reader on a header cut short calls ord(b"")
+        raise EOFError(f"the archive's gzip header is cut short ({exc})") from None
+    with tar:
+        for info in tar:
+            if info.isreg():
+                kind = "file"
+            elif info.isdir():
+                kind = "dir"
+            elif info.issym() or info.islnk():
+                kind = "link"
+            else:
+                kind = "special"
+            # Read before the next member: a stream cannot go back.
+            yield Member(info.name, kind, info.size, (lambda info=info: tar.extractfile(info)))
 
 
 def zip_members(archive: zipfile.ZipFile) -> Iterator[Member]:
@@ -340,9 +357,9 @@ class _Bounded(io.RawIOBase):
             )
         data = self.raw.read(len(buffer))
         self.count += len(data)
-        if self.count > self.settings.archive_max_bytes:
+        if self.count > self.settings.max_archive_bytes:
             raise ArchiveUnavailable(
-                "too_large", f"more than download.archive_max_bytes = {self.settings.archive_max_bytes} bytes"
+                "too_large", f"more than download.max_archive_bytes = {self.settings.max_archive_bytes} bytes"
             )
         buffer[: len(data)] = data
         return len(data)
@@ -517,7 +534,7 @@ def _image_record(url: str, member: Member, store: ImageStore, max_bytes: int) -
             data = read_at_most(fh, max_bytes + 1)
     except MEMBER_ERRORS as exc:
         # A damaged, encrypted or oddly compressed zip member; the other members can still be read.
-        return _failure_record(url, "read_error", f"{type(exc).__name__}: {exc}"[:300])
+        return _failure_record(url, "corrupt_member", f"{type(exc).__name__}: {exc}"[:300])
     if len(data) > max_bytes:
         return _failure_record(url, "too_large", f"member inflates past {max_bytes} bytes (declared {member.size})")
     image_type = sniff_image_type(data[:32])
@@ -605,7 +622,7 @@ def ingest_members(
                         text = read_at_most(fh, MAX_SIDECAR_BYTES)
                 except MEMBER_ERRORS as exc:  # a damaged sidecar: its own row; the archive goes on
                     broken = f"{type(exc).__name__}: {exc}"[:300]
-                    add(member, lambda url, broken=broken: _failure_record(url, "read_error", broken))
+                    add(member, lambda url, broken=broken: _failure_record(url, "corrupt_member", broken))
                     continue
                 sidecars.setdefault(_stem(member.name), {})[_suffix(member.name)] = text
     except STREAM_ERRORS as exc:  # a stream that fails part-way is an outcome, not a crash

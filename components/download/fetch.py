@@ -53,7 +53,7 @@ class FetchSettings:
     total_timeout_s: float = 60.0
     max_bytes: int = 25_000_000
     archive_timeout_s: float = 3600.0
-    archive_max_bytes: int = 20_000_000_000
+    max_archive_bytes: int = 20_000_000_000
     max_redirects: int = 5
     retries: int = 2
     backoff_base_s: float = 0.5

@@ -53,7 +53,7 @@ def settings_from_params(params: DownloadParams) -> FetchSettings:
         total_timeout_s=params.total_timeout_s,
         max_bytes=params.max_bytes,
         archive_timeout_s=params.archive_timeout_s,
-        archive_max_bytes=params.archive_max_bytes,
+        max_archive_bytes=params.max_archive_bytes,
         max_redirects=params.max_redirects,
         retries=params.retries,
         verify_tls=params.verify_tls,

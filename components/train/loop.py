@@ -291,8 +291,13 @@ class Trainer:
 
     # -- periodic work ----------------------------------------------------------------------------
 
-    def validation_loss(self, unet, val_loader, texts) -> float:
-        """Mean loss on the held-out images, with the same noise and timesteps every time."""
+    def validation_loss(self, unet, val_loader, texts, ema=None) -> float:
+        """Mean loss on the held-out images, with the same noise and timesteps every time, of the
+        weights that would be saved: the EMA's when it is on and saved (so the best step, and the
+        gate's saved_val_loss, judge what is saved), else the U-Net's own."""
+        if ema is not None and self.params.ema.use_for_save:
+            with ema.applied_to(self.accelerator.unwrap_model(unet).parameters()):
+                return self.validation_loss(unet, val_loader, texts)
         generator = torch.Generator().manual_seed(self.params.seed + 1)
         unet.eval()
         losses = []
@@ -508,7 +513,7 @@ class Trainer:
                 if val_loader is not None and (
                     (p.validation.every_n_steps and step % p.validation.every_n_steps == 0) or step == p.max_train_steps
                 ):
-                    val = self.validation_loss(unet, val_loader, texts)
+                    val = self.validation_loss(unet, val_loader, texts, ema)
                     metrics["val/loss"] = val
                     self.state.last_val_loss = val
                     if val < self.state.best_val_loss:

@@ -194,6 +194,22 @@ class EMA:
         """The averaged parameters, in the order they were given."""
         return self.shadow
 
+    @contextlib.contextmanager
+    def applied_to(self, parameters: Iterable[torch.Tensor]):
+        """The averaged weights in `parameters` for the duration; the trained ones wait in CPU memory
+        (diffusers' EMAModel.store/restore) and come back bit for bit."""
+        parameters = list(parameters)
+        stored = [p.detach().to("cpu", copy=True) for p in parameters]
+        try:
+            with torch.no_grad():
+                for param, shadow in zip(parameters, self.shadow, strict=True):
+                    param.copy_(shadow)
+            yield
+        finally:
+            with torch.no_grad():
+                for param, saved in zip(parameters, stored, strict=True):
+                    param.copy_(saved)
+
     def state_dict(self) -> dict:
         return {"updates": self.updates, "shadow": self.shadow}
 
