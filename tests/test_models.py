@@ -143,3 +143,32 @@ def test_a_model_folder_with_only_pickle_weights_is_refused(tiny_models, tmp_pat
         with pytest.raises(EaselError, match=r"cannot load models\."):
             load_sdxl_pipeline(str(root / "sdxl"), params)
     assert not ran.exists()
+
+
+def test_a_hub_repository_without_safetensors_weights_is_refused(monkeypatch, tmp_path):
+    """timm and open_clip fall back to a pickle when a hub repository lacks the safetensors file;
+    Easel asks for that file first. The hub is mocked (none is reachable here): it has no such file."""
+    import huggingface_hub
+    from huggingface_hub.errors import EntryNotFoundError
+
+    from components.caption.tagger import WDTagger
+    from components.config import TaggerParams
+
+    asked = []
+
+    def no_safetensors(repo, filename, **kwargs):
+        asked.append((repo, filename))
+        raise EntryNotFoundError(f"{filename} not in {repo}")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", no_safetensors)
+    tagger = WDTagger(ModelsParams(tagger="org/pickle-tagger"), TaggerParams(), torch.float32, torch.device("cpu"))
+    with pytest.raises(EaselError, match=r"models\.tagger: model\.safetensors cannot be had from org/pickle-tagger"):
+        tagger._load()
+    clip = ModelsParams(clip_model="ViT-L-14-quickgelu", clip_pretrained="openai")
+    refused = r"open_clip_model\.safetensors cannot be had from timm/vit_large_patch14_clip"
+    with pytest.raises(EaselError, match=refused):
+        load_open_clip(clip, torch.device("cpu"))
+    assert asked == [
+        ("org/pickle-tagger", "model.safetensors"),
+        ("timm/vit_large_patch14_clip_224.openai", "open_clip_model.safetensors"),
+    ]

@@ -72,13 +72,15 @@ class WDTagger:
         import timm
         from timm.data import create_transform, resolve_data_config
 
-        from components.models.loaders import require_safetensors, resolve_ref
+        from components.models.loaders import require_hub_safetensors, require_safetensors, resolve_ref
 
         self.models.require("tagger")
         ref = resolve_ref(self.models.tagger, "tagger")
         is_local = Path(ref).is_dir()
         if is_local:
             require_safetensors(ref, "model.safetensors", "tagger")
+        else:
+            require_hub_safetensors(ref, "model.safetensors", "tagger")
         try:
             model = timm.create_model(("local-dir:" if is_local else "hf-hub:") + ref, pretrained=True)
         except (OSError, RuntimeError, ValueError) as exc:

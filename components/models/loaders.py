@@ -80,6 +80,38 @@ def require_safetensors(folder: str | Path, filename: str, what: str) -> None:
         )
 
 
+def require_hub_safetensors(repo: str, filename: str, what: str) -> None:
+    """A hub repository must offer its weights as `filename` (safetensors): fetched now (or found in
+    the cache offline), so timm and open_clip, which fall back to a pickle when it is missing, read it."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError
+
+    try:
+        hf_hub_download(repo, filename)
+    except (OSError, ValueError, EntryNotFoundError) as exc:  # a missing file, repository, cache entry or bad id
+        raise EaselError(
+            f"models.{what}: {filename} cannot be had from {repo} ({type(exc).__name__}); weights in pickle "
+            "files (.bin, .pth) are not read"
+        ) from None
+
+
+def open_clip_hub_repo(name: str, pretrained: str | None) -> str | None:
+    """The hub repository open_clip fetches `name` + `pretrained` from (None: not from the hub)."""
+    import open_clip
+
+    if name.startswith("hf-hub:"):
+        return name[len("hf-hub:") :]
+    if name.startswith("local-dir:") or not pretrained or Path(pretrained).exists():
+        return None
+    hf_hub = open_clip.get_pretrained_cfg(name, pretrained).get("hf_hub")
+    if not hf_hub:
+        raise EaselError(
+            f"models.clip_pretrained: {pretrained!r} for {name} is published only as a pickle download; "
+            "choose a tag open_clip fetches from the hub, or give a .safetensors file"
+        )
+    return "/".join(hf_hub.split("/")[:2])
+
+
 def hub_kwargs(models: ModelsParams) -> dict[str, Any]:
     kwargs: dict[str, Any] = dict(SAFE_WEIGHTS)
     if models.revision:
@@ -263,6 +295,8 @@ def load_open_clip(models: ModelsParams, device: torch.device | None = None):
     pretrained = models.clip_pretrained
     if pretrained and Path(pretrained).exists():
         pretrained = str(Path(pretrained).resolve())
+    if repo := open_clip_hub_repo(name, pretrained):
+        require_hub_safetensors(repo, "open_clip_model.safetensors", "clip_model")
     try:
         model, _, preprocess = open_clip.create_model_and_transforms(
             name, pretrained=pretrained, device=device or default_device(), weights_only=True
