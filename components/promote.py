@@ -184,9 +184,7 @@ def pr_comment(decision: dict, report_url: str | None = None) -> str:
     ):
         a, b = (new.get(metric) or {}).get(stat), (old.get(metric) or {}).get(stat)
         change = a - b if isinstance(a, float) and isinstance(b, float) else None
-        rows.append(
-            ("data/metrics/evaluate.json", f"{metric}.{stat}", report.fmt(b), report.fmt(a), report.fmt(change))
-        )
+        rows.append(("evaluate.json", f"{metric}.{stat}", report.fmt(b), report.fmt(a), report.fmt(change)))
     if metrics:
         lines += [
             f"Candidate against **{reference}** (`dvc metrics diff` style, recomputed from scores.csv):",
