@@ -186,3 +186,22 @@ def test_the_s3_endpoint_is_checked_when_params_load(tmp_path, monkeypatch):
             load_params(path)
     monkeypatch.setenv("EASEL_S3_ENDPOINT", "https://s3.example.com:9000")
     assert load_params(path).profile == "tiny"
+
+
+@pytest.mark.parametrize(
+    ("section", "key", "value", "message"),
+    [
+        ("download", "archive_timeout_s", 0, r"download\.archive_timeout_s: Input should be greater than 0"),
+        ("download", "max_archive_bytes", "lots", r"download\.max_archive_bytes: .*'lots'"),
+        ("caption", "word_replacements", ["tshirt"], r"caption\.word_replacements: Input should be a valid dictionary"),
+        ("reporting", "metrics_dir", ["data"], r"reporting\.metrics_dir: Input should be a valid string"),
+        ("reporting", "log_dir", ".easel/logs", r"reporting\.log_dir: unknown key"),
+        ("models", "clip_pretrained", "/models/open_clip.bin", r"models\.clip_pretrained: .*a pickle checkpoint"),
+    ],
+)
+def test_new_settings_refuse_bad_values_by_name(tmp_path, section, key, value, message):
+    """The settings added for safe archives, captions, reports and pickle refusal name a bad value."""
+    data = repo_params()
+    data[section][key] = value
+    with pytest.raises(ConfigError, match=message):
+        load_params(write(tmp_path, data))
