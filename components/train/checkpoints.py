@@ -84,8 +84,8 @@ class TrainState:
         self.step = int(state["step"])
         self.best_val_loss = float(state["best_val_loss"])
         self.best_step = state["best_step"]
-        self.base_val_loss = state.get("base_val_loss")  # absent from checkpoints written before it existed
-        self.last_val_loss = state.get("last_val_loss")
+        self.base_val_loss = state["base_val_loss"]
+        self.last_val_loss = state["last_val_loss"]
 
 
 def run_identity(params: TrainParams, models: ModelsParams, data_fingerprint: str) -> dict:

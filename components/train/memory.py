@@ -226,7 +226,7 @@ class FrozenParts:
     embeddings. Once the caches are filled, the unneeded parts leave the accelerator: to CPU memory,
     or, when the accelerator is the CPU itself, out of memory altogether (`reload` loads them again
     from the model files). `on_device()` puts all of them beside the U-Net for as long as samples are
-    drawn, then back where they were; `loaded()` only makes sure they exist (for saving)."""
+    drawn, then back where they were. The save loads them again from the base files, unrounded."""
 
     NAMES = ("vae", "text_encoder", "text_encoder_2")
 
@@ -279,7 +279,3 @@ class FrozenParts:
             yield
         finally:
             self.send_away(away)
-
-    def loaded(self) -> None:
-        if any(getattr(self.parts, name) is None for name in self.NAMES):
-            self._load()
