@@ -187,8 +187,9 @@ def link_into_blobs(snapshot: Path, blobs: Path) -> None:
         path.symlink_to(os.path.relpath(blob, path.parent))
 
 
-def write_sdxl_base(cache: Path, seed: int = 0) -> Path:
-    """Write the repository into the hub cache `cache` (once); returns its snapshot folder."""
+def write_sdxl_base(cache: Path, seed: int = 0, weights: bool = True) -> Path:
+    """Write the repository into the hub cache `cache` (once); returns its snapshot folder. Without
+    `weights`, only the configs and tokenizers (what `easel train --plan` reads), in seconds."""
     from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
     from transformers import CLIPTokenizer
 
@@ -203,8 +204,9 @@ def write_sdxl_base(cache: Path, seed: int = 0) -> Path:
         folder = snapshot / name
         folder.mkdir(parents=True, exist_ok=True)
         (model.config.save_pretrained if name.startswith("text") else model.save_config)(str(folder))
-        weights = "model.safetensors" if name.startswith("text") else "diffusion_pytorch_model.safetensors"
-        stream_safetensors(model, folder / weights, [torch.float32, torch.float16], seed + index)
+        if weights:
+            filename = "model.safetensors" if name.startswith("text") else "diffusion_pytorch_model.safetensors"
+            stream_safetensors(model, folder / filename, [torch.float32, torch.float16], seed + index)
     for name, pad in (("tokenizer", "<|endoftext|>"), ("tokenizer_2", "!")):
         save_clip_tokenizer(snapshot / name, pad_token=pad)
     scheduler = EulerDiscreteScheduler.from_config(SCHEDULER_CONFIG)
@@ -225,8 +227,9 @@ def write_sdxl_base(cache: Path, seed: int = 0) -> Path:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cache", type=Path, default=Path(".easel/rehearsal/hub"))
+    parser.add_argument("--configs-only", action="store_true", help="no weights: what `easel train --plan` reads")
     args = parser.parse_args()
-    print(write_sdxl_base(args.cache))
+    print(write_sdxl_base(args.cache, weights=not args.configs_only))
 
 
 if __name__ == "__main__":

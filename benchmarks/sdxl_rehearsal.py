@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import resource
@@ -84,45 +85,15 @@ CONFIGS = {
     "extra: full_bf16 + Adafactor (factored_dims largest_two) + fused backward": (FULL | FUSED | LARGEST_TWO, "fp16"),
     "extra: mixed bf16 (fp32 weights) + Adafactor + fused backward": (MIXED | FUSED | ADAFACTOR, None),
 }
-# Besides weights, gradients and optimizer state: the interpreter and libraries (0.9 GB resident
-# after importing torch, diffusers and transformers here), tokenizers, caches, activations and the
-# optimizer's per-parameter temporaries; 2.1 GB in a first fused full_bf16 run of this script.
-OVERHEAD_GB = 2.0
 
 
 def needs(config: dict, shapes: list[tuple[int, ...]]) -> dict[str, float]:
-    """The memory arithmetic of a configuration for the SDXL U-Net, in GB."""
-    count = sum(_numel(s) for s in shapes)
-    width = 2 if config.get("full_bf16") else 4
-    weights = count * width
-    grads = 0 if config.get("fused_backward_pass") else count * width  # fused: one parameter's at a time
-    if config["optimizer"] == "adamw":
-        state = 8 * count  # two fp32 moments
-    else:  # Adafactor without momentum: factored fp32 second moments (a vector for 1-D parameters)
-        largest = config.get("optimizer_args", {}).get("factored_dims") == "largest_two"
-        state = 4 * sum(_adafactor_state(s, largest) for s in shapes)
-    parts = {"weights": weights / GB, "gradients": grads / GB, "optimizer": state / GB, "other": OVERHEAD_GB}
-    return parts | {"total": sum(parts.values())}
+    """The memory arithmetic of a configuration for the SDXL U-Net, in GB: `easel train --plan`'s
+    (components/train/plan.py), whose 2 GB for everything else this rehearsal measured."""
+    from components.config import TrainParams
+    from components.train.plan import memory_gb
 
-
-def _adafactor_state(shape: tuple[int, ...], largest_two: bool) -> int:
-    """Numbers Adafactor keeps for one parameter: a row and a column mean over its two factored
-    dimensions, or one per element (see components/train/optim.py)."""
-    if len(shape) < 2:
-        return _numel(shape)
-    if not largest_two:
-        return _numel(shape[:-1]) + _numel(shape[:-2] + shape[-1:])
-    second, first = sorted(shape)[-2:]
-    if second < 128:
-        return _numel(shape)
-    return _numel(shape) // first + _numel(shape) // second
-
-
-def _numel(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
+    return memory_gb(TrainParams(**config), shapes)
 
 
 def unet_shapes() -> list[tuple[int, ...]]:
@@ -162,12 +133,11 @@ def watch_resident_memory() -> dict[str, float]:
 def child(name: str, work: Path, captions: Path, resolution: int, steps: int) -> None:
     import yaml
 
-    from components.config import Params, TrainParams, resolve_profile
+    from components.config import Params, TrainParams, deep_merge
     from components.train import run_train
 
     raw = yaml.safe_load(PARAMS.read_text())
-    raw["profile"] = "sdxl"
-    params = Params.model_validate(resolve_profile(raw))
+    params = Params.model_validate(deep_merge(raw, raw["profiles"]["sdxl"]))
     config, variant = CONFIGS[name]
     overrides = COMMON | config
     overrides |= {
@@ -261,7 +231,8 @@ def main() -> None:
     ram = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / GB
     print(
         f"machine: {platform.machine()}, {os.cpu_count()} cores, {ram:.1f} GB RAM; "
-        f"SDXL U-Net {sum(_numel(s) for s in shapes):,} parameters; {args.resolution} px, batch 1, {args.steps} steps; "
+        f"SDXL U-Net {sum(math.prod(s) for s in shapes):,} parameters; "
+        f"{args.resolution} px, batch 1, {args.steps} steps; "
         f"cap {args.cap_gb} GB per configuration",
         flush=True,
     )

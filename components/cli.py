@@ -146,6 +146,12 @@ def cmd_train(args) -> int:
     from components.train import run_train
 
     params = _load(args)
+    if args.plan:
+        from components.train.plan import caption_count, fits, plan_training
+
+        plan = plan_training(params.train, params.models, caption_count(Path(params.caption.out_dir)))
+        print(plan.render())
+        return 0 if fits(plan) else 2
     summary = run_train(
         params.train,
         params.models,
@@ -494,6 +500,12 @@ def build_parser() -> argparse.ArgumentParser:
     for stage in STAGES:
         p = add(stage, funcs[stage], descriptions[stage])
         p.add_argument("--no-progress", action="store_true", help="no progress bars")
+        if stage == "train":
+            p.add_argument(
+                "--plan",
+                action="store_true",
+                help="print the memory and disk the run needs, and whether they fit; train nothing",
+            )
         if stage == "evaluate":
             p.add_argument("--model", help="pipeline folder to evaluate (default: the train stage's model)")
         if stage == "download":

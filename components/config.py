@@ -69,8 +69,11 @@ class ModelsParams(Section):
     aesthetic: str | None = None
     aesthetic_sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$")
     # Prompt tokens the text encoders read, in training and generation alike: 75 (CLIP's own), or
-    # 150 / 225 with kohya's chunked encoding (components/prompt_encoding.py). Captions are checked against it.
+    # 150 / 225 with a chunked encoding (components/prompt_encoding.py). Captions are checked against it.
     max_token_length: Literal[75, 150, 225] = 75
+    # How prompts past 75 tokens are cut into chunks and joined, in training and generation alike: as kohya
+    # sd-scripts (2 + 75 n states), ComfyUI or AUTOMATIC1111 / Forge (77 n states) do.
+    long_prompt_mode: Literal["kohya", "comfyui", "a1111"] = "kohya"
 
     @field_validator("sdxl", "vae", "clip_pretrained")
     @classmethod
@@ -364,6 +367,10 @@ class EmaParams(Section):
     enabled: bool = False
     decay: float = Field(0.9999, gt=0, lt=1)
     update_every: int = Field(1, ge=1)  # optimizer steps between EMA updates
+    # diffusers' warm-up: update n keeps min(decay, (1 + n) / (10 + n)), so a high decay is reached
+    # only after thousands of updates. Off: `decay` from the second update, a horizon of
+    # update_every / (1 - decay) steps (the run's log and metrics state the horizon it reached).
+    warmup: bool = True
     use_for_save: bool = True  # save the EMA weights as the model
     # Where the averaged copy lives: beside the U-Net on the accelerator, or in CPU memory (updated
     # there every update_every steps), which frees a whole copy of the weights from the device.

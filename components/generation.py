@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from components.guidance import Branch, Guidance
-from components.prompt_encoding import chunks_needed, encode_prompts
+from components.prompt_encoding import LongPromptMode, chunks_needed, common_chunk_count, encode_prompts
 
 SAMPLERS = {
     "euler": "EulerDiscreteScheduler",
@@ -34,10 +34,14 @@ class GenerationSettings:
     guidance: Guidance = field(default_factory=Guidance)
     sampler: str | None = None  # None: the model's own scheduler
     max_token_length: int = 75  # prompt tokens read: 75, or 150 / 225 chunked (components/prompt_encoding.py)
+    long_prompt_mode: LongPromptMode = "kohya"  # how long prompts are chunked and joined: kohya | comfyui | a1111
 
     def key(self) -> str:
         """A stable text form, part of every cached image's key."""
-        return json.dumps(asdict(self), sort_keys=True)
+        fields = asdict(self)
+        if self.long_prompt_mode == "kohya":  # the encoding from before the setting: images keep their keys
+            del fields["long_prompt_mode"]
+        return json.dumps(fields, sort_keys=True)
 
 
 def use_sampler(pipe, sampler: str | None) -> None:
@@ -50,17 +54,20 @@ def use_sampler(pipe, sampler: str | None) -> None:
     pipe.scheduler = getattr(diffusers, SAMPLERS[sampler]).from_config(pipe.scheduler.config)
 
 
-def _embeddings(pipe, prompts: list[str], negatives: list[str], max_token_length: int) -> dict[Branch, tuple]:
+def _embeddings(
+    pipe, prompts: list[str], negatives: list[str], max_token_length: int, mode: LongPromptMode = "kohya"
+) -> dict[Branch, tuple]:
     """(prompt_embeds, pooled_embeds) for each branch, as StableDiffusionXLPipeline.encode_prompt builds them
-    (chunked past 75 tokens); a prompt and its negative get the same number of chunks."""
+    (chunked past 75 tokens as `mode` does); a prompt and its negative get one length: kohya pads the
+    shorter with empty chunks, the 77 n modes repeat both to the least common multiple (ComfyUI)."""
     encoders, tokenizers = [pipe.text_encoder, pipe.text_encoder_2], [pipe.tokenizer, pipe.tokenizer_2]
-    n = max(chunks_needed(tokenizers, prompts + negatives, max_token_length))
-    cond, pooled = encode_prompts(encoders, tokenizers, prompts, max_token_length, n)
-    negative, negative_pooled = encode_prompts(encoders, tokenizers, negatives, max_token_length, n)
+    n = common_chunk_count(chunks_needed(tokenizers, prompts + negatives, max_token_length, mode), mode)
+    cond, pooled = encode_prompts(encoders, tokenizers, prompts, max_token_length, n, mode=mode)
+    negative, negative_pooled = encode_prompts(encoders, tokenizers, negatives, max_token_length, n, mode=mode)
     if pipe.config.force_zeros_for_empty_prompt:  # SDXL base: the null condition is all zeros
         null, null_pooled = torch.zeros_like(cond), torch.zeros_like(pooled)
     else:
-        null, null_pooled = encode_prompts(encoders, tokenizers, [""] * len(prompts), max_token_length, n)
+        null, null_pooled = encode_prompts(encoders, tokenizers, [""] * len(prompts), max_token_length, n, mode=mode)
     dtype = pipe.text_encoder_2.dtype  # as the pipeline hands them to the U-Net
     return {
         branch: (embeds.to(dtype), pooled_embeds.to(dtype))
@@ -72,14 +79,16 @@ def _embeddings(pipe, prompts: list[str], negatives: list[str], max_token_length
     }
 
 
-def _by_chunk_count(prompts: list[str], negatives: list[str], tokenizers, max_token_length: int) -> list[list[int]]:
-    """Indices grouped by the chunks each (prompt, negative) needs: an image's conditioning then depends on
-    its own prompts only, never on what else is in the batch."""
+def _by_chunk_count(
+    prompts: list[str], negatives: list[str], tokenizers, max_token_length: int, mode: LongPromptMode = "kohya"
+) -> list[list[int]]:
+    """Indices grouped by the length each (prompt, negative) is encoded at: an image's conditioning then
+    depends on its own prompts only, never on what else is in the batch."""
     need = [
-        max(pair)
+        common_chunk_count(list(pair), mode)
         for pair in zip(
-            chunks_needed(tokenizers, prompts, max_token_length),
-            chunks_needed(tokenizers, negatives, max_token_length),
+            chunks_needed(tokenizers, prompts, max_token_length, mode),
+            chunks_needed(tokenizers, negatives, max_token_length, mode),
             strict=True,
         )
     ]
@@ -98,7 +107,10 @@ def generate(
     """One image per (prompt, negative prompt, seed): PIL images, or a float array with "np"."""
     from diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl import retrieve_timesteps
 
-    groups = _by_chunk_count(prompts, negative_prompts, [pipe.tokenizer, pipe.tokenizer_2], settings.max_token_length)
+    tokenizers = [pipe.tokenizer, pipe.tokenizer_2]
+    groups = _by_chunk_count(
+        prompts, negative_prompts, tokenizers, settings.max_token_length, settings.long_prompt_mode
+    )
     if len(groups) > 1:  # prompts of different lengths are generated apart, then put back in order
         images: list = [None] * len(prompts)
         for group in groups:
@@ -109,7 +121,7 @@ def generate(
     n = len(prompts)
     device = pipe._execution_device
     guidance = settings.guidance
-    embeds = _embeddings(pipe, prompts, negative_prompts, settings.max_token_length)
+    embeds = _embeddings(pipe, prompts, negative_prompts, settings.max_token_length, settings.long_prompt_mode)
     dtype = embeds["cond"][0].dtype
     use_sampler(pipe, settings.sampler)
     timesteps, steps = retrieve_timesteps(pipe.scheduler, settings.num_inference_steps, device)

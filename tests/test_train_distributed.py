@@ -51,7 +51,9 @@ def weights(folder):
 def test_ddp_and_multinode_configs_train_the_same_and_resume_exactly(tmp_path, tiny_models):
     """Two processes with bf16 weights (stochastic rounding) and an EMA: a run stopped after 3 steps
     and resumed ends with the weights of a straight run, and two one-process "nodes" under the
-    multi-node config train exactly what two processes on one node do."""
+    multi-node config train exactly what two processes on one node do. Only the main process keeps
+    the EMA (one copy of the U-Net, not one per process); it validates the average and the others
+    receive its loss."""
     captions = captioned_set(tmp_path, sizes=[(96, 96)] * 4 + [(128, 64)] * 4)  # two buckets
     models = tiny_params(tiny_models).model_dump()
     common = dict(
@@ -64,6 +66,7 @@ def test_ddp_and_multinode_configs_train_the_same_and_resume_exactly(tmp_path, t
         full_bf16=True,
         optimizer="adafactor",
         ema={"enabled": True, "decay": 0.9},
+        validation={"fraction": 0.25, "every_n_steps": 2, "keep_best": True},
     )
     ddp = ["--num_processes", "2"]
 
@@ -72,7 +75,9 @@ def test_ddp_and_multinode_configs_train_the_same_and_resume_exactly(tmp_path, t
             train=train_params(tmp_path / folder, **common, **kw).model_dump(), models=models, captions=captions
         )
 
-    launched(launch("ddp_8gpu.yaml", tmp_path / "a.json", ddp, **spec("a", max_train_steps=6), plots=tmp_path / "pa"))
+    straight = spec("a", max_train_steps=6) | {"ema_record": tmp_path / "ema-a"}
+    launched(launch("ddp_8gpu.yaml", tmp_path / "a.json", ddp, **straight, plots=tmp_path / "pa"))
+    assert [p.name for p in (tmp_path / "ema-a").iterdir()] == ["rank-0"]
     # The same run stopped after 3 steps, then continued to 6 from its checkpoint.
     launched(launch("ddp_8gpu.yaml", tmp_path / "b1.json", ddp, **spec("b", max_train_steps=3), plots=tmp_path / "pb"))
     (run_dir,) = (tmp_path / "b" / "ckpt").iterdir()
@@ -112,6 +117,17 @@ def test_ddp_and_multinode_configs_train_the_same_and_resume_exactly(tmp_path, t
     assert losses["pa"]["step"].tolist() == losses["pb"]["step"].tolist() == [1, 2, 3, 4, 5, 6]
     assert losses["pb"]["loss"].tolist() == pytest.approx(losses["pa"]["loss"].tolist(), rel=1e-4)
     assert losses["pm"]["loss"].tolist() == pytest.approx(losses["pa"]["loss"].tolist(), rel=1e-4)
+    # The EMA's validation losses, computed by the main process: the same in every run (the stopped
+    # run also validated at its last step, 3), and the best of them is the step whose weights were saved.
+    val = {
+        run: pd.read_csv(tmp_path / run / "plots" / "metrics" / "val" / "loss.tsv", sep="\t").set_index("step")["loss"]
+        for run in losses
+    }
+    assert val["pa"].index.tolist() == [2, 4, 6] and val["pb"].index.tolist() == [2, 3, 4, 6]
+    for run in ("pb", "pm"):
+        assert val[run].loc[[2, 4, 6]].tolist() == pytest.approx(val["pa"].tolist(), rel=1e-4)
+    card = json.loads((tmp_path / "a" / "train" / "model" / "easel_train.json").read_text())
+    assert card["weights"] == "ema" and card["best_val_loss"] == pytest.approx(val["pa"].min())
 
 
 def test_single_gpu_config_runs_the_lean_recipe(tmp_path, tiny_models):

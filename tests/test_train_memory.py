@@ -11,7 +11,7 @@ from diffusers import UNet2DConditionModel
 from PIL import Image
 
 from components.config import TrainParams
-from components.train.memory import EMA, FusedBackward, stochastic_round_
+from components.train.memory import EMA, FusedBackward, ema_horizon_steps, stochastic_round_
 from components.train.optim import Adafactor, AdamW, build_optimizer
 from tests.fake_accelerator import DEVICE, FakeAccelerator, device_of
 from tests.test_models import tiny_params
@@ -368,3 +368,31 @@ def trainer_settings(params):
     from components.generation import GenerationSettings
 
     return GenerationSettings(num_inference_steps=2, height=params.resolution, width=params.resolution)
+
+
+@pytest.mark.parametrize("warmup", [False, True])
+def test_the_ema_looks_back_as_far_as_the_run_states(warmup):
+    """A weight that grows by one every optimizer step: the EMA trails it by how far back it looks.
+    Without warm-up that is the set decay's horizon, update_every / (1 - decay) steps (less one
+    update), as params say; with diffusers' warm-up, the shorter horizon it reached, which the run
+    states instead of the set one (0.999 every 10 steps looked back about 230 steps after 2,000)."""
+    decay, every, steps = 0.98, 10, 2000
+    param = [torch.nn.Parameter(torch.zeros(1))]
+    ema = EMA(param, decay, device=torch.device("cpu"), dtype=torch.float32, warmup=warmup)
+    for step in range(1, steps + 1):
+        param[0].data.fill_(step)
+        if step % every == 0:
+            ema.step(param)
+    lag = steps - ema.weights()[0].item()
+    stated = ema_horizon_steps(decay, every, warmup, steps)
+    assert stated["set_horizon_steps"] == pytest.approx(500)
+    if warmup:
+        assert stated["horizon_steps"] == pytest.approx(10 / (1 - 200 / 209))  # 232 steps, not 500
+        assert lag == pytest.approx(stated["horizon_steps"] - every, rel=0.15)
+    else:
+        assert stated["horizon_steps"] == pytest.approx(500)
+        assert lag == pytest.approx(stated["horizon_steps"] - every, rel=0.03)
+        assert stated["first_update_share"] == pytest.approx(decay**199)
+    # A horizon longer than the run: the average is still mostly the first update's weights.
+    long = ema_horizon_steps(0.999, every, False, steps)
+    assert long["horizon_steps"] == pytest.approx(10_000) and long["first_update_share"] > 0.8

@@ -48,6 +48,7 @@ def generation_settings(params: EvaluateParams, models: ModelsParams) -> Generat
         guidance=Guidance(g.mode, g.scale, g.negative_scale, g.negative_delay),
         sampler=params.sampler,
         max_token_length=models.max_token_length,  # the prompt encoding training used
+        long_prompt_mode=models.long_prompt_mode,
     )
 
 
@@ -377,6 +378,7 @@ def run_evaluate(
         "generation": {
             "guidance": generation_settings(params, models).guidance.describe(),
             "max_token_length": models.max_token_length,
+            "long_prompt_mode": models.long_prompt_mode,
             "sampler": params.sampler,
             "steps": params.num_inference_steps,
             "height": params.height,

@@ -26,7 +26,7 @@ from components.errors import ConfigError, EaselError
 from components.fsutil import atomic_dir, atomic_write_json, atomic_write_text, read_stage_table
 from components.images import read_header
 from components.models.loaders import dtype_for, load_sdxl_frozen, load_sdxl_parts
-from components.prompt_encoding import chunks_needed
+from components.prompt_encoding import chunks_needed, common_chunk_count
 from components.train import checkpoints
 from components.train.cache import LatentCache, TextEmbeddingCache, folder_identity
 from components.train.data import (
@@ -37,8 +37,16 @@ from components.train.data import (
     collate,
     make_buckets,
 )
-from components.train.memory import EMA, FrozenParts, FusedBackward, peak_memory_mb, reset_peak_memory
+from components.train.memory import (
+    EMA,
+    FrozenParts,
+    FusedBackward,
+    ema_horizon_steps,
+    peak_memory_mb,
+    reset_peak_memory,
+)
 from components.train.optim import build_lr_scheduler, build_optimizer
+from components.train.plan import check_disk, plan_training
 from components.train.sdxl import diffusion_loss, encode_prompts, time_ids
 
 log = logging.getLogger(__name__)
@@ -153,10 +161,15 @@ class Trainer:
             models, unet_dtype=torch.bfloat16 if params.full_bf16 else None, text_encoder_dtype=self.weight_dtype
         )
         self.latent_scale = self.parts.vae.config.scaling_factor  # kept: the VAE may leave memory
-        # One chunk count for every caption, as kohya pads all to the longest: batches and cached embeddings
-        # stack. Captions of up to 75 tokens everywhere: one chunk, CLIP's own encoding.
+        # One length for every caption, so batches and cached embeddings stack: kohya pads all to the longest,
+        # the 77 n modes repeat each to the least common multiple of the chunk counts (at most 6 chunks).
+        # Captions of up to 75 tokens everywhere: one chunk, CLIP's own encoding.
         tokenizers = [self.parts.tokenizer, self.parts.tokenizer_2]
-        self.n_chunks = max(chunks_needed(tokenizers, [i.caption for i in items], models.max_token_length))
+        mode = models.long_prompt_mode
+        need = chunks_needed(tokenizers, [i.caption for i in items], models.max_token_length, mode)
+        if params.shuffle_caption and mode != "kohya":  # a shuffled caption may cut into another count
+            need += range(1, models.max_token_length // 75 + 1)
+        self.n_chunks = common_chunk_count(need, mode)
         self.frozen = FrozenParts(
             self.parts, self.device, self.weight_dtype, lambda: load_sdxl_frozen(models, self.weight_dtype)
         )
@@ -222,6 +235,7 @@ class Trainer:
             self.params.empty_prompt,
             self.models.max_token_length,
             self.n_chunks,
+            self.models.long_prompt_mode,
         )
 
     def _caches(self, train_bucket_of, val_bucket_of):
@@ -234,8 +248,10 @@ class Trainer:
             latents.prepare(self.parts.vae, self.train_items, train_bucket_of, flips, self.device, self.progress)
             latents.prepare(self.parts.vae, self.val_items, val_bucket_of, (False,), self.device, self.progress)
         if p.cache_text_embeddings:
+            m = self.models  # the layout differs by mode even at the same chunk count
             identity = (
-                folder_identity(self.parts.base) + f":{p.empty_prompt}:{self.models.max_token_length}x{self.n_chunks}"
+                folder_identity(self.parts.base)
+                + f":{p.empty_prompt}:{m.long_prompt_mode}:{m.max_token_length}x{self.n_chunks}"
             )
             texts = TextEmbeddingCache(Path(p.cache_dir), identity, p.cache_memory_mb)
             with torch.no_grad():
@@ -291,13 +307,23 @@ class Trainer:
 
     # -- periodic work ----------------------------------------------------------------------------
 
-    def validation_loss(self, unet, val_loader, texts, ema=None) -> float:
+    def validation_loss(self, unet, val_loader, texts, ema=None, averaged: bool = False) -> float:
         """Mean loss on the held-out images, with the same noise and timesteps every time, of the
         weights that would be saved: the EMA's when it is on and saved (so the best step, and the
-        gate's saved_val_loss, judge what is saved), else the U-Net's own."""
-        if ema is not None and self.params.ema.use_for_save:
-            with ema.applied_to(self.accelerator.unwrap_model(unet).parameters()):
-                return self.validation_loss(unet, val_loader, texts)
+        gate's saved_val_loss, judge what is saved: `averaged`), else the U-Net's own. The EMA is
+        the main process's alone: that process computes the loss and every other one receives it."""
+        acc = self.accelerator
+        if averaged:
+            loss = [None]
+            if acc.is_main_process:
+                model = acc.unwrap_model(unet)  # the bare module: no collective call from one process
+                with ema.applied_to(model.parameters()):
+                    loss = [self.validation_loss(model, val_loader, texts)]
+            if acc.num_processes > 1:
+                from accelerate.utils import broadcast_object_list
+
+                broadcast_object_list(loss)
+            return loss[0]
         generator = torch.Generator().manual_seed(self.params.seed + 1)
         unet.eval()
         losses = []
@@ -343,6 +369,7 @@ class Trainer:
             width=p.resolution,
             guidance=Guidance("cfg", 5.0),
             max_token_length=self.models.max_token_length,
+            long_prompt_mode=self.models.long_prompt_mode,
         )
         unet.eval()
         # With cached latents or embeddings the VAE and encoders are off the device; sampling needs
@@ -513,13 +540,16 @@ class Trainer:
                 if val_loader is not None and (
                     (p.validation.every_n_steps and step % p.validation.every_n_steps == 0) or step == p.max_train_steps
                 ):
-                    val = self.validation_loss(unet, val_loader, texts, ema)
+                    averaged = p.ema.enabled and p.ema.use_for_save
+                    val = self.validation_loss(unet, val_loader, texts, ema, averaged)
                     metrics["val/loss"] = val
                     self.state.last_val_loss = val
                     if val < self.state.best_val_loss:
                         self.state.best_val_loss, self.state.best_step = val, step
                         if p.validation.keep_best:
-                            weights = self._weights(unet, ema)
+                            # In the precision the model is saved in: the save casts to it anyway, and
+                            # an fp32 EMA of SDXL's U-Net would make each file 10.3 GB instead of 5.1.
+                            weights = self._weights(unet, ema, SAVE_DTYPES[p.save_precision])
                             if acc.is_main_process:
                                 checkpoints.save_best(self.run_dir, weights, step, val)
                 curves.add(step, metrics)
@@ -544,14 +574,31 @@ class Trainer:
         return self._finish(unet, ema, losses, seconds, metrics_path, live)
 
     def _build_ema(self, unet) -> EMA | None:
-        """The EMA of the prepared U-Net's parameters, on the accelerator or in CPU memory."""
+        """The EMA of the prepared U-Net's parameters, on the accelerator or in CPU memory, kept by
+        the main process only: every process holds the same weights after each step, and only the
+        main process validates with, checkpoints and saves the average (a whole copy of the U-Net
+        per process otherwise: 10 GB in float32 at SDXL's size)."""
         ema = self.params.ema
         if not ema.enabled:
+            return None
+        horizon = ema_horizon_steps(ema.decay, ema.update_every, ema.warmup, self.params.max_train_steps)
+        log.info(
+            "EMA: decay %g every %d steps%s; at step %d it looks back %.0f steps (the set decay: %.0f), and the "
+            "first update's weights are %.1f%% of it",
+            ema.decay,
+            ema.update_every,
+            " with diffusers' warm-up" if ema.warmup else "",
+            self.params.max_train_steps,
+            horizon["horizon_steps"],
+            horizon["set_horizon_steps"],
+            100 * horizon["first_update_share"],
+        )
+        if not self.accelerator.is_main_process:
             return None
         device = self.device if ema.device == "accelerator" else torch.device("cpu")
         dtype = torch.bfloat16 if ema.dtype == "bf16" else torch.float32
         parameters = self.accelerator.unwrap_model(unet).parameters()
-        return EMA(parameters, ema.decay, device, dtype, seed=self.params.seed)
+        return EMA(parameters, ema.decay, device, dtype, seed=self.params.seed, warmup=ema.warmup)
 
     def _clip(self, unet) -> torch.Tensor:
         """Clip by the global norm (or only measure it, with max_grad_norm null); returns the norm."""
@@ -560,15 +607,16 @@ class Trainer:
         self.accelerator.unscale_gradients()
         return torch.nn.utils.get_total_norm([q.grad for q in unet.parameters() if q.grad is not None])
 
-    def _weights(self, unet, ema) -> dict[str, torch.Tensor]:
-        """The weights to keep, on the CPU: the EMA's if it is on and chosen for saving, else the
-        U-Net's. Every process calls this (a multi-process state dict may need them all). Tensors
-        already on the CPU are not copied: callers write them out before training changes them."""
+    def _weights(self, unet, ema, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+        """The weights to keep, on the CPU (in `dtype`, if given): the EMA's if it is on and chosen
+        for saving, else the U-Net's. Every process calls this (a multi-process state dict may need
+        them all). Tensors already on the CPU in that dtype are not copied: callers write them out
+        before training changes them."""
         state = self.accelerator.get_state_dict(unet)
         if ema is not None and self.params.ema.use_for_save:
             names = [name for name, _ in self.accelerator.unwrap_model(unet).named_parameters()]
             state = dict(state) | dict(zip(names, ema.weights(), strict=True))
-        return {k: v.detach().to("cpu") for k, v in state.items()}
+        return {k: v.detach().to("cpu", dtype if v.is_floating_point() else None) for k, v in state.items()}
 
     def _finish(self, unet, ema, losses, seconds, metrics_path, live) -> TrainSummary:
         p = self.params
@@ -589,6 +637,9 @@ class Trainer:
             ),
             "peak_memory_mb": round(peak_memory_mb(self.device), 1),
         }
+        if p.ema.enabled:  # how far back the saved average looks (README: "The EMA's horizon")
+            horizon = ema_horizon_steps(p.ema.decay, p.ema.update_every, p.ema.warmup, self.state.step)
+            summary["ema_horizon_steps"] = round(horizon["horizon_steps"], 1)
         keep_best = p.validation.keep_best and self.state.best_step is not None
         summary["saved_val_loss"] = summary["best_val_loss"] if keep_best else summary["final_val_loss"]
         weights = None if keep_best else self._weights(unet, ema)
@@ -695,4 +746,6 @@ def run_train(
     progress: bool = True,
 ) -> TrainSummary:
     items = load_training_items(caption_dir)
+    # Before anything is loaded: a run that cannot write its checkpoints and model fails now, not hours in.
+    check_disk(plan_training(params, models, len(items)))
     return Trainer(params, models, items, progress).run(metrics_path, plots_dir)

@@ -154,14 +154,45 @@ class FusedBackward:
             handle.remove()
 
 
+def ema_decay(decay: float, update: int, warmup: bool) -> float:
+    """The share of the average kept by EMA update `update` (1-based). The first copies the weights
+    (0). With `warmup`, update n after the copy keeps min(decay, (1 + n) / (10 + n)) (diffusers'
+    EMAModel and OneTrainer), which reaches `decay` only after (10 decay - 1) / (1 - decay) updates:
+    for 0.999, 8,990 updates."""
+    since_copy = update - 1
+    if since_copy <= 0:
+        return 0.0
+    return min(decay, (1 + since_copy) / (10 + since_copy)) if warmup else decay
+
+
+def ema_horizon_steps(decay: float, update_every: int, warmup: bool, steps: int) -> dict[str, float]:
+    """How far back the EMA of a run of `steps` optimizer steps looks when the run ends, in steps.
+
+    `horizon_steps` is the time constant of the last update, update_every / (1 - its decay): weights
+    that many steps old count e times less than the newest. `set_horizon_steps` is the same for
+    the set decay, which a warm-up may not have reached; `first_update_share` is how much of the
+    final average is still the weights of the first update (near the base model's; with no update
+    the average is the base model)."""
+    updates = steps // update_every
+    final = ema_decay(decay, updates, warmup) if updates > 1 else 0.0
+    share = 1.0
+    for update in range(2, updates + 1):
+        share *= ema_decay(decay, update, warmup)
+    return {
+        "horizon_steps": update_every / (1.0 - final),
+        "set_horizon_steps": update_every / (1.0 - decay),
+        "first_update_share": share,
+    }
+
+
 class EMA:
     """An exponential moving average of the trained parameters, on a chosen device and dtype.
 
-    The decay schedule is diffusers' `EMAModel` default, so the averages match it: update n uses
-    min(decay, (1 + n) / (10 + n)), counted from the second update (the first copies the weights).
-    With `update_every` k the average is updated every k optimizer steps, which lengthens its horizon
-    k times (decay ** k keeps the same horizon). On the CPU the parameters are copied over first,
-    one at a time, so only one parameter's copy is in flight."""
+    The first update copies the weights; each later one keeps `ema_decay(...)` of the average
+    (`warmup`: diffusers' `EMAModel` schedule, so the averages match it). With `update_every` k the
+    average is updated every k optimizer steps, which lengthens its horizon k times: see
+    `ema_horizon_steps`. On the CPU the parameters are copied over first, one at a time, so only one
+    parameter's copy is in flight."""
 
     def __init__(
         self,
@@ -170,16 +201,16 @@ class EMA:
         device: torch.device,
         dtype: torch.dtype,
         seed: int = 0,
+        warmup: bool = True,
     ) -> None:
-        self.decay = decay
+        self.decay, self.warmup = decay, warmup
         self.device, self.dtype = torch.device(device), dtype
         self.shadow = [p.detach().to(self.device, dtype, copy=True) for p in parameters]
         self.updates = 0
         self.noise = RoundingNoise(seed)
 
     def current_decay(self) -> float:
-        step = self.updates - 1
-        return 0.0 if step <= 0 else min(self.decay, (1 + step) / (10 + step))
+        return ema_decay(self.decay, self.updates, self.warmup)
 
     @torch.no_grad()
     def step(self, parameters: Iterable[torch.Tensor]) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from components.prompt_encoding import LongPromptMode
 from components.prompt_encoding import encode_prompts as encode_text
 
 
@@ -23,14 +24,17 @@ def encode_prompts(
     empty: str = "zeros",
     max_token_length: int = 75,
     n_chunks: int | None = None,
+    mode: LongPromptMode = "kohya",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(prompt_embeds, pooled_prompt_embeds) of training captions, as StableDiffusionXLPipeline.encode_prompt
-    builds them (chunked past 75 tokens: components/prompt_encoding.py).
+    builds them (chunked past 75 tokens as `mode` does: components/prompt_encoding.py).
 
     An empty caption (dropped for CFG) is conditioned like the pipeline's unconditional branch:
     all-zero embeddings with `empty="zeros"` (SDXL's force_zeros_for_empty_prompt), else "" encoded.
     """
-    return encode_text(text_encoders, tokenizers, captions, max_token_length, n_chunks, zero_empty=empty == "zeros")
+    return encode_text(
+        text_encoders, tokenizers, captions, max_token_length, n_chunks, zero_empty=empty == "zeros", mode=mode
+    )
 
 
 def time_ids(

@@ -1,0 +1,348 @@
+"""What a training run needs before it starts: accelerator memory by arithmetic, disk by folder.
+
+`easel train --plan` prints both for the active params; every run checks the disk part when it
+starts and refuses to begin when a filesystem cannot hold what the run will write, naming the
+settings that change it. Nothing is loaded but configs: the model's parameter shapes come from its
+U-Net, VAE and text-encoder configs, built on the meta device.
+
+Memory (the accelerator, or RAM when training on the CPU): weights, gradients (none with the fused
+backward pass), optimizer state, the EMA when it lives on the accelerator, the frozen parts when
+no cache takes them off it, and 2 GB for everything else at 256 px (interpreter, libraries,
+tokenizers, activations with gradient checkpointing), the figure the full-size rehearsal measured
+(benchmarks/RESULTS.md, "Full SDXL at real scale"). Activations grow with resolution and batch;
+that growth is not in the arithmetic.
+
+Disk, the most a run holds at once:
+- checkpoints: `keep_checkpoints` of them plus the one being written (the oldest is removed after
+  the new one is complete), each the U-Net in its training dtype, the optimizer state and the EMA
+  in its dtype;
+- best weights (validation with `keep_best`): the current best plus the one each kept checkpoint
+  refers to, in the save precision;
+- the model folder (the pipeline in the save precision), written beside the previous one, which
+  is already on the disk, and replaced by a rename;
+- the latent and text-embedding caches;
+- the base model's download into the Hugging Face cache, when it is not there yet.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from components.config import ModelsParams, TrainParams
+from components.errors import ConfigError
+from components.train.memory import ema_horizon_steps
+
+GB = 1e9
+OTHER_GB = 2.0  # see the module docstring: measured by benchmarks/sdxl_rehearsal.py
+WIDTH = {"float32": 4, "float": 4, "fp32": 4, "bf16": 2, "fp16": 2}
+LATENT_CHANNELS_BYTES = 2 * 4 * 4  # the cached mean and std of 4 latent channels, float32
+TOKENIZER_BYTES = 2 * 4_000_000  # two CLIP tokenizers (tokenizer.json, vocab, merges)
+TEXT_DIM, POOLED_DIM, TEXT_TOKENS = 2048, 1280, 77 * 3  # the longest layout (225 tokens) is assumed
+
+
+@dataclass
+class Need:
+    """Bytes a run writes to one folder, what they are, and the settings that change them."""
+
+    what: str
+    folder: Path
+    bytes: int
+    detail: str
+    settings: str
+
+
+@dataclass
+class TrainPlan:
+    model: str
+    unet_parameters: int
+    memory_gb: dict[str, float]
+    disk: list[Need] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def render(self) -> str:
+        lines = [f"model: {self.model} (U-Net {self.unet_parameters:,} parameters)", "", "memory (arithmetic):"]
+        lines += [f"  {name:<14} {size(value * GB):>10}" for name, value in self.memory_gb.items()]
+        lines += ["", "disk (the most held at once):"]
+        for need in self.disk:
+            lines.append(f"  {need.what:<14} {size(need.bytes):>10}  {need.folder}  ({need.detail})")
+        lines.append(f"  {'total':<14} {size(sum(n.bytes for n in self.disk)):>10}")
+        for needed, free, folders in filesystems(self.disk).values():
+            verdict = "fits" if needed <= free else "DOES NOT FIT"
+            lines.append(f"  filesystem of {folders[0]}: {size(needed)} needed, {size(free)} free: {verdict}")
+        return "\n".join(lines + [f"note: {n}" for n in self.notes])
+
+
+def size(n: float) -> str:
+    return f"{n / GB:.2f} GB" if n >= 0.1 * GB else f"{n / 1e6:.1f} MB"
+
+
+def numel(shape: tuple[int, ...]) -> int:
+    return math.prod(shape)
+
+
+def adafactor_state(shape: tuple[int, ...], largest_two: bool) -> int:
+    """Numbers Adafactor keeps for one parameter: a row and a column mean over its two factored
+    dimensions, or one per element (see components/train/optim.py)."""
+    if len(shape) < 2:
+        return numel(shape)
+    if not largest_two:
+        return numel(shape[:-1]) + numel(shape[:-2] + shape[-1:])
+    second, first = sorted(shape)[-2:]
+    if second < 128:
+        return numel(shape)
+    return numel(shape) // first + numel(shape) // second
+
+
+def optimizer_bytes(train: TrainParams, shapes: list[tuple[int, ...]]) -> int:
+    count = sum(numel(s) for s in shapes)
+    if train.optimizer == "adamw":
+        return 8 * count  # two fp32 moments
+    if train.optimizer == "adamw8bit":
+        return 2 * count  # two 8-bit moments (their per-block scales are not counted)
+    largest = train.optimizer_args.factored_dims == "largest_two"
+    return 4 * sum(adafactor_state(s, largest) for s in shapes)  # fp32 second moments, no momentum
+
+
+def memory_gb(train: TrainParams, shapes: list[tuple[int, ...]], frozen_bytes: int = 0) -> dict[str, float]:
+    """The accelerator memory arithmetic of a configuration, in GB."""
+    count = sum(numel(s) for s in shapes)
+    width = 2 if train.full_bf16 else 4
+    parts = {
+        "weights": count * width / GB,
+        "gradients": 0.0 if train.fused_backward_pass else count * width / GB,
+        "optimizer": optimizer_bytes(train, shapes) / GB,
+        "ema": count * WIDTH[train.ema.dtype] / GB if train.ema.enabled and train.ema.device == "accelerator" else 0.0,
+        "frozen parts": frozen_bytes / GB,
+        "other": OTHER_GB,
+    }
+    return parts | {"total": sum(parts.values())}
+
+
+def checkpoint_bytes(train: TrainParams, shapes: list[tuple[int, ...]]) -> dict[str, int]:
+    """One checkpoint's files, by part."""
+    count = sum(numel(s) for s in shapes)
+    parts = {"U-Net": count * (2 if train.full_bf16 else 4), "optimizer": optimizer_bytes(train, shapes)}
+    if train.ema.enabled:
+        parts["EMA"] = count * WIDTH[train.ema.dtype]
+    return parts
+
+
+def model_shapes(models: ModelsParams) -> tuple[str, dict[str, list[tuple[int, ...]]], str | None]:
+    """(config source, parameter shapes of unet/vae/text_encoder/text_encoder_2, hub id or None)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from components.models.loaders import _hub_error, resolve_ref, sdxl_config_ref
+    from components.models.single_file import is_single_file
+
+    models.require("sdxl")
+    base = resolve_ref(models.sdxl, "sdxl")
+    source = sdxl_config_ref(models, base) if is_single_file(base) else base
+    revision = {"revision": models.revision} if models.revision and source == base else {}
+    # diffusers passes a deprecated argument to huggingface_hub when it reads a config: not the user's to fix.
+    warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks.*", category=UserWarning)
+    try:
+        unet_config = UNet2DConditionModel.load_config(source, subfolder="unet", **revision)
+        vae_config = AutoencoderKL.load_config(source, subfolder="vae", **revision)
+        text = CLIPTextConfig.from_pretrained(source, subfolder="text_encoder", **revision)
+        text_2 = CLIPTextConfig.from_pretrained(source, subfolder="text_encoder_2", **revision)
+    except OSError as exc:
+        raise _hub_error("sdxl", models.sdxl, exc) from None
+    with torch.device("meta"):
+        modules = {
+            "unet": UNet2DConditionModel.from_config(unet_config),
+            "vae": AutoencoderKL.from_config(vae_config),
+            "text_encoder": CLIPTextModel(text),
+            "text_encoder_2": CLIPTextModelWithProjection(text_2),
+        }
+    shapes = {name: [tuple(p.shape) for p in m.parameters()] for name, m in modules.items()}
+    hub_id = None if Path(base).exists() else base
+    return source, shapes, hub_id
+
+
+def hub_download_bytes(models: ModelsParams, hub_id: str, shapes: dict[str, list]) -> tuple[int, list[str]]:
+    """Bytes of the base's weight files not yet in the Hugging Face cache, estimated from the
+    parameter counts in the files' width; and which parts those are."""
+    from huggingface_hub import try_to_load_from_cache
+
+    variant = f".{models.variant}" if models.variant else ""
+    width = 2 if models.variant in ("fp16", "bf16") else 4
+    files = {  # part: (repository, file, revision, bytes per parameter)
+        "unet": (hub_id, f"unet/diffusion_pytorch_model{variant}.safetensors", models.revision, width),
+        "vae": (hub_id, f"vae/diffusion_pytorch_model{variant}.safetensors", models.revision, width),
+        "text_encoder": (hub_id, f"text_encoder/model{variant}.safetensors", models.revision, width),
+        "text_encoder_2": (hub_id, f"text_encoder_2/model{variant}.safetensors", models.revision, width),
+    }
+    if models.vae:  # loaded instead of the base's VAE: a float32 file of its own repository
+        del files["vae"]
+        if not Path(models.vae).exists():
+            files["vae"] = (models.vae, "diffusion_pytorch_model.safetensors", None, 4)
+    missing = [
+        name
+        for name, (repo, filename, revision, _) in files.items()
+        if not isinstance(try_to_load_from_cache(repo, filename, revision=revision), str)
+    ]
+    total = sum(sum(numel(s) for s in shapes[name]) * files[name][3] for name in missing)
+    by_repo: dict[str, list[str]] = {}
+    for name in missing:
+        by_repo.setdefault(files[name][0], []).append(name)
+    return total, [f"{', '.join(names)} of {repo}" for repo, names in by_repo.items()]
+
+
+def hub_cache_dir() -> Path:
+    from huggingface_hub import constants
+
+    return Path(constants.HF_HUB_CACHE)
+
+
+def caption_count(caption_dir: Path) -> int | None:
+    """Images in the caption stage's output, when it exists (the caches hold one entry each)."""
+    table = caption_dir / "captions.parquet"
+    if not table.is_file():
+        return None
+    import pyarrow.parquet as pq
+
+    return pq.ParquetFile(table).metadata.num_rows
+
+
+def plan_training(train: TrainParams, models: ModelsParams, images: int | None = None) -> TrainPlan:
+    """Memory and disk for `train` with `models` on `images` captioned images (None: not known yet)."""
+    source, shapes, hub_id = model_shapes(models)
+    unet = shapes["unet"]
+    count = sum(numel(s) for s in unet)
+    save_width = WIDTH[train.save_precision]
+    encoder_width = 2 if train.mixed_precision in ("bf16", "fp16") else 4
+    frozen = 0
+    if not train.cache_latents:
+        frozen += 4 * sum(numel(s) for s in shapes["vae"])  # the VAE encodes in float32
+    if not train.cache_text_embeddings:
+        frozen += encoder_width * sum(numel(s) for n in ("text_encoder", "text_encoder_2") for s in shapes[n])
+    plan = TrainPlan(models.sdxl or source, count, memory_gb(train, unet, frozen))
+    if train.ema.enabled:
+        ema = train.ema
+        horizon = ema_horizon_steps(ema.decay, ema.update_every, ema.warmup, train.max_train_steps)
+        share = 100 * horizon["first_update_share"]
+        plan.notes.append(
+            f"EMA: at step {train.max_train_steps} it looks back {horizon['horizon_steps']:.0f} steps (the set decay: "
+            f"{horizon['set_horizon_steps']:.0f}); the first update's weights are {share:.1f}% of it"
+        )
+        if horizon["first_update_share"] > 0.25:
+            plan.notes.append(
+                "the EMA is still mostly the weights it started from: lower train.ema.decay or train.ema.update_every"
+            )
+        if ema.device == "cpu":
+            plan.notes.append(f"the EMA takes {size(count * WIDTH[ema.dtype])} of CPU memory (main process only)")
+
+    run_dir = Path(train.checkpoint_dir)
+    if train.checkpoint_every:
+        per = checkpoint_bytes(train, unet)
+        held = min(train.keep_checkpoints + 1, max(1, train.max_train_steps // train.checkpoint_every))
+        detail = f"{held} x {size(sum(per.values()))}: " + ", ".join(f"{k} {size(v)}" for k, v in per.items())
+        plan.disk.append(
+            Need(
+                "checkpoints",
+                run_dir,
+                held * sum(per.values()),
+                detail,
+                "train.keep_checkpoints, train.checkpoint_every, train.ema.dtype, train.checkpoint_dir",
+            )
+        )
+    if train.validation.fraction > 0 and train.validation.keep_best:
+        every = train.validation.every_n_steps
+        checks = max(1, train.max_train_steps // every) if every else 1
+        held = min(checks, (train.keep_checkpoints + 2) if train.checkpoint_every else 2)
+        plan.disk.append(
+            Need(
+                "best weights",
+                run_dir,
+                held * count * save_width,
+                f"up to {held} x {size(count * save_width)} in {train.save_precision}",
+                "train.validation.keep_best, train.keep_checkpoints, train.save_precision",
+            )
+        )
+    frozen_count = sum(sum(numel(s) for s in shapes[n]) for n in ("vae", "text_encoder", "text_encoder_2"))
+    plan.disk.append(
+        Need(
+            "model",
+            Path(train.out_dir),
+            count * save_width + 4 * frozen_count + TOKENIZER_BYTES,
+            f"the U-Net in {train.save_precision}, the VAE and encoders in float32 as the base has them, the "
+            "tokenizers; a previous model is replaced only once this one is whole",
+            "train.save_precision, train.out_dir",
+        )
+    )
+    if (train.cache_latents or train.cache_text_embeddings) and images is None:
+        plan.notes.append("no caption table yet: the caches' size is not counted")
+    elif images:
+        latent_side = train.resolution // 8
+        flips = 2 if train.random_flip else 1
+        cache = 0
+        if train.cache_latents:
+            cache += images * flips * LATENT_CHANNELS_BYTES * latent_side * latent_side
+        if train.cache_text_embeddings:
+            cache += images * 4 * (TEXT_TOKENS * TEXT_DIM + POOLED_DIM)
+        if cache:
+            plan.disk.append(
+                Need(
+                    "caches",
+                    Path(train.cache_dir),
+                    cache,
+                    f"{images} images" + (" x 2 flips" if flips == 2 else ""),
+                    "train.cache_latents, train.cache_text_embeddings, train.cache_dir",
+                )
+            )
+    if hub_id is not None:
+        download, parts = hub_download_bytes(models, hub_id, shapes)
+        if download:
+            plan.disk.append(
+                Need(
+                    "hub download",
+                    hub_cache_dir(),
+                    download,
+                    "; ".join(parts) + (f" (the base's {models.variant} files)" if models.variant else ""),
+                    "models.variant, HF_HUB_CACHE",
+                )
+            )
+    return plan
+
+
+def _existing(folder: Path) -> Path:
+    folder = folder.absolute()
+    while not folder.exists():
+        folder = folder.parent
+    return folder
+
+
+def filesystems(disk: list[Need]) -> dict[int, tuple[int, int, list[Path]]]:
+    """Per filesystem: (bytes needed, bytes free, the folders on it)."""
+    out: dict[int, tuple[int, int, list[Path]]] = {}
+    for need in disk:
+        existing = _existing(need.folder)
+        device = os.stat(existing).st_dev
+        needed, free, folders = out.get(device, (0, shutil.disk_usage(existing).free, []))
+        out[device] = (needed + need.bytes, free, [*folders, need.folder])
+    return out
+
+
+def fits(plan: TrainPlan) -> bool:
+    return all(needed <= free for needed, free, _ in filesystems(plan.disk).values())
+
+
+def check_disk(plan: TrainPlan) -> None:
+    """Refuse a run whose files cannot fit on the disks they go to, naming the settings to change."""
+    for device, (needed, free, folders) in filesystems(plan.disk).items():
+        if needed <= free:
+            continue
+        here = [n for n in plan.disk if os.stat(_existing(n.folder)).st_dev == device]
+        parts = "; ".join(f"{n.what} {size(n.bytes)} ({n.detail}): {n.settings}" for n in here)
+        raise ConfigError(
+            f"train: this run would write {size(needed)} to the filesystem of {folders[0]}, which has "
+            f"{size(free)} free. Change what it writes: {parts}. `easel train --plan` shows the figures."
+        )
