@@ -182,7 +182,10 @@ def checkout(repository: str = "", branch: str = "", directory: str = "") -> dic
     """
     repository = repository or os.environ.get("EASEL_GIT_REPOSITORY", "")
     if not repository:
-        raise ValueError("checkout: no repository; set EASEL_GIT_REPOSITORY on the worker (a URL or a path)")
+        raise ValueError(
+            "checkout: no repository; set EASEL_GIT_REPOSITORY on the worker (a URL or a path), or on Kubernetes "
+            "in the ConfigMap easel-settings (infra/k8s/worker.yaml)"
+        )
     branch = branch or os.environ.get("EASEL_GIT_BRANCH") or "main"
     work_dir = Path(directory or os.environ.get("EASEL_WORK_DIR") or "easel-work").resolve()
     hold(work_dir)  # held until the run ends: no other run may reset this folder under it

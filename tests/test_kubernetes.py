@@ -170,12 +170,13 @@ def test_a_kubernetes_worker_turns_a_deployment_run_into_an_easel_job(server, ku
     (container,) = pod["containers"]
     assert container["image"] == "easel-worker:gpu"
     assert container["args"] == ["prefect", "flow-run", "execute"]
-    assert container["envFrom"] == [{"secretRef": {"name": "easel-s3"}}]
+    # The cluster's settings (the default repository) and the S3 keys, from the ConfigMap and Secret.
+    assert container["envFrom"] == [{"configMapRef": {"name": "easel-settings"}}, {"secretRef": {"name": "easel-s3"}}]
     assert container["resources"] == {"limits": {"nvidia.com/gpu": 2, "memory": "64Gi"}, "requests": {}}
     assert container["securityContext"] == {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
     job_env = {e["name"]: e["value"] for e in container["env"]}
-    assert job_env["EASEL_GIT_REPOSITORY"] == REPOSITORY  # the deployment's value
-    assert job_env["EASEL_GIT_BRANCH"] == "main" and job_env["EASEL_WORK_DIR"] == "/work/easel-work"  # defaults
+    assert job_env["EASEL_GIT_REPOSITORY"] == REPOSITORY  # the deployment's value, over the ConfigMap's
+    assert job_env["EASEL_WORK_DIR"] == "/work/easel-work" and "EASEL_GIT_BRANCH" not in job_env  # the ConfigMap's
     assert job_env["PREFECT__FLOW_RUN_ID"] == str(flow_run.id)
     assert job_env["PREFECT_API_URL"] == server["PREFECT_API_URL"]  # the worker's own
     assert job_env["PREFECT_FLOW_RUN_EXECUTE_SIGTERM_BEHAVIOR"] == "reschedule"  # backoffLimit 0: evicted runs rerun
