@@ -92,10 +92,10 @@ def easel_rate(scorer: ImageTextScorer, paths: list[Path]) -> float:
 
 
 def generation_rates(images: int, rounds: int) -> dict[str, float]:
-    from components.generation import GenerationSettings, generate
-    from components.guidance import Guidance
     from components.models.loaders import TINY_ROOT, load_sdxl_pipeline
     from components.models.tiny import build_tiny_models
+    from components.sdxl.generation import GenerationSettings, generate
+    from components.sdxl.guidance import Guidance
 
     build_tiny_models(TINY_ROOT)
     pipe = load_sdxl_pipeline(str(TINY_ROOT / "sdxl"))

@@ -218,7 +218,7 @@ def cmd_evaluate(args) -> int:
 def cmd_gate(args) -> int:
     """The gate alone: decide and record, publish nothing (the PR eval gate runs this)."""
     from components.fsutil import atomic_write_text
-    from components.promote import pr_comment, raise_unless_promoted, run_gate
+    from components.release.promote import pr_comment, raise_unless_promoted, run_gate
 
     params = _load(args)
     out_dir = Path(args.out) if args.out else Path("data/gate")
@@ -232,7 +232,7 @@ def cmd_gate(args) -> int:
 
 
 def cmd_promote(args) -> int:
-    from components.promote import run_promote
+    from components.release.promote import run_promote
 
     params = _load(args)
     model_dir = Path(params.train.out_dir) / "model"
@@ -370,7 +370,7 @@ def cmd_sample_source(args) -> int:
 def cmd_registry(args) -> int:
     import json
 
-    from components.registry import Registry
+    from components.release.registry import Registry
     from components.storage import ready_client
 
     params = _load(args)

@@ -69,7 +69,7 @@ class ModelsParams(Section):
     aesthetic: str | None = None
     aesthetic_sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$")
     # Prompt tokens the text encoders read, in training and generation alike: 75 (CLIP's own), or
-    # 150 / 225 with a chunked encoding (components/prompt_encoding.py). Captions are checked against it.
+    # 150 / 225 with a chunked encoding (components/sdxl/prompt_encoding.py). Captions are checked against it.
     max_token_length: Literal[75, 150, 225] = 75
     # How prompts past 75 tokens are cut into chunks and joined, in training and generation alike: as kohya
     # sd-scripts (2 + 75 n states), ComfyUI or AUTOMATIC1111 / Forge (77 n states) do.

@@ -177,7 +177,7 @@ def tiny_evaluate_params(tmp_path, prompts, **overrides):
 def put_in_production(s3_settings, bucket: str, model_dir, name: str = "posters"):
     """Publish `model_dir` to the registry in `bucket` and point production at it, as a promote would."""
     from components.fsutil import model_fingerprint
-    from components.registry import Registry
+    from components.release.registry import Registry
     from components.storage import ensure_bucket, make_client
 
     client = make_client(s3_settings)

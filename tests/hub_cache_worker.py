@@ -43,7 +43,7 @@ def same_weights(module, state: dict) -> bool:
 
 
 def images(pipe, seed: int = 3):
-    from components.generation import GenerationSettings, generate
+    from components.sdxl.generation import GenerationSettings, generate
 
     settings = GenerationSettings(num_inference_steps=3, height=64, width=64)
     return generate(pipe, ["a travel poster of a harbour"], ["blurry"], [seed], settings, output_type="np")[0]

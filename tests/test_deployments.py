@@ -96,7 +96,7 @@ def test_a_scheduled_run_fetches_the_code_and_records_results_anyone_can_pull(
     from prefect.artifacts import Artifact
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from components.registry import Registry
+    from components.release.registry import Registry
     from components.storage import make_client
     from tests.test_eval_gate_workflow import run_workflow, workflow_env
 
@@ -188,7 +188,7 @@ def test_easel_demo_from_a_clean_folder(prefect_server, tmp_path):
     from prefect.artifacts import Artifact
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from components.registry import Registry
+    from components.release.registry import Registry
     from components.storage import EmbeddedS3, make_client
     from tests.conftest import free_port_block
 

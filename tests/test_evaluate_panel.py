@@ -281,7 +281,7 @@ def test_concurrent_evaluations_both_land_on_the_leaderboard(tmp_path):
 
 def test_panel_rows_in_scores_do_not_move_the_gate(tmp_path):
     from components.config import BootstrapParams
-    from components.gate import gather_inputs, judge
+    from components.release.gate import gather_inputs, judge
 
     prompts = write_prompts(tmp_path / "prompts.csv", 12)
     model = make_model(tmp_path / "model")

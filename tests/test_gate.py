@@ -31,9 +31,9 @@ from components.evaluate.stats import (
     one_sided_alpha,
     prompts_needed,
 )
-from components.gate import GateInputs, decision_record, gather_inputs, judge
 from components.numbers import strict_json
-from components.promote import pr_comment
+from components.release.gate import GateInputs, decision_record, gather_inputs, judge
+from components.release.promote import pr_comment
 from tests.helpers import evaluation_scores, make_model, sdxl_gate_params, write_evaluation, write_prompts
 
 GATE = sdxl_gate_params()
@@ -194,7 +194,7 @@ def test_unreadable_files_are_failing_rules_not_crashes(evaluation):
 
 def test_an_oversized_scores_file_is_refused_unread(evaluation, monkeypatch):
     """scores.csv is read whole; one larger than any evaluation writes is a reason, not a memory spike."""
-    from components import gate
+    from components.release import gate
 
     monkeypatch.setattr(gate, "MAX_SCORES_BYTES", 1000)  # rather than writing 256 MB here
     read_csv = gate.pd.read_csv
@@ -357,7 +357,7 @@ def test_cli_exit_codes_one_line_and_strict_decision_files(gate_cli, capsys):
 
 
 def test_promote_publishes_nothing_unless_the_verdict_is_promote(gate_cli, capsys, s3_server):
-    from components.registry import Registry
+    from components.release.registry import Registry
     from components.storage import make_client
 
     write_evaluation(gate_cli.dir, gate_cli.model, gate_cli.prompts, noise=0.3, bootstrap=BOOTSTRAP)

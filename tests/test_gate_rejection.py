@@ -23,11 +23,11 @@ from safetensors.torch import load_file, save_file
 
 from components.config import ModelsParams, PromoteParams, StorageParams
 from components.evaluate import run_evaluate
-from components.generation import GenerationSettings, generate
 from components.models.aesthetic import AestheticMLP
 from components.models.loaders import load_sdxl_pipeline
-from components.promote import run_gate
+from components.release.promote import run_gate
 from components.scoring import ImageTextScorer
+from components.sdxl.generation import GenerationSettings, generate
 from tests.helpers import put_in_production, sdxl_gate_params, tiny_evaluate_params, write_prompts
 
 pytestmark = pytest.mark.slow

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from components.generation import GenerationSettings, generate
-from components.guidance import Guidance
 from components.models.loaders import load_sdxl_pipeline
+from components.sdxl.generation import GenerationSettings, generate
+from components.sdxl.guidance import Guidance
 
 PROMPTS = ["a poster of a cat in a travel bag", "four amber bottles, skincare ad"]
 NEGATIVES = ["blurry, low quality", "text, watermark"]

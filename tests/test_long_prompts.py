@@ -10,9 +10,9 @@ import torch
 from safetensors.torch import load_file
 
 from components.errors import ConfigError
-from components.generation import GenerationSettings, generate
 from components.models.loaders import load_sdxl_pipeline
-from components.prompt_encoding import chunks_needed, encode_prompts, split_chunks
+from components.sdxl.generation import GenerationSettings, generate
+from components.sdxl.prompt_encoding import chunks_needed, encode_prompts, split_chunks
 from components.train import run_train
 from tests.helpers import encode, make_caption_dir, noise
 from tests.test_config import load_params, repo_params, write

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from components.registry import Registry
+from components.release.registry import Registry
 from components.storage import make_client
 from tests.conftest import copy_project
 

@@ -10,8 +10,8 @@ import pytest
 from components.config import EvaluateParams, PromoteParams, StorageParams
 from components.errors import EaselError, GateRejected
 from components.fsutil import sha256_file
-from components.promote import run_gate, run_promote
-from components.registry import ConcurrentAliasUpdate, Registry
+from components.release.promote import run_gate, run_promote
+from components.release.registry import ConcurrentAliasUpdate, Registry
 from components.storage import EmbeddedS3, StorageUnavailable, make_client
 from tests.conftest import REPO, free_port_block
 from tests.helpers import make_model, pickle_payload, sdxl_gate_params, write_evaluation, write_prompts
@@ -198,7 +198,7 @@ def test_s3_killed_mid_upload_then_the_retry_completes_the_version(tmp_path, mon
 
         # multipart: several 64 MiB parts
         big, evaluate = evaluated_model(project, "big", os.urandom(96 * 1024 * 1024), production_version=first)
-        import components.registry as registry_module
+        import components.release.registry as registry_module
 
         original = registry_module.Registry._upload_verified
 
@@ -369,7 +369,7 @@ def test_gc_racing_a_resumed_publish_leaves_a_whole_version(project, s3_server, 
     """An interrupted publish left files (no manifest); `registry gc --apply` runs while the retry, finding
     them there, goes on. gc spares the version (its publish holds a lease), and files that vanish anyway
     (a gc that listed them before the lease was taken) are put back before the manifest is written."""
-    import components.registry as registry_module
+    import components.release.registry as registry_module
     from components.fsutil import dir_manifest, manifest_digest
 
     registry = registry_of(project, s3_server)

@@ -19,10 +19,10 @@ from components.config import ModelsParams
 from components.errors import ConfigError, EaselError
 from components.evaluate.models import base as base_model
 from components.fsutil import sha256_file
-from components.generation import GenerationSettings, generate
 from components.models import single_file as sf
 from components.models.hub_cache import SmallSizes, small_sdxl
 from components.models.loaders import load_sdxl_parts, load_sdxl_pipeline
+from components.sdxl.generation import GenerationSettings, generate
 from components.train import run_train
 from components.train.cache import folder_identity
 from tests.test_models import tiny_params

@@ -303,7 +303,7 @@ def test_ema_lives_where_it_is_told_beside_an_accelerator_unet(tmp_path, tiny_mo
 
 
 def sampling_probe(record):
-    """Stands in for components.generation.generate under the fake accelerator: the calls sampling
+    """Stands in for components.sdxl.generation.generate under the fake accelerator: the calls sampling
     makes on every part (both text encoders through encode_prompt, the U-Net, the VAE decoder),
     without the scheduler loop, whose branches read tensor values that fake tensors do not have."""
 
@@ -339,7 +339,7 @@ def test_samples_with_cached_latents_and_embeddings_have_every_part_on_the_accel
     the fake accelerator shows that mismatch, and that the trainer's samples now bring every part to
     the U-Net's device for their duration and send it back after. Devices only: the images drawn
     on the CPU by the real sampler are checked in test_train.py."""
-    import components.generation
+    import components.sdxl.generation
     from components.train.loop import Trainer, load_training_items
 
     captions = captioned_set(tmp_path)
@@ -349,7 +349,7 @@ def test_samples_with_cached_latents_and_embeddings_have_every_part_on_the_accel
     trainer = Trainer(params, tiny_params(tiny_models), load_training_items(captions), progress=False)
     record: dict = {}
     probe = sampling_probe(record)
-    monkeypatch.setattr(components.generation, "generate", probe)
+    monkeypatch.setattr(components.sdxl.generation, "generate", probe)
     with FakeAccelerator():
         trainer.device = trainer.frozen.device = DEVICE
         trainer.parts.unet.to(DEVICE)
@@ -365,7 +365,7 @@ def test_samples_with_cached_latents_and_embeddings_have_every_part_on_the_accel
 
 
 def trainer_settings(params):
-    from components.generation import GenerationSettings
+    from components.sdxl.generation import GenerationSettings
 
     return GenerationSettings(num_inference_steps=2, height=params.resolution, width=params.resolution)
 

@@ -59,7 +59,7 @@ def base(models: ModelsParams) -> ModelUnderTest:
 
 
 def _registry(storage: StorageParams):
-    from components.registry import Registry
+    from components.release.registry import Registry
     from components.storage import ready_client
 
     # Checked to answer as S3 first: an endpoint that is down or not S3 is an error, never "no production yet".

@@ -30,10 +30,10 @@ from components.evaluate import models as model_sources
 from components.evaluate.cache import ImageCache, image_key
 from components.evaluate.stats import AESTHETIC_STATS, score_summary, summarize
 from components.fsutil import atomic_dir, atomic_write_bytes, atomic_write_json, atomic_write_text
-from components.generation import GenerationSettings, generate
-from components.guidance import Guidance
 from components.prompts import load_prompt_set, prompt_set_hash
 from components.scoring import AESTHETIC_DEFINITION, CLIP_SCORE_DEFINITION, ImageTextScorer
+from components.sdxl.generation import GenerationSettings, generate
+from components.sdxl.guidance import Guidance
 from components.sharding import Shard, batches
 
 log = logging.getLogger(__name__)

@@ -26,7 +26,7 @@ from components.errors import ConfigError, EaselError
 from components.fsutil import atomic_dir, atomic_write_json, atomic_write_text, read_stage_table
 from components.images import read_header
 from components.models.loaders import dtype_for, load_sdxl_frozen, load_sdxl_parts
-from components.prompt_encoding import chunks_needed, common_chunk_count
+from components.sdxl.prompt_encoding import chunks_needed, common_chunk_count
 from components.train import checkpoints
 from components.train.cache import LatentCache, TextEmbeddingCache, folder_identity
 from components.train.data import (
@@ -357,9 +357,9 @@ class Trainer:
 
     def sample_images(self, unet, step: int, out_dir: Path, live) -> None:
 
-        from components.generation import GenerationSettings, generate
-        from components.guidance import Guidance
         from components.prompts import resolve_negative
+        from components.sdxl.generation import GenerationSettings, generate
+        from components.sdxl.guidance import Guidance
 
         p = self.params
         negative = resolve_negative(p.sample_negative_prompt, None)

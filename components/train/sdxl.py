@@ -13,8 +13,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from components.prompt_encoding import LongPromptMode
-from components.prompt_encoding import encode_prompts as encode_text
+from components.sdxl.prompt_encoding import LongPromptMode
+from components.sdxl.prompt_encoding import encode_prompts as encode_text
 
 
 def encode_prompts(
@@ -27,7 +27,7 @@ def encode_prompts(
     mode: LongPromptMode = "kohya",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(prompt_embeds, pooled_prompt_embeds) of training captions, as StableDiffusionXLPipeline.encode_prompt
-    builds them (chunked past 75 tokens as `mode` does: components/prompt_encoding.py).
+    builds them (chunked past 75 tokens as `mode` does: components/sdxl/prompt_encoding.py).
 
     An empty caption (dropped for CFG) is conditioned like the pipeline's unconditional branch:
     all-zero embeddings with `empty="zeros"` (SDXL's force_zeros_for_empty_prompt), else "" encoded.

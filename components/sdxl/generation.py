@@ -1,4 +1,4 @@
-"""Image generation with an SDXL pipeline and Easel's guidance (components.guidance).
+"""Image generation with an SDXL pipeline and Easel's guidance (components.sdxl.guidance).
 
 The sampling loop is diffusers' StableDiffusionXLPipeline loop written out, so that the guidance
 step can use a third branch (dual mode) and switch the negative prompt on part-way (delay). With
@@ -15,8 +15,8 @@ from dataclasses import asdict, dataclass, field
 import torch
 from PIL import Image
 
-from components.guidance import Branch, Guidance
-from components.prompt_encoding import LongPromptMode, chunks_needed, common_chunk_count, encode_prompts
+from components.sdxl.guidance import Branch, Guidance
+from components.sdxl.prompt_encoding import LongPromptMode, chunks_needed, common_chunk_count, encode_prompts
 
 SAMPLERS = {
     "euler": "EulerDiscreteScheduler",
@@ -33,7 +33,7 @@ class GenerationSettings:
     width: int = 1024
     guidance: Guidance = field(default_factory=Guidance)
     sampler: str | None = None  # None: the model's own scheduler
-    max_token_length: int = 75  # prompt tokens read: 75, or 150 / 225 chunked (components/prompt_encoding.py)
+    max_token_length: int = 75  # prompt tokens read: 75, or 150 / 225 chunked (components/sdxl/prompt_encoding.py)
     long_prompt_mode: LongPromptMode = "kohya"  # how long prompts are chunked and joined: kohya | comfyui | a1111
 
     def key(self) -> str:

@@ -15,7 +15,7 @@ from components import report
 from components.config import EvaluateParams, GateParams, PromoteParams, StorageParams
 from components.errors import GateInconclusive, GateRejected
 from components.fsutil import atomic_write_json, atomic_write_text, model_fingerprint
-from components.gate import (
+from components.release.gate import (
     PASS,
     VERDICT_MEANING,
     decision_markdown,
@@ -31,7 +31,7 @@ COMMENT_MARKER = "<!-- easel-eval-gate -->"
 
 
 def open_registry(storage: StorageParams, root: Path | None = None):
-    from components.registry import Registry
+    from components.release.registry import Registry
     from components.storage import ready_client
 
     settings, client = ready_client(storage, root)
