@@ -131,6 +131,22 @@ def test_the_token_report_uses_the_limit_training_and_generation_use(tmp_path, t
     assert (table["clip_tokens"] > 150).all() and (table["clip_tokens"] <= 225).all()
 
 
+def test_a1111_comma_breaks_cut_a_caption_that_fits_the_token_count():
+    """A1111 ends a chunk after a comma among its last 20 tokens: a caption of 150 tokens or fewer can
+    then need three chunks, and at max_token_length 150 its end is not read. The caption table
+    flags it in a1111 mode, not in the modes that cut every 75 tokens."""
+    from components.caption.merge import clip_comma_id, clip_token_ids
+    from components.sdxl.prompt_encoding import tokens_read
+
+    caption = " ".join(["poster"] * 60) + ", " + " ".join(["blue"] * 80)  # a comma at token 61 of 141
+    ids, comma = clip_token_ids(caption), clip_comma_id()
+    assert len(ids) == 141
+    assert tokens_read(ids, 150, "kohya", comma) == tokens_read(ids, 150, "comfyui", comma) == len(ids)
+    # a1111: chunk 1 ends after the comma (61 tokens), chunk 2 holds 75, the last 5 would need a third.
+    assert tokens_read(ids, 150, "a1111", comma) == 136 < len(ids)
+    assert tokens_read(ids, 225, "a1111", comma) == len(ids)
+
+
 def test_captions_cache_per_captioner_and_config(tmp_path, tiny_models):
     _, validate = accepted_set(tmp_path, count=5)
     params = CaptionParams(

@@ -97,6 +97,16 @@ def _clip_tokenizer():
     return SimpleTokenizer()
 
 
+def clip_token_ids(text: str) -> list[int]:
+    """CLIP token ids of the text, without <BOS> and <EOS>: what models.max_token_length (75, 150, 225) counts."""
+    return _clip_tokenizer().encode(text)
+
+
 def clip_token_count(text: str) -> int:
-    """CLIP tokens of the text, without <BOS> and <EOS>: what models.max_token_length (75, 150, 225) counts."""
-    return len(_clip_tokenizer().encode(text))
+    return len(clip_token_ids(text))
+
+
+def clip_comma_id() -> int:
+    from components.sdxl.prompt_encoding import COMMA_TOKEN
+
+    return _clip_tokenizer().encoder[COMMA_TOKEN]

@@ -20,13 +20,14 @@ from tqdm import tqdm
 
 from components import report
 from components.caption.blip import BlipCaptioner
-from components.caption.merge import clip_token_count, merge_caption
+from components.caption.merge import clip_comma_id, clip_token_ids, merge_caption
 from components.caption.tagger import WDTagger, select_tags
 from components.config import CaptionParams, ModelsParams
 from components.errors import EaselError
 from components.fsutil import atomic_write_json, atomic_write_parquet, read_stage_table
 from components.images import load_rgb, thumbnail
 from components.models.loaders import default_device, dtype_for
+from components.sdxl.prompt_encoding import tokens_read
 from components.sharding import Shard, batches, new_part_name
 
 log = logging.getLogger(__name__)
@@ -171,6 +172,7 @@ def run_caption(
     source_col = f"src_{params.source_caption_column}"
     keys = {c.name: c.key for c in captioners}
     rows = []
+    comma = clip_comma_id()
     for r in accepted.itertuples():
         if r.sha256 in failures:
             continue
@@ -190,7 +192,8 @@ def run_caption(
             exclude=params.tagger.exclude,
             max_tags=params.tagger.max_tags,
         )
-        tokens = clip_token_count(caption)
+        ids = clip_token_ids(caption)
+        tokens = len(ids)
         rows.append(
             {
                 "sha256": r.sha256,
@@ -200,7 +203,8 @@ def run_caption(
                 "blip_caption": blip,
                 "tags": tags,
                 "clip_tokens": tokens,
-                "over_token_limit": tokens > models.max_token_length,
+                # Cut where training and generation read it (a1111's comma breaks can cut a shorter one).
+                "over_token_limit": tokens_read(ids, models.max_token_length, models.long_prompt_mode, comma) < tokens,
                 "captioners": json.dumps(keys),
             }
         )
@@ -210,10 +214,12 @@ def run_caption(
     over = int(table["over_token_limit"].sum())
     if over:
         log.warning(
-            "%d of %d captions exceed %d tokens (models.max_token_length): training and generation cut them there",
+            "%d of %d captions are cut at %d tokens (models.max_token_length, long_prompt_mode %s): training and "
+            "generation read less of them",
             over,
             len(table),
             models.max_token_length,
+            models.long_prompt_mode,
         )
     atomic_write_parquet(out_dir / "captions.parquet", table)
     report_path = _write_report(

@@ -45,6 +45,7 @@ CHUNK = 75  # tokens between <BOS> and <EOS>
 MAX_TOKEN_LENGTHS = (75, 150, 225)
 LongPromptMode = Literal["kohya", "comfyui", "a1111"]
 LONG_PROMPT_MODES: tuple[LongPromptMode, ...] = ("kohya", "comfyui", "a1111")
+COMMA_TOKEN = ",</w>"  # CLIP's BPE token for a comma at the end of a word (the same id in every CLIP tokenizer)
 A1111_COMMA_BACKTRACK = 20  # AUTOMATIC1111's comma_padding_backtrack default
 
 
@@ -73,16 +74,24 @@ def split_chunks(
     """Each text's chunks as `mode` cuts them: lists of at most 75 tokens without <BOS>/<EOS>, at
     least one (empty for ""), at most max_token_length / 75 (the later ones are not read)."""
     ids = tokenizer(texts, add_special_tokens=False, truncation=False, verbose=False).input_ids
-    comma = tokenizer.get_vocab().get(",</w>") if mode == "a1111" else None
-    limit = max_token_length // CHUNK
-    out = []
-    for row in ids:
-        if mode == "a1111":
-            chunks = _a1111_chunks(row, comma)
-        else:  # kohya and ComfyUI: every 75 tokens
-            chunks = [row[i : i + CHUNK] for i in range(0, len(row), CHUNK)] or [[]]
-        out.append(chunks[:limit])
-    return out
+    comma = tokenizer.get_vocab().get(COMMA_TOKEN) if mode == "a1111" else None
+    return [token_chunks(row, max_token_length, mode, comma) for row in ids]
+
+
+def token_chunks(ids: list[int], max_token_length: int, mode: LongPromptMode, comma: int | None) -> list[list[int]]:
+    """One text's token ids (no <BOS>/<EOS>) cut into the chunks `mode` reads: see `split_chunks`.
+    `comma` is the id of CLIP's "," token (a1111 breaks after it)."""
+    if mode == "a1111":
+        chunks = _a1111_chunks(ids, comma)
+    else:  # kohya and ComfyUI: every 75 tokens
+        chunks = [ids[i : i + CHUNK] for i in range(0, len(ids), CHUNK)] or [[]]
+    return chunks[: max_token_length // CHUNK]
+
+
+def tokens_read(ids: list[int], max_token_length: int, mode: LongPromptMode, comma: int | None) -> int:
+    """How many of a text's tokens reach the encoders: fewer than len(ids) when the text is cut. In
+    a1111 mode a text of max_token_length tokens or fewer can be cut too: a comma break pads a chunk."""
+    return sum(len(chunk) for chunk in token_chunks(ids, max_token_length, mode, comma))
 
 
 def chunks_needed(tokenizers, texts: list[str], max_token_length: int, mode: LongPromptMode = "kohya") -> list[int]:
