@@ -147,9 +147,14 @@ def cmd_train(args) -> int:
 
     params = _load(args)
     if args.plan:
-        from components.train.plan import caption_count, fits, plan_training
+        from components.train.loop import load_training_items, plan_run
+        from components.train.plan import fits, plan_training
 
-        plan = plan_training(params.train, params.models, caption_count(Path(params.caption.out_dir)))
+        captions = Path(params.caption.out_dir)
+        if (captions / "captions.parquet").is_file():  # the images known: what a rerun wrote counts as there
+            plan = plan_run(params.train, params.models, load_training_items(captions))
+        else:
+            plan = plan_training(params.train, params.models)
         print(plan.render())
         return 0 if fits(plan) else 2
     summary = run_train(

@@ -15,6 +15,7 @@ import yaml
 from benchmarks.sdxl_hub_cache import write_sdxl_base
 from components.errors import ConfigError
 from components.train import run_train
+from components.train.loop import load_training_items, plan_run
 from components.train.plan import GB, checkpoint_bytes, filesystems, model_shapes, plan_training
 from tests.test_models import tiny_params
 from tests.test_train import captioned_set, train_params
@@ -55,6 +56,13 @@ def test_the_plan_is_what_a_run_writes(tmp_path, tiny_models):
     )  # in fp16, the save precision
     assert folder_bytes(Path(params.out_dir) / "model") == pytest.approx(need["model"].bytes, rel=0.05)
     assert need["checkpoints"].bytes == 2 * sum(per.values())  # the kept one and the one being written
+    # Run again (a resume, or the same run repeated): what it wrote is on the disk already, and only
+    # the rest needs room, so a disk that held the first run is not refused for the second.
+    again = {n.what: n for n in plan_run(params, models, load_training_items(captions)).disk}
+    assert again["checkpoints"].present == folder_bytes(checkpoint)
+    assert again["checkpoints"].more == need["checkpoints"].bytes - folder_bytes(checkpoint)
+    assert again["best weights"].present == folder_bytes(run_dir / "best")
+    assert again["model"].present == 0  # a new model folder is written beside the old one
 
 
 def test_a_run_the_disk_cannot_hold_is_refused_before_anything_loads(tmp_path, tiny_models):

@@ -46,7 +46,7 @@ from components.train.memory import (
     reset_peak_memory,
 )
 from components.train.optim import build_lr_scheduler, build_optimizer
-from components.train.plan import check_disk, plan_training
+from components.train.plan import TrainPlan, check_disk, plan_training
 from components.train.sdxl import diffusion_loss, encode_prompts, time_ids
 
 log = logging.getLogger(__name__)
@@ -178,7 +178,7 @@ class Trainer:
         # Each process draws its own noise and timesteps.
         self.state = checkpoints.TrainState(params.seed + self.accelerator.process_index)
         self.identity = checkpoints.run_identity(params, models, self.fingerprint)
-        self.run_dir = Path(params.checkpoint_dir) / checkpoints.run_id(self.identity)
+        self.run_dir = run_dir_of(params, self.identity)
         self.buckets = make_buckets(params.resolution, params.bucketing)
 
     # -- setup ------------------------------------------------------------------------------------
@@ -747,5 +747,16 @@ def run_train(
 ) -> TrainSummary:
     items = load_training_items(caption_dir)
     # Before anything is loaded: a run that cannot write its checkpoints and model fails now, not hours in.
-    check_disk(plan_training(params, models, len(items)))
+    check_disk(plan_run(params, models, items))
     return Trainer(params, models, items, progress).run(metrics_path, plots_dir)
+
+
+def run_dir_of(params: TrainParams, identity: dict) -> Path:
+    """The run's checkpoint folder: named by what determines its weights, so only its own run resumes there."""
+    return Path(params.checkpoint_dir) / checkpoints.run_id(identity)
+
+
+def plan_run(params: TrainParams, models: ModelsParams, items: list[ImageCaption]) -> TrainPlan:
+    """`plan_training` for these items, counting what this run (resumed or repeated) already wrote."""
+    identity = checkpoints.run_identity(params, models, data_fingerprint(items))
+    return plan_training(params, models, len(items), run_dir_of(params, identity))

@@ -56,6 +56,12 @@ class Need:
     bytes: int
     detail: str
     settings: str
+    present: int = 0  # of those bytes, what is on the disk already (a resumed or repeated run)
+
+    @property
+    def more(self) -> int:
+        """Bytes the run still has to find room for."""
+        return max(0, self.bytes - self.present)
 
 
 @dataclass
@@ -71,7 +77,8 @@ class TrainPlan:
         lines += [f"  {name:<14} {size(value * GB):>10}" for name, value in self.memory_gb.items()]
         lines += ["", "disk (the most held at once):"]
         for need in self.disk:
-            lines.append(f"  {need.what:<14} {size(need.bytes):>10}  {need.folder}  ({need.detail})")
+            there = f"; {size(need.present)} of it there already" if need.present else ""
+            lines.append(f"  {need.what:<14} {size(need.bytes):>10}  {need.folder}  ({need.detail}{there})")
         lines.append(f"  {'total':<14} {size(sum(n.bytes for n in self.disk)):>10}")
         for needed, free, folders in filesystems(self.disk).values():
             verdict = "fits" if needed <= free else "DOES NOT FIT"
@@ -202,18 +209,16 @@ def hub_cache_dir() -> Path:
     return Path(constants.HF_HUB_CACHE)
 
 
-def caption_count(caption_dir: Path) -> int | None:
-    """Images in the caption stage's output, when it exists (the caches hold one entry each)."""
-    table = caption_dir / "captions.parquet"
-    if not table.is_file():
-        return None
-    import pyarrow.parquet as pq
-
-    return pq.ParquetFile(table).metadata.num_rows
+def folder_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) if folder.is_dir() else 0
 
 
-def plan_training(train: TrainParams, models: ModelsParams, images: int | None = None) -> TrainPlan:
-    """Memory and disk for `train` with `models` on `images` captioned images (None: not known yet)."""
+def plan_training(
+    train: TrainParams, models: ModelsParams, images: int | None = None, run_dir: Path | None = None
+) -> TrainPlan:
+    """Memory and disk for `train` with `models` on `images` captioned images (None: not known yet).
+    With the run's checkpoint folder `run_dir`, what a resumed or repeated run has written there
+    already (checkpoints, best weights) and the caches' files count as present, not as more."""
     source, shapes, hub_id = model_shapes(models)
     unet = shapes["unet"]
     count = sum(numel(s) for s in unet)
@@ -240,7 +245,7 @@ def plan_training(train: TrainParams, models: ModelsParams, images: int | None =
         if ema.device == "cpu":
             plan.notes.append(f"the EMA takes {size(count * WIDTH[ema.dtype])} of CPU memory (main process only)")
 
-    run_dir = Path(train.checkpoint_dir)
+    checkpoint_dir = Path(train.checkpoint_dir)
     if train.checkpoint_every:
         per = checkpoint_bytes(train, unet)
         held = min(train.keep_checkpoints + 1, max(1, train.max_train_steps // train.checkpoint_every))
@@ -248,7 +253,7 @@ def plan_training(train: TrainParams, models: ModelsParams, images: int | None =
         plan.disk.append(
             Need(
                 "checkpoints",
-                run_dir,
+                checkpoint_dir,
                 held * sum(per.values()),
                 detail,
                 "train.keep_checkpoints, train.checkpoint_every, train.ema.dtype, train.checkpoint_dir",
@@ -261,7 +266,7 @@ def plan_training(train: TrainParams, models: ModelsParams, images: int | None =
         plan.disk.append(
             Need(
                 "best weights",
-                run_dir,
+                checkpoint_dir,
                 held * count * save_width,
                 f"up to {held} x {size(count * save_width)} in {train.save_precision}",
                 "train.validation.keep_best, train.keep_checkpoints, train.save_precision",
@@ -278,6 +283,13 @@ def plan_training(train: TrainParams, models: ModelsParams, images: int | None =
             "train.save_precision, train.out_dir",
         )
     )
+    if run_dir is not None:
+        present = {
+            "checkpoints": sum(folder_bytes(d) for d in run_dir.glob("step-*")),
+            "best weights": folder_bytes(run_dir / "best"),
+        }
+        for need in plan.disk:
+            need.present = min(need.bytes, present.get(need.what, 0))
     if (train.cache_latents or train.cache_text_embeddings) and images is None:
         plan.notes.append("no caption table yet: the caches' size is not counted")
     elif images:
@@ -296,6 +308,8 @@ def plan_training(train: TrainParams, models: ModelsParams, images: int | None =
                     cache,
                     f"{images} images" + (" x 2 flips" if flips == 2 else ""),
                     "train.cache_latents, train.cache_text_embeddings, train.cache_dir",
+                    # Entries made before are kept and reused (other runs' too: a floor, not exact).
+                    present=min(cache, folder_bytes(Path(train.cache_dir)) if run_dir is not None else 0),
                 )
             )
     if hub_id is not None:
@@ -327,7 +341,7 @@ def filesystems(disk: list[Need]) -> dict[int, tuple[int, int, list[Path]]]:
         existing = _existing(need.folder)
         device = os.stat(existing).st_dev
         needed, free, folders = out.get(device, (0, shutil.disk_usage(existing).free, []))
-        out[device] = (needed + need.bytes, free, [*folders, need.folder])
+        out[device] = (needed + need.more, free, [*folders, need.folder])
     return out
 
 
@@ -341,7 +355,7 @@ def check_disk(plan: TrainPlan) -> None:
         if needed <= free:
             continue
         here = [n for n in plan.disk if os.stat(_existing(n.folder)).st_dev == device]
-        parts = "; ".join(f"{n.what} {size(n.bytes)} ({n.detail}): {n.settings}" for n in here)
+        parts = "; ".join(f"{n.what} {size(n.more)} more ({n.detail}): {n.settings}" for n in here)
         raise ConfigError(
             f"train: this run would write {size(needed)} to the filesystem of {folders[0]}, which has "
             f"{size(free)} free. Change what it writes: {parts}. `easel train --plan` shows the figures."
