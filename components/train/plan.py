@@ -18,10 +18,11 @@ Disk, the most a run holds at once:
   in its dtype;
 - best weights (validation with `keep_best`): the current best plus the one each kept checkpoint
   refers to, in the save precision;
-- the model folder (the pipeline in the save precision), written beside the previous one, which
-  is already on the disk, and replaced by a rename;
+- the model folder (the U-Net in the save precision, the VAE and encoders in float32 as the base
+  has them), written beside the previous one, which is already on the disk, and replaced by a rename;
 - the latent and text-embedding caches;
 - the base model's download into the Hugging Face cache, when it is not there yet.
+What a resumed or repeated run wrote before counts as present, not as more (`Need.present`).
 """
 
 from __future__ import annotations
