@@ -197,10 +197,13 @@ def test_the_s3_endpoint_is_checked_when_params_load(tmp_path, monkeypatch):
         ("reporting", "metrics_dir", ["data"], r"reporting\.metrics_dir: Input should be a valid string"),
         ("reporting", "log_dir", ".easel/logs", r"reporting\.log_dir: unknown key"),
         ("models", "clip_pretrained", "/models/open_clip.bin", r"models\.clip_pretrained: .*a pickle checkpoint"),
+        ("models", "long_prompt_mode", "comfy", r"models\.long_prompt_mode: .*'kohya', 'comfyui' or 'a1111'"),
+        ("train", "ema", {"enabled": True, "warmup": "sometimes"}, r"train\.ema\.warmup: .*'sometimes'"),
     ],
 )
 def test_new_settings_refuse_bad_values_by_name(tmp_path, section, key, value, message):
-    """The settings added for safe archives, captions, reports and pickle refusal name a bad value."""
+    """The settings added for safe archives, captions, reports, pickle refusal, long prompts and the EMA
+    name a bad value."""
     data = repo_params()
     data[section][key] = value
     with pytest.raises(ConfigError, match=message):
