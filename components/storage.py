@@ -27,6 +27,8 @@ from components.fsutil import atomic_write_bytes
 from components.procs import LoopbackService
 
 ENDPOINT_ENV = S3_ENDPOINT_ENV
+MAX_VOLUMES = 2000  # volumes the embedded server may create (see EmbeddedS3.start)
+VOLUME_SIZE_MB = 256  # the size at which it starts a new one
 VOLUME_WAIT_S = 45.0  # how long a restarted embedded server may take to report its volumes
 DEFAULT_REGION = "us-east-1"
 
@@ -149,6 +151,11 @@ class EmbeddedS3(LoopbackService):
         args = [weed, f"-logdir={logs}", "mini", f"-dir={self.data_dir}", f"-ip={self.host}", f"-ip.bind={self.host}"]
         args += [f"-{flag}={port}" for flag, port in _ports(self.port).items()]
         args += ["-webdav=false", "-admin.ui=false", "-master.telemetry=false"]
+        # Each bucket gets volumes of its own, and by default mini allows only (free disk / 1 GB) of
+        # them: 18 buckets on a disk with 19 GB free, then InternalError on every write. Volumes grow
+        # as they fill (nothing is preallocated), so the count is set high and the size modest; the
+        # disk itself stays the only limit.
+        args += [f"-volume.max={MAX_VOLUMES}", f"-master.volumeSizeLimitMB={VOLUME_SIZE_MB}"]
         # weed mini creates its S3 identity from these variables; without them it runs with auth off.
         env = {**os.environ, "AWS_ACCESS_KEY_ID": access, "AWS_SECRET_ACCESS_KEY": secret}
         self._launched_at = time.monotonic()

@@ -1,5 +1,7 @@
 """The embedded S3 server (a real SeaweedFS on loopback) and the S3 client around it."""
 
+import os
+
 import pytest
 
 from components.config import StorageParams
@@ -7,6 +9,7 @@ from components.storage import (
     EmbeddedS3,
     S3Settings,
     StorageUnavailable,
+    ensure_bucket,
     make_client,
     ready_client,
     resolve_settings,
@@ -148,3 +151,19 @@ def test_start_after_a_port_change_does_not_trust_another_program(s3_server, tmp
         with pytest.raises(StorageUnavailable, match=rf"runs on port {s3_server.port} .*not on storage.embedded.port"):
             moved.start()
     assert s3_server.is_running()  # the running server is left alone
+
+
+def test_the_server_holds_more_buckets_than_one_per_free_gigabyte(s3_server):
+    # The suite's server once refused every write after 18 buckets on a disk with 19 GB free (weed
+    # mini sized its volume count as free disk / 1 GB, one volume per bucket). A user's projects,
+    # registries and remotes share one server the same way; 40 buckets hit the old limit here.
+    client = make_client(s3_server.settings())
+    buckets = [f"many-{os.urandom(3).hex()}-{i:02d}" for i in range(40)]
+    for i, bucket in enumerate(buckets):
+        ensure_bucket(client, bucket)
+        client.put_object(Bucket=bucket, Key="k", Body=f"object {i}".encode())
+    for i, bucket in enumerate(buckets):
+        assert client.get_object(Bucket=bucket, Key="k")["Body"].read() == f"object {i}".encode()
+    for bucket in buckets:
+        client.delete_object(Bucket=bucket, Key="k")
+        client.delete_bucket(Bucket=bucket)
