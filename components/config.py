@@ -115,6 +115,8 @@ class StorageParams(Section):
     bucket: str
     dvc_prefix: str = "dvc"
     registry_prefix: str = "registry"
+    # s3://<bucket>/<shard_prefix>/<run>/: where a run's shards swap inputs and results (deleted after the run)
+    shard_prefix: str = Field("shards", pattern=r"^[A-Za-z0-9][A-Za-z0-9._/-]*$")
     embedded: EmbeddedS3Params = EmbeddedS3Params()
     # Bounded waits for every S3 call: a hanging endpoint fails after (retries + 1) x read_timeout_s.
     connect_timeout_s: float = Field(5.0, gt=0, le=300)

@@ -14,12 +14,16 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from components import report
 from components.config import STAGES
 from components.errors import TEMPORARY, ConfigError, EaselError
 from components.numbers import number_at, read_json
 from components.procs import CommandTimedOut, run_captured
+
+if TYPE_CHECKING:
+    from components.shard_exchange import Exchange
 
 
 @dataclass
@@ -122,29 +126,38 @@ class ShardRun:
     shards: int
     summary: str  # the shard's own line: how many items, how many computed now
     worker: str  # host:pid of the process that ran it (a Dask worker, say)
+    folder: str = ""  # the shard's own folder there (deleted when it ended)
+    handed_back: int = 0  # cache files it put in the exchange for the merge
 
 
 def run_stage_shard(
-    stage: str, shard: int, shards: int, project_dir: Path | str, timeout_s: float | None = None
+    stage: str, shard: int, shards: int, exchange: Exchange, timeout_s: float | None = None
 ) -> ShardRun:
-    """Shard K of N of a stage's work, into the stage's cache; no output is written."""
+    """Shard K of N of a stage's work, in a fresh folder of its own holding the stage's inputs from
+    the exchange (components.shard_exchange); the cache files it writes go back there. No stage
+    output is written, and nothing of the project's own folder is read."""
+    from components.shard_exchange import publish_shard_results, shard_folder
+
     if stage not in SHARDED_STAGES:
         raise EaselError(f"stage {stage} cannot be sharded; these can: {', '.join(SHARDED_STAGES)}")
     only = ["--no-manifest"] if stage == "download" else []  # the DVC stage writes the manifest
     command = [str(Path(sys.executable).parent / "easel"), stage, "--shard", f"{shard}/{shards}", *only]
-    try:
-        proc = run_captured(command, project_dir, _env(project_dir), timeout_s)
-    except CommandTimedOut as exc:
-        raise StageTimedOut(f"{stage} shard {shard}/{shards}: {exc} (orchestration.stage_timeout_s)") from None
-    if proc.returncode != 0:
-        lines = (proc.stdout + proc.stderr).strip().splitlines()
-        killed = proc.returncode < 0 or proc.returncode > 128
-        raise StageFailed(
-            f"{stage} shard {shard}/{shards} failed: " + "\n".join(lines[-10:]),
-            transient=killed or any(line.endswith(TEMPORARY) for line in lines),
-        )
+    with shard_folder(exchange, stage, shard, shards) as folder:
+        try:  # the folder's own code (the stage's code dependencies) runs, as in the project
+            proc = run_captured(command, folder, _env(folder), timeout_s)
+        except CommandTimedOut as exc:
+            raise StageTimedOut(f"{stage} shard {shard}/{shards}: {exc} (orchestration.stage_timeout_s)") from None
+        if proc.returncode != 0:
+            lines = (proc.stdout + proc.stderr).strip().splitlines()
+            killed = proc.returncode < 0 or proc.returncode > 128
+            raise StageFailed(
+                f"{stage} shard {shard}/{shards} failed: " + "\n".join(lines[-10:]),
+                transient=killed or any(line.endswith(TEMPORARY) for line in lines),
+            )
+        handed_back = publish_shard_results(exchange, stage, shard, shards, folder)
     summary = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else ""
-    return ShardRun(stage, shard, shards, summary, f"{socket.gethostname()}:{os.getpid()}")
+    worker = f"{socket.gethostname()}:{os.getpid()}"
+    return ShardRun(stage, shard, shards, summary, worker, str(folder), handed_back)
 
 
 def orchestration_params(project_dir: Path | str):

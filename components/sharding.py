@@ -6,9 +6,13 @@ the generated-image cache) and writes no stage output. The DVC stage that runs a
 every item cached and writes the outputs: the merge. So a sharded run and a single-process run
 write the same outputs, and a shard that dies is simply run again.
 
-Items go to shards by a stable hash of their key (URL, file sha256). Work done in batches (models)
-is shared out whole batches at a time, batch i to shard i mod N, so that every item is computed
-in the same batch, with the same neighbours, as a single-process run computes it.
+Shares are equal by count: every shard lists the same items (they all read the same inputs) and
+takes every N-th of them (`share`), then does those not done yet. Items (URLs, files) are dealt in
+the order of a stable hash of their key, so shares differ by at most one item, whatever the
+inputs' order. Work done in batches (models) is dealt whole batches at a time, every item in the
+batch, with the same neighbours, that a single-process run computes it in; shares differ by at
+most one batch. As a share does not depend on what is done, shards started at different times
+(by hand, on a shared folder) still cover everything once.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from __future__ import annotations
 import hashlib
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TypeVar
 
 from components.errors import EaselError
@@ -36,9 +40,14 @@ def parse_shard(text: str) -> Shard:
     return k, n
 
 
+def _stable_hash(key: str) -> int:
+    """The same number for a key on every run, machine and Python version."""
+    return int.from_bytes(hashlib.sha1(key.encode()).digest()[:8], "big")
+
+
 def shard_of(key: str, shards: int) -> int:
-    """A key's shard: stable across runs, machines and Python versions."""
-    return int.from_bytes(hashlib.sha1(key.encode()).digest()[:8], "big") % shards
+    """A key's shard when the whole set is not known (archives, read member by member)."""
+    return _stable_hash(key) % shards
 
 
 def in_shard(key: str, shard: Shard | None) -> bool:
@@ -50,7 +59,16 @@ def new_part_name(shard: int = 0) -> str:
     return f"{time.time_ns():020d}-{os.getpid()}-{shard:04d}.jsonl"
 
 
-def batches(items: Sequence[T], batch_size: int, shard: Shard | None = None) -> list[list[T]]:
-    """`items` in batches of `batch_size`, in order; with a shard, only that shard's batches."""
-    every = [list(items[i : i + batch_size]) for i in range(0, len(items), batch_size)]
-    return every if shard is None else every[shard[0] :: shard[1]]
+def batches(items: Sequence[T], batch_size: int) -> list[list[T]]:
+    """`items` in batches of `batch_size`, in order."""
+    return [list(items[i : i + batch_size]) for i in range(0, len(items), batch_size)]
+
+
+def share(items: Sequence[T], shard: Shard | None, key: Callable[[T], str] | None = None) -> list[T]:
+    """Shard K's share of `items` (all of them without a shard): every N-th item, dealt in order, or
+    in the order of the stable hash of `key(item)` when given. Given the same `items`, the shares
+    cover them once and differ in length by at most one."""
+    if shard is None:
+        return list(items)
+    dealt = sorted(items, key=lambda item: _stable_hash(key(item))) if key else list(items)
+    return dealt[shard[0] :: shard[1]]

@@ -2,9 +2,10 @@
 
 `EASEL_DASK_ADDRESS` (e.g. tcp://scheduler:8786) names an existing cluster; without it the flow
 starts a LocalCluster of `EASEL_DASK_WORKERS` worker processes (default: one per CPU). The shard
-tasks run on the Dask workers, each in the project folder, so on a cluster the workers must share
-that folder (NFS, a shared volume) and have the project's environment; the DVC stages run in the
-flow's own process. Deployed as `large-data-refresh-on-dask` (prefect.yaml).
+tasks run on the Dask workers, each in a fresh folder of its own: inputs and results go through
+S3 (components.shard_exchange), so the workers need the project's environment and the S3
+endpoint, no shared folder. The DVC stages run in the flow's own process. Deployed as
+`large-data-refresh-on-dask` (prefect.yaml).
 """
 
 from __future__ import annotations

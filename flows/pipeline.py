@@ -17,6 +17,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.states import Completed, State
 
 from components.config import StageName
+from components.errors import EaselError
 from components.pipeline import (
     SHARDED_STAGES,
     ShardRun,
@@ -34,6 +35,13 @@ from components.pipeline import (
     run_stage_shard,
     run_summary_markdown,
     stage_is_current,
+)
+from components.shard_exchange import (
+    Exchange,
+    close_exchange,
+    collect_shard_results,
+    open_exchange,
+    publish_stage_inputs,
 )
 from flows import workspace
 
@@ -64,10 +72,23 @@ def run_stage(stage: str, project_dir: str, timeout_s: float) -> StageRun:
     return result
 
 
+@task(name="shard-inputs", retries=2, retry_delay_seconds=10, retry_condition_fn=transient_only)
+def hand_out(exchange: Exchange, stage: str, project_dir: str) -> int:
+    """What the stage's shards read, into the run's exchange in S3."""
+    return publish_stage_inputs(exchange, stage, project_dir)
+
+
 @task(name="stage-shard", retry_delay_seconds=10, retry_condition_fn=transient_only)
-def run_shard(stage: str, shard: int, shards: int, project_dir: str, timeout_s: float) -> ShardRun:
-    """One shard of a stage's work, on whichever worker the flow's task runner picks (a Dask worker)."""
-    return run_stage_shard(stage, shard, shards, project_dir, timeout_s)
+def run_shard(stage: str, shard: int, shards: int, exchange: Exchange, timeout_s: float) -> ShardRun:
+    """One shard of a stage's work, on whichever worker the flow's task runner picks (a Dask worker),
+    in a folder of its own: its inputs and results go through S3 (components.shard_exchange)."""
+    return run_stage_shard(stage, shard, shards, exchange, timeout_s)
+
+
+@task(name="shard-results", retries=2, retry_delay_seconds=10, retry_condition_fn=transient_only)
+def hand_in(exchange: Exchange, stage: str, shards: int, project_dir: str) -> int:
+    """Every shard's results from the exchange into the project's caches, for the DVC stage."""
+    return collect_shard_results(exchange, stage, shards, project_dir)
 
 
 @task(name="dvc-push", retries=2, retry_delay_seconds=5, retry_condition_fn=transient_only)
@@ -124,6 +145,7 @@ def _run(
 ) -> list | State:
     runs: list[StageRun] = []
     failure, branch = None, None
+    exchange: Exchange | None = None  # where shards swap files: opened by the first sharded stage
     try:
         chosen = check_stages(stages)
         settings = orchestration_params(project_dir)
@@ -142,14 +164,17 @@ def _run(
             retries = settings.retries.get(stage, 0)
             shard_runs: list[ShardRun] = []
             if shards > 1 and stage in SHARDED_STAGES and not stage_is_current(stage, project_dir):
+                exchange = exchange or open_exchange(project_dir)
+                print(f"{stage}: {hand_out(exchange, stage, project_dir)} input files handed out to {shards} shards")
                 shard_task = run_shard.with_options(name=f"{stage}-shard", retries=retries)
                 # Every shard must finish: .result() raises the first failure, and the stage does not run.
                 shard_runs = shard_task.map(
-                    unmapped(stage), range(shards), unmapped(shards), unmapped(project_dir), unmapped(time_left(stage))
+                    unmapped(stage), range(shards), unmapped(shards), unmapped(exchange), unmapped(time_left(stage))
                 )
                 shard_runs = shard_runs.result()
                 for shard in shard_runs:
                     print(f"{shard.stage} shard {shard.shard}/{shard.shards} on {shard.worker}: {shard.summary}")
+                print(f"{stage}: {hand_in(exchange, stage, shards, project_dir)} files handed in by its shards")
             task_for_stage = run_stage.with_options(name=f"stage-{stage}", retries=retries)
             result = task_for_stage(stage, project_dir, time_left(stage))
             result.shards = shard_runs
@@ -163,6 +188,11 @@ def _run(
         failure = str(exc) or type(exc).__name__
         raise
     finally:
+        if exchange:  # the shards' files are in the project's caches now, or the run failed: delete them
+            try:
+                close_exchange(exchange)
+            except EaselError as exc:
+                print(f"the shard exchange s3://{exchange.bucket}/{exchange.prefix} is left behind: {exc}")
         markdown = run_summary_markdown(project_dir, runs, failure)
         if branch:
             markdown += f"\nResults: `git fetch origin {branch}` then `dvc pull` ({Path(project_dir).name}).\n"

@@ -199,6 +199,7 @@ def test_the_s3_endpoint_is_checked_when_params_load(tmp_path, monkeypatch):
         ("models", "clip_pretrained", "/models/open_clip.bin", r"models\.clip_pretrained: .*a pickle checkpoint"),
         ("models", "long_prompt_mode", "comfy", r"models\.long_prompt_mode: .*'kohya', 'comfyui' or 'a1111'"),
         ("train", "ema", {"enabled": True, "warmup": "sometimes"}, r"train\.ema\.warmup: .*'sometimes'"),
+        ("storage", "shard_prefix", "../elsewhere", r"storage\.shard_prefix: String should match pattern"),
     ],
 )
 def test_new_settings_refuse_bad_values_by_name(tmp_path, section, key, value, message):

@@ -226,10 +226,11 @@ def test_shards_then_manifest(server, tmp_path):
     before = dict(server.server.RequestHandlerClass.counters)
     final = run_download(params, progress=False)  # every shard ran: nothing left to fetch
     assert final.fetched_now == 0 and server.server.RequestHandlerClass.counters == before
-    from components.sharding import shard_of
+    from components.sharding import share
 
     assert final.statuses == {"ok": 30}
-    assert fetched == [sum(shard_of(u, 3) == k for u in urls) for k in (1, 2)]  # each shard fetched its own
+    assert fetched == [10, 10]  # each shard fetched its own share, a third of the URLs
+    assert [len(share(urls, (k, 3), key=str)) for k in (1, 2)] == fetched
 
 
 def test_kill_9_then_resume_ends_with_the_same_manifest(server, tmp_path):

@@ -1,6 +1,7 @@
 """Sharded stages (issue 16, item 4): download, validate, caption and evaluation's generation split
 into shards that a DaskTaskRunner fans out over a LocalCluster of worker processes, then the DVC
-stage merges them. The result must be the single-process run's, file for file."""
+stage merges them. The result must be the single-process run's, file for file. The shards share no
+folder with the flow or with each other: their inputs and results go through S3 (issue 24, item 1)."""
 
 from __future__ import annotations
 
@@ -14,19 +15,29 @@ import pandas as pd
 import pytest
 
 from components.errors import EaselError
-from components.sharding import batches, in_shard, parse_shard, shard_of
+from components.sharding import batches, parse_shard, shard_of, share
 
 SHARDED = ("download", "validate", "caption", "evaluate")
 
 
-def test_every_item_falls_in_exactly_one_shard_and_in_its_single_process_batch():
+def test_shares_cover_the_items_once_and_differ_by_at_most_one():
+    keys = [f"https://example.com/{i}.png" for i in range(23)]
+    for n in range(1, 6):
+        shares = [share(keys, (k, n), key=str) for k in range(n)]
+        assert sorted(u for s in shares for u in s) == sorted(keys)  # every URL once
+        assert max(map(len, shares)) - min(map(len, shares)) <= 1  # a hash modulo 4 gave 2, 8, 6 and 7
+    # Hashing by key: the same share whatever order the inputs list the URLs in.
+    assert share(keys, (1, 3), key=str) == share(keys[::-1], (1, 3), key=str)
+    assert shard_of("https://example.com/a.png", 7) == shard_of("https://example.com/a.png", 7)
+
+
+def test_batched_work_is_dealt_in_whole_single_process_batches():
     items = list(range(23))
     for n in range(1, 6):
-        union = [b for k in range(n) for b in batches(items, 4, (k, n))]
+        union = [b for k in range(n) for b in share(batches(items, 4), (k, n))]
         assert sorted(map(tuple, union)) == sorted(map(tuple, batches(items, 4)))  # the same batches, none twice
-        keys = [f"https://example.com/{i}.png" for i in items]
-        assert all(sum(in_shard(key, (k, n)) for k in range(n)) == 1 for key in keys)
-    assert shard_of("https://example.com/a.png", 7) == shard_of("https://example.com/a.png", 7)
+        sizes = [sum(map(len, share(batches(items, 4), (k, n)))) for k in range(n)]
+        assert max(sizes) - min(sizes) <= 4  # images per shard differ by at most one batch
 
 
 @pytest.mark.parametrize("text", ["3/3", "-1/2", "1", "a/b", "1/0", ""])
@@ -74,7 +85,11 @@ def numbers(summaries: list[str], pattern: str) -> int:
 
 
 @pytest.mark.slow
-def test_the_sharded_flow_on_a_dask_cluster_writes_what_one_process_writes(harness, project_factory, finished_pipeline):
+def test_the_sharded_flow_on_a_dask_cluster_writes_what_one_process_writes(
+    harness, project_factory, finished_pipeline, s3_server, monkeypatch, tmp_path
+):
+    from components.config import load_params
+    from components.storage import make_client
     from flows.on_dask import dask_task_runner
     from flows.pipeline import easel_pipeline
 
@@ -82,6 +97,13 @@ def test_the_sharded_flow_on_a_dask_cluster_writes_what_one_process_writes(harne
     single = finished_pipeline.project  # the same project, its stages run in one process (`dvc repro`)
 
     sharded = project_factory("sharded")
+    # The workers are told only what a cluster's workers are told: the S3 endpoint and its keys, and
+    # where to make their own folders. They start after this, with this environment.
+    settings = s3_server.settings()
+    monkeypatch.setenv("EASEL_S3_ENDPOINT", settings.endpoint_url)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", settings.access_key)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", settings.secret_key)
+    monkeypatch.setenv("EASEL_SHARD_DIR", str(tmp_path / "worker-folders"))
     threads_before = os.environ.get("OMP_NUM_THREADS")
     on_dask = easel_pipeline.with_options(task_runner=dask_task_runner(workers=3))
     runs = {r.stage: r for r in on_dask(stages=stages, project_dir=str(sharded), push_to_remote=False, shards=3)}
@@ -94,6 +116,15 @@ def test_the_sharded_flow_on_a_dask_cluster_writes_what_one_process_writes(harne
     assert runs["train"].shards == []  # one training, not shards
     assert len({s.worker for r in runs.values() for s in r.shards}) >= 2
     assert all(r.ran for r in runs.values())
+
+    # Each shard ran in an empty folder of its own, outside the project, gone when it ended; what
+    # it computed came back through S3, and the run's exchange was deleted afterwards.
+    folders = [Path(s.folder) for r in runs.values() for s in r.shards]
+    assert len(set(folders)) == len(folders) == 3 * len(SHARDED)
+    assert all(f.parent == tmp_path / "worker-folders" and not f.exists() for f in folders)
+    assert all(sum(s.handed_back for s in runs[stage].shards) > 0 for stage in SHARDED)
+    bucket = load_params(sharded / "params.yaml").storage.bucket
+    assert make_client(settings).list_objects_v2(Bucket=bucket, Prefix="shards/")["KeyCount"] == 0
     # Starting the cluster left the flow's own stages their threads (Dask's nanny caps them otherwise).
     assert os.environ.get("OMP_NUM_THREADS") == threads_before
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,7 +29,7 @@ from components.fsutil import atomic_write_json, atomic_write_parquet, read_stag
 from components.images import load_rgb, thumbnail
 from components.models.loaders import default_device, dtype_for
 from components.sdxl.prompt_encoding import tokens_read
-from components.sharding import Shard, batches, new_part_name
+from components.sharding import Shard, batches, new_part_name, share
 
 log = logging.getLogger(__name__)
 
@@ -92,18 +93,13 @@ def caption_images(
 ) -> dict[str, str]:
     """Fill the cache for every (captioner, image) it lacks; returns {sha256: error} for failures.
 
-    With a shard, only that shard's batches of the accepted images (components.sharding), each
-    batch as a single-process run makes it, so that every caption comes out the same.
+    With a shard, only that shard's share of the batches (caption_batches).
     """
 
     def lacks(r) -> bool:
         return any(cache.get(c.key, r.sha256) is None for c in captioners)
 
-    rows = list(accepted.itertuples())
-    if shard is None:
-        todo = batches([r for r in rows if lacks(r)], batch_size)
-    else:
-        todo = [batch for batch in batches(rows, batch_size, shard) if any(lacks(r) for r in batch)]
+    todo = caption_batches(accepted, batch_size, lacks, shard)
     failures: dict[str, str] = {}
     bar = tqdm(total=sum(map(len, todo)), desc="caption", unit="img", disable=not progress)
     for batch in todo:
@@ -124,6 +120,17 @@ def caption_images(
     return failures
 
 
+def caption_batches(accepted: pd.DataFrame, batch_size: int, lacks: Callable, shard: Shard | None) -> list[list]:
+    """The batches of accepted images to caption. A single process batches the images that lack a
+    caption; a shard takes its share (components.sharding) of the batches a fresh single-process
+    run makes, each batch whole, so that every caption comes out the same, and does those that
+    still lack one."""
+    rows = list(accepted.itertuples())
+    if shard is None:
+        return batches([r for r in rows if lacks(r)], batch_size)
+    return [batch for batch in share(batches(rows, batch_size), shard) if any(lacks(r) for r in batch)]
+
+
 def read_accepted(validate_dir: Path) -> pd.DataFrame:
     return read_stage_table(
         validate_dir / "accepted.parquet", "caption", "validate", "accepted images", ("sha256", "image_path")
@@ -138,8 +145,12 @@ def caption_shard(
     accepted = read_accepted(validate_dir)
     captioners = build_captioners(params, models)
     cache = CaptionCache(Path(params.out_dir) / "cache.jsonl", part=new_part_name(shard[0]))
-    mine = [r.sha256 for batch in batches(list(accepted.itertuples()), params.batch_size, shard) for r in batch]
-    before = sum(any(cache.get(c.key, sha) is None for c in captioners) for sha in mine)
+
+    def lacks(r) -> bool:
+        return any(cache.get(c.key, r.sha256) is None for c in captioners)
+
+    mine = [r for batch in share(batches(list(accepted.itertuples()), params.batch_size), shard) for r in batch]
+    before = sum(map(lacks, mine))
     failures = caption_images(accepted, captioners, cache, params.batch_size, progress, shard)
     return len(mine), before - len(failures)
 

@@ -34,7 +34,7 @@ from components.download.store import ImageStore
 from components.download.worker import RECORD_FIELDS, fetch_in_process, fetch_into, init_process
 from components.errors import EaselError
 from components.fsutil import atomic_write_json, atomic_write_parquet
-from components.sharding import in_shard
+from components.sharding import in_shard, share
 
 log = logging.getLogger(__name__)
 
@@ -207,8 +207,7 @@ def run_download(
     ImageStore(out_dir / "images").remove_partials()
     records = load_journal(out_dir / "journal")
     wanted = list(dict.fromkeys(u for u in inputs["url"] if pd.notna(u)))
-    mine = [u for u in wanted if in_shard(u, shard)]
-    todo = [u for u in mine if not is_done(records.get(u), out_dir)]
+    todo = [u for u in share(wanted, shard, key=str) if not is_done(records.get(u), out_dir)]
     workers = max(1, min(params.workers, len(todo) // MIN_URLS_PER_WORKER))
     log.info("%d rows, %d distinct URLs, %d to fetch with %d worker(s)", len(inputs), len(wanted), len(todo), workers)
     if todo:

@@ -34,7 +34,7 @@ from components.prompts import load_prompt_set, prompt_set_hash
 from components.scoring import AESTHETIC_DEFINITION, CLIP_SCORE_DEFINITION, ImageTextScorer
 from components.sdxl.generation import GenerationSettings, generate
 from components.sdxl.guidance import Guidance
-from components.sharding import Shard, batches
+from components.sharding import Shard, batches, share
 
 log = logging.getLogger(__name__)
 
@@ -82,14 +82,10 @@ def generate_for_model(
     shard: Shard | None = None,
 ) -> tuple[pd.DataFrame, int]:
     """Every (prompt, seed) image of one model, from the cache or generated into it; and how many
-    were generated now. With a shard, only that shard's batches (components.sharding), each batch
-    as a single-process run makes it, so that every image comes out the same."""
+    were generated now. With a shard, only that shard's share of the batches (generation_batches)."""
     settings = generation_settings(params, models)
     jobs = plan_images(model, prompts, params, models)
-    if shard is None:
-        todo = batches([j for j in jobs if not cache.has(j["key"])], params.batch_size)
-    else:
-        todo = [b for b in batches(jobs, params.batch_size, shard) if any(not cache.has(j["key"]) for j in b)]
+    todo = generation_batches(jobs, params.batch_size, cache, shard)
     count = sum(map(len, todo))
     log.info("%s: %d images, %d to generate", model.name, len(jobs), count)
     if todo:
@@ -304,6 +300,15 @@ def plan_evaluation(
     return EvaluationPlan(prompts, chosen, panel, earlier, prompt_sha, protocol, board)
 
 
+def generation_batches(jobs: list[dict], batch_size: int, cache: ImageCache, shard: Shard | None) -> list[list[dict]]:
+    """The batches of images to generate. A single process batches the images not cached; a shard
+    takes its share (components.sharding) of the batches a fresh single-process run makes, each
+    batch whole, so that every image comes out the same, and does those that still lack an image."""
+    if shard is None:
+        return batches([j for j in jobs if not cache.has(j["key"])], batch_size)
+    return [b for b in share(batches(jobs, batch_size), shard) if any(not cache.has(j["key"]) for j in b)]
+
+
 def generate_shard(
     params: EvaluateParams,
     models: ModelsParams,
@@ -319,7 +324,7 @@ def generate_shard(
     cache = ImageCache(params.cache_dir)
     generated = [generate_for_model(m, plan.prompts, params, models, cache, progress, shard)[1] for m in plan.scored]
     per_model = len(plan.prompts) * len(params.seeds)
-    mine = sum(map(len, batches(range(per_model), params.batch_size, shard)))
+    mine = sum(map(len, share(batches(range(per_model), params.batch_size), shard)))
     return mine * len(plan.scored), sum(generated)
 
 

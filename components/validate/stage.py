@@ -25,7 +25,7 @@ from components.config import AssumeDpi, ModelsParams, ValidateParams
 from components.errors import EaselError
 from components.fsutil import atomic_dir, atomic_write_json, atomic_write_parquet
 from components.images import thumbnail
-from components.sharding import Shard, in_shard
+from components.sharding import Shard, share
 from components.validate.dedupe import Candidate, choose_kept, near_duplicate_groups
 from components.validate.inspect import EMPTY_ROW, InspectionCache, inspect_cached
 from components.validate.normalize import needs_copy, write_training_copy
@@ -105,7 +105,7 @@ def inspect_shard(params: ValidateParams, download_dir: Path, shard: Shard, prog
     inspection cache and writes no output. Returns (files in the shard, files inspected now)."""
     ok = read_manifest(download_dir, params)
     ok = ok[ok["status"] == "ok"].drop_duplicates("sha256")
-    mine = ok[[in_shard(sha, shard) for sha in ok["sha256"]]]
+    mine = ok[ok["sha256"].isin(share(list(ok["sha256"]), shard, key=str))]
     cache = InspectionCache(params.cache_dir, params.max_image_pixels)
     before = sum(cache.get(sha) is None for sha in mine["sha256"])
     inspect_files(mine, download_dir, params, progress)

@@ -1,0 +1,280 @@
+"""Shards hand their inputs and results over through the object store, never through a shared folder.
+
+Before a sharded stage runs its shards (components.sharding), the flow publishes what the stage
+reads: its DVC dependencies (its code included), params.yaml, the caches a rerun starts from, and
+the model folders inside the project that it loads. Each file becomes an object named by its
+sha256 under a prefix of the run's own, `s3://<bucket>/<storage.shard_prefix>/<run>/`, and the
+stage gets a listing {path: sha256}. A shard runs in a fresh, empty folder of its own, on whichever
+machine runs it: it fetches the listing's files, runs `easel <stage> --shard K/N` there with that
+code, and publishes the cache files it wrote, with a listing of its own. The merge fetches every
+shard's files into the project's caches, where the DVC stage then finds the work done. When the
+run ends, its prefix is deleted.
+
+A worker needs only the project's Python environment and S3: `EASEL_S3_ENDPOINT` with
+`AWS_ACCESS_KEY_ID`/`AWS_SECRET_ACCESS_KEY` (a worker on the flow's machine may use the embedded
+server instead). `EASEL_SHARD_DIR` says where a worker makes its shard folders (default: the
+system's temp folder); each is deleted when its shard ends.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+from components.config import Params, StorageParams, load_params
+from components.errors import EaselError
+from components.fsutil import atomic_write_bytes, sha256_file
+
+SHARD_DIR_ENV = "EASEL_SHARD_DIR"
+TRANSFER_THREADS = 8  # concurrent object transfers: many small files (images, cache entries)
+
+# What each sharded stage's shards fill: handed back to the merge, and handed out to the shards so
+# that a rerun redoes nothing the project already has (paths relative to the project folder).
+SHARD_CACHES: dict[str, Callable[[Params], list[str]]] = {
+    "download": lambda p: [f"{p.download.out_dir}/images", f"{p.download.out_dir}/journal"],
+    "validate": lambda p: [p.validate_.cache_dir],
+    "caption": lambda p: [f"{p.caption.out_dir}/cache.jsonl", f"{p.caption.out_dir}/cache.parts"],
+    "evaluate": lambda p: [p.evaluate.cache_dir],
+}
+# The models each stage's shard loads (the `models.*` keys its DVC stage tracks); those that are
+# folders or files inside the project (the tiny set) travel with the inputs, hub ids do not.
+SHARD_MODELS = {
+    "download": (),
+    "validate": ("clip_model", "aesthetic"),
+    "caption": ("blip", "tagger"),
+    "evaluate": ("sdxl", "sdxl_config", "vae", "clip_model", "clip_pretrained", "aesthetic"),
+}
+
+
+@dataclass(frozen=True)
+class Exchange:
+    """Where one run's shards swap files. Holds no secret: it travels as a task parameter."""
+
+    run: str
+    bucket: str
+    prefix: str  # <storage.shard_prefix>/<run>
+    storage: dict  # the project's storage section (no credentials in it), the embedded data_dir absolute
+
+    def objects(self, sha256: str = "") -> str:
+        return f"{self.prefix}/objects/{sha256}"
+
+    def listing(self, stage: str, name: str) -> str:
+        return f"{self.prefix}/{stage}/{name}.json"
+
+
+def shard_listing_name(shard: int, shards: int) -> str:
+    return f"shard-{shard}-of-{shards}"
+
+
+def open_exchange(project_dir: Path | str) -> Exchange:
+    """A new run-scoped exchange for the project's bucket."""
+    project_dir = Path(project_dir).resolve()
+    params = load_params(project_dir / "params.yaml")
+    storage = params.storage.model_dump()
+    data_dir = Path(storage["embedded"]["data_dir"])
+    storage["embedded"]["data_dir"] = str(data_dir if data_dir.is_absolute() else project_dir / data_dir)
+    run = uuid.uuid4().hex[:16]
+    return Exchange(run, params.storage.bucket, f"{params.storage.shard_prefix.strip('/')}/{run}", storage)
+
+
+@contextlib.contextmanager
+def _client(exchange: Exchange, what: str) -> Iterator[object]:
+    from components.storage import make_client, resolve_settings, storage_errors
+
+    settings = resolve_settings(StorageParams.model_validate(exchange.storage))
+    with storage_errors(settings, f"shard exchange {exchange.prefix}: {what}"):
+        yield make_client(settings)
+
+
+# -- files -------------------------------------------------------------------------------------------
+
+
+def _files_under(root: Path, rel: str) -> Iterator[str]:
+    """The files at `rel` (a file, or every file below a folder, through symlinks), as relative POSIX
+    paths; bytecode caches left out (Python writes its own)."""
+    top = root / rel
+    if top.is_file():
+        yield PurePosixPath(rel).as_posix()
+        return
+    for folder, dirs, files in os.walk(top, followlinks=True):
+        dirs[:] = sorted(d for d in dirs if d != "__pycache__")
+        for name in sorted(files):
+            if not name.endswith((".pyc", ".tmp")):
+                yield (Path(folder) / name).relative_to(root).as_posix()
+
+
+def _hash_files(root: Path, rels: list[str]) -> dict[str, str]:
+    found: dict[str, str] = {}
+    for rel in rels:
+        for path in _files_under(root, rel):
+            found[path] = sha256_file(root / path)
+    return found
+
+
+def _safe_path(root: Path, rel: str, source: str) -> Path:
+    """`root/rel` for a path read from a listing, refused if it would land outside `root`."""
+    pure = PurePosixPath(rel)
+    if pure.is_absolute() or ".." in pure.parts or not pure.parts:
+        raise EaselError(f"{source}: path {rel!r} is not inside the folder; refused")
+    return root.joinpath(*pure.parts)
+
+
+def stage_inputs(stage: str, project_dir: Path | str) -> list[str]:
+    """What a shard of `stage` reads, relative to the project: params.yaml, the stage's DVC dependencies
+    (code and data, as dvc.yaml resolves them), its caches, and its models that live in the project."""
+    from dvc.repo import Repo
+
+    project_dir = Path(project_dir).resolve()
+    params = load_params(project_dir / "params.yaml")
+    with Repo(str(project_dir)) as repo:
+        (dvc_stage,) = repo.stage.collect(stage)
+        deps = [str(dep.def_path) for dep in dvc_stage.deps]
+    models = []
+    for key in SHARD_MODELS[stage]:
+        value = getattr(params.models, key)
+        if isinstance(value, str) and value:
+            path = Path(value.removeprefix("local-dir:"))
+            inside = not path.is_absolute() and ".." not in path.parts
+            if inside and (project_dir / path).exists():
+                models.append(path.as_posix())
+    wanted = ["params.yaml", *deps, *SHARD_CACHES[stage](params), *models]
+    return [rel for rel in dict.fromkeys(wanted) if (project_dir / rel).exists()]
+
+
+# -- transfers ---------------------------------------------------------------------------------------
+
+
+def _upload(exchange: Exchange, root: Path, files: dict[str, str], what: str) -> int:
+    """Upload the objects of `files` ({path: sha256}) that the run does not hold yet; returns how many."""
+    with _client(exchange, what) as client:
+        present: set[str] = set()
+        for page in client.get_paginator("list_objects_v2").paginate(Bucket=exchange.bucket, Prefix=exchange.objects()):
+            present.update(item["Key"].rsplit("/", 1)[-1] for item in page.get("Contents", []))
+        todo = {sha: path for path, sha in files.items() if sha not in present}
+
+        def put(item: tuple[str, str]) -> None:
+            sha, path = item
+            client.upload_file(str(root / path), exchange.bucket, exchange.objects(sha))
+
+        with ThreadPoolExecutor(TRANSFER_THREADS) as pool:
+            list(pool.map(put, todo.items()))
+    return len(todo)
+
+
+def _put_listing(exchange: Exchange, key: str, files: dict[str, str], what: str) -> None:
+    with _client(exchange, what) as client:
+        client.put_object(Bucket=exchange.bucket, Key=key, Body=json.dumps({"files": files}, sort_keys=True).encode())
+
+
+def _get_listing(exchange: Exchange, key: str, what: str) -> dict[str, str]:
+    from botocore.exceptions import ClientError
+
+    with _client(exchange, what) as client:
+        try:
+            body = client.get_object(Bucket=exchange.bucket, Key=key)["Body"].read()
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+                raise EaselError(f"s3://{exchange.bucket}/{key}: missing ({what})") from None
+            raise
+    try:
+        files = json.loads(body)["files"]
+        if not all(isinstance(k, str) and isinstance(v, str) and len(v) == 64 for k, v in files.items()):
+            raise ValueError("not {path: sha256}")
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise EaselError(f"s3://{exchange.bucket}/{key}: not a shard listing ({exc})") from None
+    return files
+
+
+def _download(exchange: Exchange, root: Path, files: dict[str, str], what: str) -> int:
+    """Fetch `files` ({path: sha256}) into `root`, each checked against its sha256 and written
+    atomically; a file already there with that content is kept. Returns how many were fetched."""
+    source = f"s3://{exchange.bucket}/{exchange.prefix}"
+    targets = {path: _safe_path(root, path, source) for path in files}
+    todo = [p for p, target in targets.items() if not (target.is_file() and sha256_file(target) == files[p])]
+    with _client(exchange, what) as client:
+
+        def get(path: str) -> None:
+            import hashlib
+
+            data = client.get_object(Bucket=exchange.bucket, Key=exchange.objects(files[path]))["Body"].read()
+            if hashlib.sha256(data).hexdigest() != files[path]:
+                raise EaselError(f"{source}: the object for {path} does not match its sha256; refused")
+            atomic_write_bytes(targets[path], data)
+
+        with ThreadPoolExecutor(TRANSFER_THREADS) as pool:
+            list(pool.map(get, todo))
+    return len(todo)
+
+
+# -- the three steps -----------------------------------------------------------------------------------
+
+
+def publish_stage_inputs(exchange: Exchange, stage: str, project_dir: Path | str) -> int:
+    """Put what the stage's shards read in the exchange; returns the number of files listed."""
+    project_dir = Path(project_dir).resolve()
+    files = _hash_files(project_dir, stage_inputs(stage, project_dir))
+    _upload(exchange, project_dir, files, f"{stage} inputs")
+    _put_listing(exchange, exchange.listing(stage, "inputs"), files, f"{stage} inputs")
+    return len(files)
+
+
+@contextlib.contextmanager
+def shard_folder(exchange: Exchange, stage: str, shard: int, shards: int) -> Iterator[Path]:
+    """A fresh folder for one shard, holding the stage's inputs; deleted when the shard ends."""
+    root = Path(os.environ.get(SHARD_DIR_ENV) or Path(tempfile.gettempdir()) / "easel-shards")
+    root.mkdir(parents=True, exist_ok=True)
+    folder = Path(tempfile.mkdtemp(prefix=f"{exchange.run}-{stage}-{shard}of{shards}-", dir=root))
+    try:
+        inputs = _get_listing(exchange, exchange.listing(stage, "inputs"), f"{stage} inputs")
+        _download(exchange, folder, inputs, f"{stage} shard {shard}/{shards} inputs")
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def publish_shard_results(exchange: Exchange, stage: str, shard: int, shards: int, folder: Path) -> int:
+    """Hand back the cache files this shard wrote (new, or changed from its inputs); returns how many."""
+    params = load_params(folder / "params.yaml")
+    inputs = _get_listing(exchange, exchange.listing(stage, "inputs"), f"{stage} inputs")
+    now = _hash_files(folder, [rel for rel in SHARD_CACHES[stage](params) if (folder / rel).exists()])
+    written = {path: sha for path, sha in now.items() if inputs.get(path) != sha}
+    what = f"{stage} shard {shard}/{shards} results"
+    _upload(exchange, folder, written, what)
+    _put_listing(exchange, exchange.listing(stage, shard_listing_name(shard, shards)), written, what)
+    return len(written)
+
+
+def collect_shard_results(exchange: Exchange, stage: str, shards: int, project_dir: Path | str) -> int:
+    """The merge's first step: every shard's files into the project's caches. Returns how many were
+    fetched; a shard that handed nothing back is an error naming it."""
+    project_dir = Path(project_dir).resolve()
+    fetched = 0
+    for shard in range(shards):
+        name = shard_listing_name(shard, shards)
+        files = _get_listing(
+            exchange, exchange.listing(stage, name), f"{stage} shard {shard}/{shards} handed nothing back"
+        )
+        fetched += _download(exchange, project_dir, files, f"{stage} shard {shard}/{shards} results")
+    return fetched
+
+
+def close_exchange(exchange: Exchange) -> int:
+    """Delete everything the run put under its prefix; returns the number of objects deleted."""
+    deleted = 0
+    with _client(exchange, "clean-up") as client:
+        for page in client.get_paginator("list_objects_v2").paginate(
+            Bucket=exchange.bucket, Prefix=exchange.prefix + "/"
+        ):
+            keys = [{"Key": item["Key"]} for item in page.get("Contents", [])]
+            if keys:
+                client.delete_objects(Bucket=exchange.bucket, Delete={"Objects": keys, "Quiet": True})
+                deleted += len(keys)
+    return deleted

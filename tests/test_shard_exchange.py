@@ -1,0 +1,103 @@
+"""The shard exchange (components.shard_exchange) against the real S3 server: what a shard hands back
+reaches the project's caches and nothing else does; a listing cannot write outside the folder; an
+object that does not match its hash is refused; the run's prefix is gone after it."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+
+from components.errors import EaselError
+from components.shard_exchange import (
+    close_exchange,
+    collect_shard_results,
+    open_exchange,
+    publish_shard_results,
+    shard_folder,
+)
+from components.storage import ensure_bucket, make_client
+from tests.conftest import REPO
+
+
+@pytest.fixture()
+def project(tmp_path, s3_server) -> Path:
+    """A project folder with the repository's params, pointed at the test server and a new bucket."""
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["storage"]["embedded"] = {"port": s3_server.port, "data_dir": str(s3_server.data_dir)}
+    params["storage"]["bucket"] = "exch-" + os.urandom(4).hex()
+    folder = tmp_path / "project"
+    folder.mkdir()
+    (folder / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    ensure_bucket(make_client(s3_server.settings()), params["storage"]["bucket"])
+    return folder
+
+
+def put_listing(client, exchange, stage: str, name: str, files: dict[str, str]) -> None:
+    body = json.dumps({"files": files}).encode()
+    client.put_object(Bucket=exchange.bucket, Key=exchange.listing(stage, name), Body=body)
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def test_what_a_shard_writes_in_its_caches_reaches_the_project_and_nothing_else(project, s3_server, tmp_path):
+    exchange = open_exchange(project)
+    client = make_client(s3_server.settings())
+    params = (project / "params.yaml").read_bytes()
+    client.put_object(Bucket=exchange.bucket, Key=exchange.objects(sha(params)), Body=params)
+    put_listing(client, exchange, "download", "inputs", {"params.yaml": sha(params)})
+
+    os.environ["EASEL_SHARD_DIR"] = str(tmp_path / "shards")
+    try:
+        with shard_folder(exchange, "download", 0, 1) as folder:
+            assert folder.parent == tmp_path / "shards" and (folder / "params.yaml").read_bytes() == params
+            # What `easel download --shard` writes: images and a journal part (its caches), and
+            # anything else, which is not the shard's to hand back (the DVC stage writes outputs).
+            (folder / "data/download/images/ab").mkdir(parents=True)
+            (folder / "data/download/images/ab/ab12.png").write_bytes(b"png bytes")
+            (folder / "data/download/journal").mkdir()
+            (folder / "data/download/journal/part-0.jsonl").write_text('{"url": "u"}\n')
+            (folder / "data/download/manifest.parquet").write_bytes(b"not handed back")
+            assert publish_shard_results(exchange, "download", 0, 1, folder) == 2
+        assert not folder.exists()
+    finally:
+        del os.environ["EASEL_SHARD_DIR"]
+
+    assert collect_shard_results(exchange, "download", 1, project) == 2
+    assert (project / "data/download/images/ab/ab12.png").read_bytes() == b"png bytes"
+    assert (project / "data/download/journal/part-0.jsonl").read_text() == '{"url": "u"}\n'
+    assert not (project / "data/download/manifest.parquet").exists()
+    assert collect_shard_results(exchange, "download", 1, project) == 0  # already there: nothing fetched again
+
+    # A shard that never handed anything back stops the merge, named.
+    with pytest.raises(EaselError, match=r"shard-0-of-2.json: missing \(download shard 0/2 handed nothing back\)"):
+        collect_shard_results(exchange, "download", 2, project)
+
+    assert close_exchange(exchange) == 5  # three objects (params and two cache files), two listings
+    assert client.list_objects_v2(Bucket=exchange.bucket, Prefix=exchange.prefix)["KeyCount"] == 0
+
+
+def test_a_listing_cannot_write_outside_the_folder_nor_pass_off_other_bytes(project, s3_server):
+    exchange = open_exchange(project)
+    client = make_client(s3_server.settings())
+    data = b"cache entry"
+    client.put_object(Bucket=exchange.bucket, Key=exchange.objects(sha(data)), Body=data)
+
+    put_listing(client, exchange, "validate", "shard-0-of-1", {"../escaped.json": sha(data)})
+    with pytest.raises(EaselError, match=r"path '\.\./escaped\.json' is not inside the folder; refused"):
+        collect_shard_results(exchange, "validate", 1, project)
+    assert not (project.parent / "escaped.json").exists()
+
+    # An object whose bytes are not the ones its name promises (a corrupted or replaced object).
+    client.put_object(Bucket=exchange.bucket, Key=exchange.objects("0" * 64), Body=data)
+    put_listing(client, exchange, "validate", "shard-0-of-1", {".easel/cache/validate/ab/x.json": "0" * 64})
+    with pytest.raises(EaselError, match=r"the object for \.easel/cache/validate/ab/x\.json does not match its sha256"):
+        collect_shard_results(exchange, "validate", 1, project)
+    assert not (project / ".easel/cache/validate/ab/x.json").exists()
+    close_exchange(exchange)
