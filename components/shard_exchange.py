@@ -31,7 +31,7 @@ from pathlib import Path, PurePosixPath
 
 from components.config import Params, StorageParams, load_params
 from components.errors import EaselError
-from components.fsutil import atomic_write_bytes, sha256_file
+from components.fsutil import sha256_file
 
 SHARD_DIR_ENV = "EASEL_SHARD_DIR"
 TRANSFER_THREADS = 8  # concurrent object transfers: many small files (images, cache entries)
@@ -122,9 +122,11 @@ def _hash_files(root: Path, rels: list[str]) -> dict[str, str]:
 def _safe_path(root: Path, rel: str, source: str) -> Path:
     """`root/rel` for a path read from a listing, refused if it would land outside `root`."""
     pure = PurePosixPath(rel)
-    if pure.is_absolute() or ".." in pure.parts or not pure.parts:
+    target = root.joinpath(*pure.parts)
+    inside = not pure.is_absolute() and ".." not in pure.parts and bool(pure.parts)
+    if not inside or not target.resolve().is_relative_to(root.resolve()):  # a symlinked folder on the way, too
         raise EaselError(f"{source}: path {rel!r} is not inside the folder; refused")
-    return root.joinpath(*pure.parts)
+    return target
 
 
 def stage_inputs(stage: str, project_dir: Path | str) -> list[str]:
@@ -196,18 +198,32 @@ def _get_listing(exchange: Exchange, key: str, what: str) -> dict[str, str]:
 def _download(exchange: Exchange, root: Path, files: dict[str, str], what: str) -> int:
     """Fetch `files` ({path: sha256}) into `root`, each checked against its sha256 and written
     atomically; a file already there with that content is kept. Returns how many were fetched."""
+    from botocore.exceptions import ClientError
+
     source = f"s3://{exchange.bucket}/{exchange.prefix}"
     targets = {path: _safe_path(root, path, source) for path in files}
     todo = [p for p, target in targets.items() if not (target.is_file() and sha256_file(target) == files[p])]
     with _client(exchange, what) as client:
 
         def get(path: str) -> None:
-            import hashlib
-
-            data = client.get_object(Bucket=exchange.bucket, Key=exchange.objects(files[path]))["Body"].read()
-            if hashlib.sha256(data).hexdigest() != files[path]:
-                raise EaselError(f"{source}: the object for {path} does not match its sha256; refused")
-            atomic_write_bytes(targets[path], data)
+            # Streamed to a temp file beside the target (a model's weights do not fit in memory), checked, renamed.
+            target = targets[path]
+            target.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+            os.close(fd)
+            try:
+                try:
+                    client.download_file(exchange.bucket, exchange.objects(files[path]), tmp)
+                except ClientError as exc:
+                    if exc.response.get("Error", {}).get("Code") not in ("404", "NoSuchKey"):
+                        raise
+                    raise EaselError(f"{source}: the object for {path} is missing") from None
+                if sha256_file(tmp) != files[path]:
+                    raise EaselError(f"{source}: the object for {path} does not match its sha256; refused")
+                os.replace(tmp, target)
+            except BaseException:
+                Path(tmp).unlink(missing_ok=True)
+                raise
 
         with ThreadPoolExecutor(TRANSFER_THREADS) as pool:
             list(pool.map(get, todo))

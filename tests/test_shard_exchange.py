@@ -100,4 +100,17 @@ def test_a_listing_cannot_write_outside_the_folder_nor_pass_off_other_bytes(proj
     with pytest.raises(EaselError, match=r"the object for \.easel/cache/validate/ab/x\.json does not match its sha256"):
         collect_shard_results(exchange, "validate", 1, project)
     assert not (project / ".easel/cache/validate/ab/x.json").exists()
+
+    # An object the listing names that the exchange does not hold.
+    put_listing(client, exchange, "validate", "shard-0-of-1", {".easel/cache/validate/ab/y.json": "1" * 64})
+    with pytest.raises(EaselError, match=r"the object for \.easel/cache/validate/ab/y\.json is missing"):
+        collect_shard_results(exchange, "validate", 1, project)
+
+    # A folder on the way that is a link out of the project (the tiny models are one) is not written through.
+    (project / "linked").symlink_to(project.parent)
+    put_listing(client, exchange, "validate", "shard-0-of-1", {"linked/escaped.json": sha(data)})
+    with pytest.raises(EaselError, match=r"path 'linked/escaped\.json' is not inside the folder; refused"):
+        collect_shard_results(exchange, "validate", 1, project)
+    assert not (project.parent / "escaped.json").exists()
+    assert list(project.rglob("*.tmp")) == []  # no temp file left by a refused object
     close_exchange(exchange)
