@@ -143,8 +143,13 @@ def run_stage_shard(
     only = ["--no-manifest"] if stage == "download" else []  # the DVC stage writes the manifest
     command = [str(Path(sys.executable).parent / "easel"), stage, "--shard", f"{shard}/{shards}", *only]
     with shard_folder(exchange, stage, shard, shards) as folder:
-        try:  # the folder's own code (the stage's code dependencies) runs, as in the project
-            proc = run_captured(command, folder, _env(folder), timeout_s)
+        env = _env(folder)  # the folder's own code (the stage's code dependencies) runs, as in the project
+        # Shards on one machine each run the thread count a single process would (the same numbers,
+        # to the last bit), so they share cores: OpenMP threads that wait by spinning then burn the
+        # cores the others need (caption cost 4.9x the single process's CPU). Waiting asleep does not.
+        env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+        try:
+            proc = run_captured(command, folder, env, timeout_s)
         except CommandTimedOut as exc:
             raise StageTimedOut(f"{stage} shard {shard}/{shards}: {exc} (orchestration.stage_timeout_s)") from None
         if proc.returncode != 0:

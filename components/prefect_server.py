@@ -79,7 +79,10 @@ class LocalPrefectServer(LoopbackService):
         return {"PREFECT_API_URL": self.api_url}
 
     def _server_env(self) -> dict[str, str]:
+        # Another server's or client's settings stay out; the server's own services' settings pass
+        # (e.g. PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS: how often schedules are turned into runs).
         env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+        env |= {k: v for k, v in os.environ.items() if k.startswith("PREFECT_SERVER_SERVICES_")}
         env |= {
             "PREFECT_HOME": str(self.home),
             "PREFECT_SERVER_ANALYTICS_ENABLED": "false",

@@ -56,6 +56,17 @@ async def create_run(api_url: str, deployment_id, parameters: dict):
             return await client.create_flow_run_from_deployment(deployment_id, parameters=parameters)
 
 
+@pytest.fixture()
+def prefect_server(tmp_path, monkeypatch):
+    """A real Prefect server whose scheduler looks for due schedules every 5 s (default 60 s): the
+    test waits for the scheduler's loop, not for a minute to pass."""
+    from tests.conftest import running_prefect_server
+
+    monkeypatch.setenv("PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS", "5")
+    with running_prefect_server(tmp_path) as env:
+        yield env
+
+
 def test_a_deployed_schedule_creates_its_runs(prefect_server, tmp_path):
     from prefect.exceptions import PrefectHTTPStatusError
 
