@@ -246,8 +246,14 @@ def publish_stage_inputs(exchange: Exchange, stage: str, project_dir: Path | str
 def shard_folder(exchange: Exchange, stage: str, shard: int, shards: int) -> Iterator[Path]:
     """A fresh folder for one shard, holding the stage's inputs; deleted when the shard ends."""
     root = Path(os.environ.get(SHARD_DIR_ENV) or Path(tempfile.gettempdir()) / "easel-shards")
-    root.mkdir(parents=True, exist_ok=True)
-    folder = Path(tempfile.mkdtemp(prefix=f"{exchange.run}-{stage}-{shard}of{shards}-", dir=root))
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        folder = Path(tempfile.mkdtemp(prefix=f"{exchange.run}-{stage}-{shard}of{shards}-", dir=root))
+    except OSError as exc:
+        raise EaselError(
+            f"{stage} shard {shard}/{shards}: cannot make its folder in {root} ({exc.strerror or exc}); "
+            f"set {SHARD_DIR_ENV} to a writable folder on this worker"
+        ) from None
     try:
         inputs = _get_listing(exchange, exchange.listing(stage, "inputs"), f"{stage} inputs")
         _download(exchange, folder, inputs, f"{stage} shard {shard}/{shards} inputs")

@@ -114,3 +114,12 @@ def test_a_listing_cannot_write_outside_the_folder_nor_pass_off_other_bytes(proj
     assert not (project.parent / "escaped.json").exists()
     assert list(project.rglob("*.tmp")) == []  # no temp file left by a refused object
     close_exchange(exchange)
+
+
+def test_a_worker_whose_shard_folder_cannot_be_made_is_told_which_setting(project, tmp_path, monkeypatch):
+    exchange = open_exchange(project)
+    (tmp_path / "a-file").write_text("not a folder")
+    monkeypatch.setenv("EASEL_SHARD_DIR", str(tmp_path / "a-file"))
+    refused = pytest.raises(EaselError, match=r"caption shard 1/2: cannot make its folder in .*a-file .*SHARD_DIR")
+    with refused, shard_folder(exchange, "caption", 1, 2):
+        pass
