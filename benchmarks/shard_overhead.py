@@ -29,7 +29,6 @@ import time
 from pathlib import Path
 
 import pandas as pd
-import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 STAGES = ("download", "validate", "caption", "evaluate")
@@ -49,33 +48,14 @@ def process_cpu_s(pid: int) -> float:
     return times.user + times.system
 
 
-def make_project(dest: Path, urls_csv: Path, tiny: Path, bucket: str, overrides: dict) -> Path:
-    """A copy of the pipeline (dvc.yaml, params, code, prompts) reading one URL list, as its own git + DVC repo."""
-    dest.mkdir(parents=True)
-    for name in ("dvc.yaml", ".dvcignore"):
-        shutil.copy(REPO / name, dest / name)
-    shutil.copytree(REPO / "components", dest / "components", ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copytree(REPO / "data" / "prompts", dest / "data" / "prompts")
-    (dest / "data" / "sources").mkdir(parents=True)
-    shutil.copy(urls_csv, dest / "data" / "sources" / "urls.csv")
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
-    params["download"]["sources"] = [{"name": "bench", "path": "data/sources/urls.csv", "url_column": "url"}]
-    params["storage"]["bucket"] = bucket
-    for dotted, value in overrides.items():
-        *sections, key = dotted.split(".")
-        target = params
-        for part in sections:
-            target = target.setdefault(part, {})
-        target[key] = value
-    (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    (dest / ".easel" / "models").mkdir(parents=True)
-    (dest / ".easel" / "models" / "tiny").symlink_to(tiny)
-    (dest / ".gitignore").write_text("/.easel/\n")
-    env = {**os.environ, "GIT_AUTHOR_NAME": "b", "GIT_AUTHOR_EMAIL": "b@b", "GIT_COMMITTER_NAME": "b"}
-    env["GIT_COMMITTER_EMAIL"] = "b@b"
-    for args in (["git", "init", "-q"], ["dvc", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "p"]):
-        subprocess.run(args, cwd=dest, check=True, env=env)
-    return dest
+def make_project(dest: Path, urls_csv: Path, s3, tiny: Path, overrides: dict) -> Path:
+    """The tests' project (a copy of the pipeline as its own git + DVC repo), reading one URL list."""
+    from tests.conftest import make_project as make_test_project
+
+    source = {"name": "bench", "path": "data/sources/urls.csv", "url_column": "url"}
+    project = make_test_project(dest, "http://127.0.0.1", s3, tiny, {"download.sources": [source], **overrides})
+    shutil.copy(urls_csv, project / "data" / "sources" / "urls.csv")
+    return project
 
 
 def outputs(project: Path) -> dict[str, str]:
@@ -152,8 +132,8 @@ def main() -> None:
             "validate.min_kb_per_pixel": 0.0001,
             "validate.min_accepted_share": 0.0,
         }
-        single = make_project(scratch / "single", urls_csv, tiny, "single", overrides)
-        sharded = make_project(scratch / "sharded", urls_csv, tiny, "sharded", overrides)
+        single = make_project(scratch / "single", urls_csv, s3, tiny, overrides)
+        sharded = make_project(scratch / "sharded", urls_csv, s3, tiny, overrides)
         for project in (single, sharded):
             prepare_project(project)
 
