@@ -5,12 +5,20 @@ starts and refuses to begin when a filesystem cannot hold what the run will writ
 settings that change it. Nothing is loaded but configs: the model's parameter shapes come from its
 U-Net, VAE and text-encoder configs, built on the meta device.
 
-Memory (the accelerator, or RAM when training on the CPU): weights, gradients (none with the fused
-backward pass), optimizer state, the EMA when it lives on the accelerator, the frozen parts when
-no cache takes them off it, and 2 GB for everything else at 256 px (interpreter, libraries,
-tokenizers, activations with gradient checkpointing), the figure the full-size rehearsal measured
-(benchmarks/RESULTS.md, "Full SDXL at real scale"). Activations grow with resolution and batch;
-that growth is not in the arithmetic.
+Memory (the accelerator's allocated memory, or RAM when training on the CPU) peaks in one of two
+places, and the plan takes the larger:
+- the forward pass: weights, optimizer state, the EMA when it lives on the accelerator, the frozen
+  parts when no cache takes them off it, autocast's bf16/fp16 copies of fp32 weights (held until
+  the forward pass ends), and the activations;
+- the optimizer step: the same tensors with every gradient (none with the fused backward pass),
+  torch's AdamW's temporaries (one fp32 copy of the weights) and what is left of the activations.
+The activation figures were measured for the SDXL U-Net on an H200 (benchmarks/sdxl_gpu.py;
+benchmarks/RESULTS.md, "On a GPU"): per 1024 x 1024 image, 0.9 GB with gradient checkpointing and
+8.9 GB without, in proportion to the pixel count (checked at 768 px), over 17 rows of recipes,
+resolutions and batch sizes the arithmetic is within 3 % of the measured peak. PyTorch's caching
+allocator reserves more than it allocates (up to 1.5x with the fused pass), which the GPU must
+also hold. On the CPU the process adds its interpreter, libraries and the blocks glibc keeps
+(2 GB, measured by the full-size rehearsal, benchmarks/sdxl_rehearsal.py).
 
 Disk, the most a run holds at once:
 - checkpoints: `keep_checkpoints` of them plus the one being written (the oldest is removed after
@@ -41,7 +49,11 @@ from components.errors import ConfigError
 from components.train.memory import ema_horizon_steps
 
 GB = 1e9
-OTHER_GB = 2.0  # see the module docstring: measured by benchmarks/sdxl_rehearsal.py
+# Measured (see the module docstring): activations per 1024 x 1024 image, by gradient checkpointing.
+ACTIVATIONS_GB_PER_IMAGE = {True: 0.9, False: 8.9}
+FORWARD_BASE_GB = 0.2  # the forward pass's other buffers
+STEP_BASE_GB, STEP_GB_PER_IMAGE = 0.3, 0.3  # what the optimizer step holds beside the tensors
+PROCESS_GB = 2.0  # training on the CPU: interpreter, libraries and glibc's kept blocks (RSS)
 WIDTH = {"float32": 4, "float": 4, "fp32": 4, "bf16": 2, "fp16": 2}
 LATENT_CHANNELS_BYTES = 2 * 4 * 4  # the cached mean and std of 4 latent channels, float32
 TOKENIZER_BYTES = 2 * 4_000_000  # two CLIP tokenizers (tokenizer.json, vocab, merges)
@@ -74,8 +86,10 @@ class TrainPlan:
     notes: list[str] = field(default_factory=list)
 
     def render(self) -> str:
-        lines = [f"model: {self.model} (U-Net {self.unet_parameters:,} parameters)", "", "memory (arithmetic):"]
-        lines += [f"  {name:<14} {size(value * GB):>10}" for name, value in self.memory_gb.items()]
+        where = "RAM: no GPU seen, training on the CPU" if self.memory_gb["process (CPU)"] else "GPU, allocated"
+        lines = [f"model: {self.model} (U-Net {self.unet_parameters:,} parameters)", "", f"memory ({where}):"]
+        shown = {name: value for name, value in self.memory_gb.items() if value or name == "total"}
+        lines += [f"  {name:<17} {size(value * GB):>10}" for name, value in shown.items()]
         lines += ["", "disk (the most held at once):"]
         for need in self.disk:
             there = f"; {size(need.present)} of it there already" if need.present else ""
@@ -118,19 +132,34 @@ def optimizer_bytes(train: TrainParams, shapes: list[tuple[int, ...]]) -> int:
     return 4 * sum(adafactor_state(s, largest) for s in shapes)  # fp32 second moments, no momentum
 
 
-def memory_gb(train: TrainParams, shapes: list[tuple[int, ...]], frozen_bytes: int = 0) -> dict[str, float]:
-    """The accelerator memory arithmetic of a configuration, in GB."""
+def memory_gb(
+    train: TrainParams, shapes: list[tuple[int, ...]], frozen_bytes: int = 0, device: str | None = None
+) -> dict[str, float]:
+    """The memory arithmetic of a configuration, in GB: its parts, the two peaks and the total (the
+    larger peak, plus the process on the CPU). `device`: "cuda" or "cpu" (default: a GPU if torch
+    sees one)."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     count = sum(numel(s) for s in shapes)
     width = 2 if train.full_bf16 else 4
+    images = train.train_batch_size * (train.resolution / 1024) ** 2
+    autocast = train.mixed_precision in ("bf16", "fp16") and not train.full_bf16
+    torch_adamw = train.optimizer == "adamw" and not (train.full_bf16 or train.fused_backward_pass)
     parts = {
         "weights": count * width / GB,
         "gradients": 0.0 if train.fused_backward_pass else count * width / GB,
         "optimizer": optimizer_bytes(train, shapes) / GB,
         "ema": count * WIDTH[train.ema.dtype] / GB if train.ema.enabled and train.ema.device == "accelerator" else 0.0,
         "frozen parts": frozen_bytes / GB,
-        "other": OTHER_GB,
+        "autocast copies": count * 2 / GB if autocast else 0.0,
+        "step temporaries": count * 4 / GB if torch_adamw else 0.0,
+        "activations": FORWARD_BASE_GB + ACTIVATIONS_GB_PER_IMAGE[train.gradient_checkpointing] * images,
     }
-    return parts | {"total": sum(parts.values())}
+    held = parts["weights"] + parts["optimizer"] + parts["ema"] + parts["frozen parts"]
+    forward = held + parts["autocast copies"] + parts["activations"]
+    step = held + parts["gradients"] + parts["step temporaries"] + STEP_BASE_GB + STEP_GB_PER_IMAGE * images
+    process = PROCESS_GB if device == "cpu" else 0.0
+    peaks = {"forward peak": forward, "step peak": step, "process (CPU)": process}
+    return parts | peaks | {"total": max(forward, step) + process}
 
 
 def checkpoint_bytes(train: TrainParams, shapes: list[tuple[int, ...]]) -> dict[str, int]:
@@ -215,7 +244,11 @@ def folder_bytes(folder: Path) -> int:
 
 
 def plan_training(
-    train: TrainParams, models: ModelsParams, images: int | None = None, run_dir: Path | None = None
+    train: TrainParams,
+    models: ModelsParams,
+    images: int | None = None,
+    run_dir: Path | None = None,
+    device: str | None = None,
 ) -> TrainPlan:
     """Memory and disk for `train` with `models` on `images` captioned images (None: not known yet).
     With the run's checkpoint folder `run_dir`, what a resumed or repeated run has written there
@@ -230,7 +263,12 @@ def plan_training(
         frozen += 4 * sum(numel(s) for s in shapes["vae"])  # the VAE encodes in float32
     if not train.cache_text_embeddings:
         frozen += encoder_width * sum(numel(s) for n in ("text_encoder", "text_encoder_2") for s in shapes[n])
-    plan = TrainPlan(models.sdxl or source, count, memory_gb(train, unet, frozen))
+    plan = TrainPlan(models.sdxl or source, count, memory_gb(train, unet, frozen, device))
+    if plan.memory_gb["process (CPU)"] == 0:
+        plan.notes.append(
+            "GPU memory: PyTorch's caching allocator reserves more than it allocates (up to 1.5x with the fused "
+            "backward pass, measured on an H200); PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True narrows the gap"
+        )
     if train.ema.enabled:
         ema = train.ema
         horizon = ema_horizon_steps(ema.decay, ema.update_every, ema.warmup, train.max_train_steps)
@@ -244,7 +282,11 @@ def plan_training(
                 "the EMA is still mostly the weights it started from: lower train.ema.decay or train.ema.update_every"
             )
         if ema.device == "cpu":
-            plan.notes.append(f"the EMA takes {size(count * WIDTH[ema.dtype])} of CPU memory (main process only)")
+            plan.notes.append(
+                f"the EMA takes {size(count * WIDTH[ema.dtype])} of CPU memory (main process only), and each update "
+                "copies the U-Net there: 20 s for SDXL's on an H200 machine's host, against 1.5 s per training step; "
+                "train.ema.device: accelerator trades that time for GPU memory"
+            )
 
     checkpoint_dir = Path(train.checkpoint_dir)
     if train.checkpoint_every:
