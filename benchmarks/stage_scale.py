@@ -128,8 +128,16 @@ def main() -> None:
     small_corpus(corpus)
     port = free_port()
     server = subprocess.Popen(
-        [sys.executable, str(REPO / "benchmarks/download/server.py"), "--dir", str(corpus), "--port", str(port)]
-        + ["--latency", "0"],
+        [
+            sys.executable,
+            str(REPO / "benchmarks/download/server.py"),
+            "--dir",
+            str(corpus),
+            "--port",
+            str(port),
+            "--latency",
+            "0",
+        ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )

@@ -10,6 +10,9 @@ code, and publishes the cache files it wrote, with a listing of its own. The mer
 shard's files into the project's caches, where the DVC stage then finds the work done. When the
 run ends, its prefix is deleted.
 
+A shard of validate or caption fetches, of the stage's images, only those its share reads (found
+from the manifest or the accepted table it fetches first), not the whole image store.
+
 A worker needs only the project's Python environment and S3: `EASEL_S3_ENDPOINT` with
 `AWS_ACCESS_KEY_ID`/`AWS_SECRET_ACCESS_KEY` (a worker on the flow's machine may use the embedded
 server instead). `EASEL_SHARD_DIR` says where a worker makes its shard folders (default: the
@@ -52,6 +55,23 @@ SHARD_MODELS = {
     "caption": ("blip", "tagger"),
     "evaluate": ("sdxl", "sdxl_config", "vae", "clip_model", "clip_pretrained", "aesthetic"),
 }
+
+# Image folders a shard does not fetch whole: it fetches only the files its share reads (`shard_needs`).
+SHARD_IMAGES: dict[str, Callable[[Params], list[str]]] = {
+    "validate": lambda p: [f"{p.download.out_dir}/images"],
+    "caption": lambda p: [f"{p.download.out_dir}/images", f"{p.validate_.out_dir}/images"],
+}
+
+
+def shard_needs(stage: str, params: Params, folder: Path, shard: tuple[int, int]) -> set[str]:
+    """The image files shard K/N of `stage` reads, found from the inputs already in `folder`."""
+    if stage == "validate":
+        from components.validate.stage import shard_files
+
+        return set(shard_files(params.validate_, Path(params.download.out_dir), folder, shard))
+    from components.caption.stage import shard_files
+
+    return set(shard_files(params.caption, Path(params.validate_.out_dir), folder, shard))
 
 
 @dataclass(frozen=True)
@@ -256,7 +276,17 @@ def shard_folder(exchange: Exchange, stage: str, shard: int, shards: int) -> Ite
         ) from None
     try:
         inputs = _get_listing(exchange, exchange.listing(stage, "inputs"), f"{stage} inputs")
-        _download(exchange, folder, inputs, f"{stage} shard {shard}/{shards} inputs")
+        what = f"{stage} shard {shard}/{shards} inputs"
+        if stage in SHARD_IMAGES and "params.yaml" in inputs:
+            # The other inputs first: they say which of the images this shard reads.
+            _download(exchange, folder, {"params.yaml": inputs["params.yaml"]}, what)
+            params = load_params(folder / "params.yaml")
+            folders = tuple(PurePosixPath(f).as_posix() + "/" for f in SHARD_IMAGES[stage](params))
+            images = {p: sha for p, sha in inputs.items() if p.startswith(folders)}
+            _download(exchange, folder, {p: sha for p, sha in inputs.items() if p not in images}, what)
+            needed = shard_needs(stage, params, folder, (shard, shards))
+            inputs = {p: sha for p, sha in images.items() if p in needed}
+        _download(exchange, folder, inputs, what)
         yield folder
     finally:
         shutil.rmtree(folder, ignore_errors=True)

@@ -40,14 +40,14 @@ def parse_shard(text: str) -> Shard:
     return k, n
 
 
-def _stable_hash(key: str) -> int:
+def stable_hash(key: str) -> int:
     """The same number for a key on every run, machine and Python version."""
     return int.from_bytes(hashlib.sha1(key.encode()).digest()[:8], "big")
 
 
 def shard_of(key: str, shards: int) -> int:
     """A key's shard when the whole set is not known (archives, read member by member)."""
-    return _stable_hash(key) % shards
+    return stable_hash(key) % shards
 
 
 def in_shard(key: str, shard: Shard | None) -> bool:
@@ -70,5 +70,5 @@ def share(items: Sequence[T], shard: Shard | None, key: Callable[[T], str] | Non
     cover them once and differ in length by at most one."""
     if shard is None:
         return list(items)
-    dealt = sorted(items, key=lambda item: _stable_hash(key(item))) if key else list(items)
+    dealt = sorted(items, key=lambda item: stable_hash(key(item))) if key else list(items)
     return dealt[shard[0] :: shard[1]]

@@ -457,3 +457,47 @@ def test_an_allowed_network_allows_its_embedded_forms():
     assert refused_host("http://[::ffff:127.0.0.1]:8765/x.png", loopback) is None
     assert refused_host("http://[64:ff9b::7f00:1]/x.png", loopback) is None
     assert refused_host("http://[64:ff9b::a9fe:a9fe]/x.png", loopback)[0] == "private_address"
+
+
+def test_lists_read_in_chunks_give_the_manifest_of_lists_read_whole(server, tmp_path, monkeypatch):
+    """The stage reads its lists a chunk at a time (download.sources.CHUNK_ROWS; memory stays flat).
+    With chunks of 4 rows, lists of 11 to 13 rows in every format, each with its own extra columns,
+    repeated URLs and empty cells give the manifest that one chunk per list gives, row for row."""
+    from components.download import sources
+
+    urls = [f"{server.url}/n/{k}.png" for k in range(9)]
+    lists = {
+        "a.csv": pd.DataFrame({"url": [*urls, urls[0], "", urls[3]], "title": [f"t{i}" for i in range(12)]}),
+        "b.jsonl": pd.DataFrame({"url": [*urls[4:], None, *urls[:7]], "caption": [f"c{i}" for i in range(13)]}),
+        "c.parquet": pd.DataFrame({"url": urls[::-1] + urls[:2], "title": list("abcdefghijk"), "year": ["1"] * 11}),
+        "d.json": pd.DataFrame({"url": urls[2:] + urls[:4], "kind": ["poster"] * 11}),
+    }
+    for name, frame in lists.items():
+        path = tmp_path / "lists" / name
+        path.parent.mkdir(exist_ok=True)
+        if name.endswith(".csv"):
+            frame.to_csv(path, index=False)
+        elif name.endswith(".jsonl"):
+            frame.to_json(path, orient="records", lines=True)
+        elif name.endswith(".json"):
+            frame.to_json(path, orient="records")
+        else:
+            frame.to_parquet(path)
+    specs = [{"name": n.split(".")[0], "path": str(tmp_path / "lists" / n)} for n in lists]
+
+    def manifest(folder: str, chunk_rows: int) -> pd.DataFrame:
+        monkeypatch.setattr(sources, "CHUNK_ROWS", chunk_rows)
+        params = params_for(tmp_path / folder, urls, sources=specs)
+        summary = run_download(params, progress=False)
+        assert summary.urls == 9 and summary.unique_images == 9
+        return pd.read_parquet(Path(params.out_dir) / "manifest.parquet")
+
+    whole, chunked = manifest("whole", 50_000), manifest("chunked", 4)
+    pd.testing.assert_frame_equal(chunked, whole)
+    assert len(whole) == 12 + 13 + 11 + 11
+    assert whole.groupby("source")["row"].apply(list).to_dict() == {
+        "a": list(range(12)), "b": list(range(13)), "c": list(range(11)), "d": list(range(11))
+    }  # fmt: skip
+    assert {"src_title", "src_caption", "src_year", "src_kind"} <= set(whole.columns)
+    assert whole["status"].value_counts().to_dict() == {"ok": 45, "missing_url": 2}
+    assert whole["src_year"].notna().sum() == 11  # a column only one list has is empty elsewhere

@@ -123,3 +123,53 @@ def test_a_worker_whose_shard_folder_cannot_be_made_is_told_which_setting(projec
     refused = pytest.raises(EaselError, match=r"caption shard 1/2: cannot make its folder in .*a-file .*SHARD_DIR")
     with refused, shard_folder(exchange, "caption", 1, 2):
         pass
+
+
+def test_validate_and_caption_shards_fetch_only_the_images_their_share_reads(project, s3_server, tmp_path):
+    """A validate shard fetches its share of the distinct downloaded files (less those its inspection
+    cache already holds), a caption shard the images of its share of the batches; every other
+    input comes whole. The shares are the ones the stages' shard runs use."""
+    import pandas as pd
+
+    from components.config import load_params
+    from components.sharding import batches, share
+    from components.validate.inspect import EMPTY_ROW, InspectionCache
+
+    raw = yaml.safe_load((project / "params.yaml").read_text())
+    raw["caption"]["batch_size"] = 2  # 7 images in 4 batches: shard 0 of 2 takes batches 0 and 2
+    (project / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    params = load_params(project / "params.yaml")
+    exchange = open_exchange(project)
+    client = make_client(s3_server.settings())
+    files: dict[str, bytes] = {"params.yaml": (project / "params.yaml").read_bytes()}
+    shas = [sha(f"image {i}".encode()) for i in range(7)]
+    paths = [f"images/{s[:2]}/{s}.png" for s in shas]
+    for s, path in zip(shas, paths, strict=True):
+        files[f"data/download/{path}"] = f"image {shas.index(s)}".encode()
+    manifest = pd.DataFrame({"status": ["ok"] * 7 + ["http_404"], "sha256": [*shas, None], "path": [*paths, None]})
+    accepted = pd.DataFrame({"sha256": shas, "image_path": [f"data/download/{p}" for p in paths]})
+    for name, frame in (("data/download/manifest.parquet", manifest), ("data/validate/accepted.parquet", accepted)):
+        target = tmp_path / "frames" / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        frame.to_parquet(target)
+        files[name] = target.read_bytes()
+    mine = share(shas, (0, 2), key=str)
+    cache = InspectionCache(params.validate_.cache_dir, params.validate_.max_image_pixels)
+    cached = Path(cache.path(mine[0])).as_posix()
+    files[cached] = json.dumps(dict(EMPTY_ROW)).encode()
+    for data in files.values():
+        client.put_object(Bucket=exchange.bucket, Key=exchange.objects(sha(data)), Body=data)
+    for stage in ("validate", "caption"):
+        put_listing(client, exchange, stage, "inputs", {p: sha(d) for p, d in files.items()})
+
+    def fetched_images(stage: str) -> set[str]:
+        with shard_folder(exchange, stage, 0, 2) as folder:
+            got = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()}
+        assert {"params.yaml", "data/download/manifest.parquet", "data/validate/accepted.parquet", cached} <= got
+        return {p for p in got if p.startswith("data/download/images/")}
+
+    assert fetched_images("validate") == {f"data/download/{paths[shas.index(s)]}" for s in mine[1:]}
+    rows = [r for batch in share(batches(list(range(7)), 2), (0, 2)) for r in batch]
+    assert rows == [0, 1, 4, 5]
+    assert fetched_images("caption") == {f"data/download/{paths[i]}" for i in rows}
+    close_exchange(exchange)

@@ -149,10 +149,22 @@ def caption_shard(
     def lacks(r) -> bool:
         return any(cache.get(c.key, r.sha256) is None for c in captioners)
 
-    mine = [r for batch in share(batches(list(accepted.itertuples()), params.batch_size), shard) for r in batch]
+    mine = shard_rows(accepted, params.batch_size, shard)
     before = sum(map(lacks, mine))
     failures = caption_images(accepted, captioners, cache, params.batch_size, progress, shard)
     return len(mine), before - len(failures)
+
+
+def shard_rows(accepted: pd.DataFrame, batch_size: int, shard: Shard) -> list:
+    """Shard K/N's accepted rows: its share of the whole batches (caption_batches)."""
+    return [r for batch in share(batches(list(accepted.itertuples()), batch_size), shard) for r in batch]
+
+
+def shard_files(params: CaptionParams, validate_dir: Path, root: Path, shard: Shard) -> list[str]:
+    """The image files (relative to `root`, a shard's folder holding the stage's other inputs) that
+    shard K/N may read: those of its share of the batches."""
+    accepted = read_accepted(root / validate_dir)
+    return [Path(r.image_path).as_posix() for r in shard_rows(accepted, params.batch_size, shard)]
 
 
 @dataclass

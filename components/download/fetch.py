@@ -399,25 +399,21 @@ class Fetcher:
         urls: Iterable[str],
         on_result: Callable[[FetchResult], Awaitable[None] | None],
     ) -> None:
-        """Fetch every URL with `concurrency` workers; call on_result as each one finishes."""
-        queue: asyncio.Queue[str] = asyncio.Queue()
-        for url in urls:
-            queue.put_nowait(url)
+        """Fetch every URL with `concurrency` workers; call on_result as each one finishes. The URLs
+        are taken from the iterable as workers get free, so a long list need not be in memory."""
+        pending = iter(urls)
 
         async with self.session() as session:
 
             async def worker() -> None:
-                while True:
-                    try:
-                        url = queue.get_nowait()
-                    except asyncio.QueueEmpty:
-                        return
+                # One event loop: no other worker runs between next() and the await, so no lock.
+                for url in pending:
                     result = await self.fetch(session, url)
                     maybe = on_result(result)
                     if asyncio.iscoroutine(maybe):
                         await maybe
 
-            workers = [asyncio.create_task(worker()) for _ in range(min(self.settings.concurrency, queue.qsize()))]
+            workers = [asyncio.create_task(worker()) for _ in range(self.settings.concurrency)]
             try:
                 await asyncio.gather(*workers)
             finally:

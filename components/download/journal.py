@@ -9,15 +9,17 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 SYNC_EVERY = 64
 
 
-def load_journal(folder: Path) -> dict[str, dict]:
-    records: dict[str, dict] = {}
+def iter_journal(folder: Path) -> Iterator[dict]:
+    """Every record in write order (parts in name order, lines in file order): where a URL appears
+    more than once, the last one read is its current record."""
     if not folder.is_dir():
-        return records
+        return
     for part in sorted(folder.glob("*.jsonl")):
         with open(part, encoding="utf-8") as fh:
             for line in fh:
@@ -26,8 +28,7 @@ def load_journal(folder: Path) -> dict[str, dict]:
                 except json.JSONDecodeError:
                     continue
                 if isinstance(record, dict) and "url" in record:
-                    records[record["url"]] = record
-    return records
+                    yield record
 
 
 class JournalWriter:

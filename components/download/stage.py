@@ -5,6 +5,10 @@ even after kill -9, skips URLs already fetched or finally failed and retries tra
 The manifest is rebuilt from the inputs and the journal on every run, so it is the same whether
 the work was done in one run or several, by one process or many.
 
+Memory stays flat as the lists grow: the sources are read a chunk at a time into a SQLite index on
+disk (components/download/index.py) with the journal, the URLs to fetch go to a file the workers
+read as they go, and the manifest is written row group by row group.
+
 Scale: `workers` processes share the URLs on one machine. Across machines, `shard=(k, n)`
 fetches only the URLs whose stable hash falls in shard k of n (write the manifest afterwards with
 a run that has `write_manifest` and fetches nothing), so a Prefect flow can map shards over
@@ -14,8 +18,11 @@ workers that share the output folder.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import multiprocessing
+import os
+import tempfile
 import time
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor, wait
@@ -28,13 +35,13 @@ from tqdm import tqdm
 from components.config import DownloadParams, StorageParams
 from components.download.archives import split_sources
 from components.download.fetch import TRANSIENT_STATUSES, FetchSettings
-from components.download.journal import load_journal
-from components.download.sources import read_sources
+from components.download.index import UrlIndex
+from components.download.sources import refuse_empty, source_chunks
 from components.download.store import ImageStore
-from components.download.worker import RECORD_FIELDS, fetch_in_process, fetch_into, init_process
+from components.download.worker import RECORD_FIELDS, fetch_in_process, fetch_into, init_process, read_url_file
 from components.errors import EaselError
-from components.fsutil import atomic_write_json, atomic_write_parquet
-from components.sharding import in_shard, share
+from components.fsutil import atomic_write_json
+from components.sharding import in_shard
 
 log = logging.getLogger(__name__)
 
@@ -100,23 +107,86 @@ def build_manifest(inputs: pd.DataFrame, records: dict[str, dict]) -> pd.DataFra
         rows.append({f: record.get(f) for f in RECORD_FIELDS if f != "url"})
     fetched = pd.DataFrame(rows, index=inputs.index, columns=[f for f in RECORD_FIELDS if f != "url"])
     manifest = pd.concat([inputs, fetched], axis=1)
-    for col in ("http_status", "bytes", "width", "height"):
+    for col in INT_FIELDS:
         manifest[col] = manifest[col].astype("Int64")
     return manifest
 
 
-def _fetch(out_dir: Path, urls: list[str], settings: FetchSettings, workers: int, progress: bool) -> None:
-    bar = tqdm(total=len(urls), desc="download", unit="img", disable=not progress, smoothing=0.05)
+INT_FIELDS = ("http_status", "bytes", "width", "height")
+
+
+def manifest_schema(columns: list[str]):
+    """The manifest's Parquet schema: row and the fetch record's counts are integers (nullable),
+    everything else text."""
+    import pyarrow as pa
+
+    return pa.schema([(c, pa.int64() if c == "row" or c in INT_FIELDS else pa.string()) for c in columns])
+
+
+class ManifestPass:
+    """Goes over the manifest's rows a chunk at a time: counts outcomes and distinct images and,
+    with `path`, writes the chunks as Parquet row groups to a temp file renamed into place at the
+    end (so a failed run leaves the previous manifest)."""
+
+    def __init__(self, columns: list[str], index: UrlIndex, path: Path | None) -> None:
+        self.columns, self.index, self.path = columns, index, path
+        self.schema = manifest_schema(columns)
+        self.statuses: Counter[str] = Counter()
+        self.rows = 0
+        self._writer = None
+        self._tmp: Path | None = None
+
+    def add(self, chunk: pd.DataFrame) -> None:
+        chunk = chunk.reindex(columns=self.columns)
+        self.rows += len(chunk)
+        self.statuses.update(chunk["status"].tolist())
+        self.index.note_images(chunk.loc[chunk["status"] == "ok", "sha256"].tolist())
+        if self.path is None:
+            return
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        for col in self.columns:
+            if col not in ("row", *INT_FIELDS):
+                chunk[col] = chunk[col].astype("string")
+        table = pa.Table.from_pandas(chunk, schema=self.schema, preserve_index=False)
+        if self._writer is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
+            os.close(fd)
+            self._tmp = Path(tmp)
+            self._writer = pq.ParquetWriter(tmp, table.schema)
+        self._writer.write_table(table)
+
+    def finish(self) -> None:
+        """Close and rename the file into place (an empty manifest still has its columns)."""
+        if self.path is None:
+            return
+        if self._writer is None:
+            self.add(pd.DataFrame(columns=self.columns))
+        self._writer.close()
+        os.replace(self._tmp, self.path)
+
+    def abandon(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._tmp.unlink(missing_ok=True)
+
+
+def _fetch(out_dir: Path, todo_file: Path, count: int, settings: FetchSettings, workers: int, progress: bool) -> None:
+    bar = tqdm(total=count, desc="download", unit="img", disable=not progress, smoothing=0.05)
     try:
         if workers <= 1:
-            fetch_into(out_dir, urls, settings, on_done=lambda record: bar.update(1))
+            fetch_into(out_dir, read_url_file(todo_file), settings, on_done=lambda record: bar.update(1))
             return
-        # Round-robin keeps shards even; each process has its own event loop and journal part.
-        parts = [urls[i::workers] for i in range(workers)]
+        # Each process has its own event loop and journal part, and reads every workers-th URL of the file.
         context = multiprocessing.get_context("spawn")  # no fork of a process that runs threads
         counter = context.Value("l", 0)
         with ProcessPoolExecutor(workers, mp_context=context, initializer=init_process, initargs=(counter,)) as pool:
-            futures = [pool.submit(fetch_in_process, str(out_dir), part, settings, i) for i, part in enumerate(parts)]
+            futures = [
+                pool.submit(fetch_in_process, str(out_dir), str(todo_file), part, workers, settings)
+                for part in range(workers)
+            ]
             while True:
                 done, pending = wait(futures, timeout=0.5)
                 bar.update(counter.value - bar.n)
@@ -128,8 +198,35 @@ def _fetch(out_dir: Path, urls: list[str], settings: FetchSettings, workers: int
         bar.close()
 
 
-def _with_archives(manifest: pd.DataFrame, params: DownloadParams, specs, s3_settings, shard) -> pd.DataFrame:
-    """The manifest with the rows of the archive sources, every source's rows in params order.
+def _index_sources(index: UrlIndex, specs, list_keys, allow_empty: bool) -> list[str]:
+    """Read every URL source into the index, chunk by chunk; the src_ columns met, in order."""
+    columns: dict[str, None] = {}
+    for spec in specs:
+        rows = url_rows = 0
+        for chunk in source_chunks(spec, list_keys):
+            columns.update(dict.fromkeys(c for c in chunk.columns if c.startswith("src_")))
+            urls = chunk["url"].dropna().tolist()
+            index.add_urls(urls)
+            rows, url_rows = rows + len(chunk), url_rows + len(urls)
+        if not allow_empty:
+            refuse_empty(spec, rows, url_rows)
+    return list(columns)
+
+
+def _write_todo(index: UrlIndex, shard, out_dir: Path, path: Path) -> int:
+    """The URLs of this run (or shard) not settled yet, one per line in `path`; how many."""
+    count = 0
+    with open(path, "w", encoding="utf-8") as fh:
+        for url, record in index.wanted_with_records(shard):
+            if not is_done(record, out_dir):
+                fh.write(json.dumps(url) + "\n")
+                count += 1
+    return count
+
+
+def _archive_manifests(params: DownloadParams, specs, s3_settings, shard) -> dict[str, pd.DataFrame]:
+    """Each archive source's manifest rows, by source name (archives are indexed member by member
+    into the same store; their rows are like those of fetched URLs).
 
     A shard run reads only its own archives; a run that writes the manifest reads every one (those already
     indexed cost nothing).
@@ -146,7 +243,7 @@ def _with_archives(manifest: pd.DataFrame, params: DownloadParams, specs, s3_set
     def wanted(archive: str) -> bool:
         return in_shard(archive, shard)
 
-    parts = [manifest]
+    manifests = {}
     for spec in specs:
         inputs, records = reader.read(spec, wanted)
         if inputs.empty and not params.allow_empty and shard is None:
@@ -154,10 +251,8 @@ def _with_archives(manifest: pd.DataFrame, params: DownloadParams, specs, s3_set
                 f"source {spec.name!r} ({spec.path}): no image members; fix the archive, remove the source from "
                 "download.sources, or set download.allow_empty: true if that is expected"
             )
-        parts.append(build_manifest(inputs, records))
-    merged = pd.concat([p for p in parts if len(p)] or [manifest], ignore_index=True, sort=False)
-    order = {s.name: i for i, s in enumerate(params.sources)}
-    return merged.sort_values("source", key=lambda c: c.map(order), kind="stable").reset_index(drop=True)
+        manifests[spec.name] = build_manifest(inputs, records)
+    return manifests
 
 
 @dataclass
@@ -199,53 +294,69 @@ def run_download(
             raise EaselError("download: s3:// sources need the storage settings")
         s3_settings, list_keys = _s3_access(storage)
     url_sources, archive_sources = split_sources(params.sources)
-    inputs = (
-        read_sources(url_sources, list_keys, params.allow_empty)
-        if url_sources
-        else pd.DataFrame(columns=["source", "row", "url"])
-    )
     ImageStore(out_dir / "images").remove_partials()
-    records = load_journal(out_dir / "journal")
-    wanted = list(dict.fromkeys(u for u in inputs["url"] if pd.notna(u)))
-    todo = [u for u in share(wanted, shard, key=str) if not is_done(records.get(u), out_dir)]
-    workers = max(1, min(params.workers, len(todo) // MIN_URLS_PER_WORKER))
-    log.info("%d rows, %d distinct URLs, %d to fetch with %d worker(s)", len(inputs), len(wanted), len(todo), workers)
-    if todo:
-        settings = dataclasses.replace(settings_from_params(params), s3=s3_settings)
-        _fetch(out_dir, todo, settings, workers, progress)
-        records = load_journal(out_dir / "journal")
-    manifest = build_manifest(inputs, records)
-    if archive_sources:  # read member by member into the same store; rows like those of fetched URLs
-        manifest = _with_archives(manifest, params, archive_sources, s3_settings, None if write_manifest else shard)
-    statuses = dict(Counter(manifest["status"]))
-    ok = manifest[manifest["status"] == "ok"]
+    with tempfile.TemporaryDirectory(prefix="easel-download-") as scratch:
+        index = UrlIndex(Path(scratch) / "index.sqlite")
+        try:
+            src_columns = _index_sources(index, url_sources, list_keys, params.allow_empty)
+            index.load_journal(out_dir / "journal")
+            todo_file = Path(scratch) / "todo.jsonl"
+            todo = _write_todo(index, shard, out_dir, todo_file)
+            workers = max(1, min(params.workers, todo // MIN_URLS_PER_WORKER))
+            urls = index.url_count()
+            log.info("%d distinct URLs, %d to fetch with %d worker(s)", urls, todo, workers)
+            if todo:
+                settings = dataclasses.replace(settings_from_params(params), s3=s3_settings)
+                _fetch(out_dir, todo_file, todo, settings, workers, progress)
+                index.load_journal(out_dir / "journal")
+            archives = {}
+            if archive_sources:
+                archives = _archive_manifests(params, archive_sources, s3_settings, None if write_manifest else shard)
+            columns = ["source", "row", "url", *src_columns, *(f for f in RECORD_FIELDS if f != "url")]
+            for frame in archives.values():
+                columns += [c for c in frame.columns if c not in columns]
+            manifest_path = out_dir / "manifest.parquet"
+            rows = ManifestPass(columns, index, manifest_path if write_manifest else None)
+            try:
+                for spec in params.sources:  # every source's rows, in params order
+                    if spec.name in archives:
+                        rows.add(archives[spec.name])
+                        continue
+                    for chunk in source_chunks(spec, list_keys):
+                        rows.add(build_manifest(chunk, index.records_for(chunk["url"].dropna().tolist())))
+                statuses = dict(rows.statuses)
+                if write_manifest and statuses.get("not_fetched"):
+                    raise EaselError(
+                        f"download: {statuses['not_fetched']} URLs have not been fetched by any shard yet; "
+                        "run every shard before writing the manifest"
+                    )
+                rows.finish()
+            except BaseException:
+                rows.abandon()
+                raise
+            unique_images = index.distinct_images()
+        finally:
+            index.close()
+    ok_rows = statuses.get("ok", 0)
     summary = DownloadSummary(
-        rows=len(manifest),
-        urls=len(wanted),
-        fetched_now=len(todo),
+        rows=rows.rows,
+        urls=urls,
+        fetched_now=todo,
         statuses=statuses,
-        unique_images=int(ok["sha256"].nunique()),
-        manifest=out_dir / "manifest.parquet" if write_manifest else None,
+        unique_images=unique_images,
+        manifest=manifest_path if write_manifest else None,
         seconds=time.perf_counter() - started,
     )
-    if not write_manifest:
-        return summary
-    if statuses.get("not_fetched"):
-        raise EaselError(
-            f"download: {statuses['not_fetched']} URLs have not been fetched by any shard yet; "
-            "run every shard before writing the manifest"
-        )
-    atomic_write_parquet(out_dir / "manifest.parquet", manifest)
-    if metrics_path is not None:
+    if write_manifest and metrics_path is not None:
         atomic_write_json(
             metrics_path,
             {
                 "rows": summary.rows,
                 "distinct_urls": summary.urls,
                 "distinct_images": summary.unique_images,
-                "ok_rows": statuses.get("ok", 0),
+                "ok_rows": ok_rows,
                 # rows whose image is byte-identical to an earlier row's (stored once)
-                "duplicate_rows": int(len(ok) - ok["sha256"].nunique()),
+                "duplicate_rows": int(ok_rows - unique_images),
                 "outcomes": dict(sorted(statuses.items())),
             },
         )

@@ -6,7 +6,8 @@ Kept free of pandas and the rest of the stage, so that worker processes start qu
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+import json
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from components.download.fetch import Fetcher, FetchResult, FetchSettings
@@ -61,19 +62,24 @@ def record_for(result: FetchResult, store: ImageStore) -> dict:
 
 def fetch_into(
     out_dir: Path,
-    urls: list[str],
+    urls: Iterable[str],
     settings: FetchSettings,
     shard: int = 0,
     on_done: Callable[[dict], None] | None = None,
 ) -> int:
-    """Fetch `urls`, storing images under out_dir/images and journaling under out_dir/journal."""
+    """Fetch `urls` (any iterable: read as needed), storing images under out_dir/images and
+    journaling under out_dir/journal; how many were fetched."""
     store = ImageStore(out_dir / "images")
     journal = JournalWriter(out_dir / "journal", new_part_name(shard))
 
     # Hashing and writing inline: measured, a helper thread cost more CPU (GIL hand-offs) than it saved.
+    done = 0
+
     def on_result(result: FetchResult) -> None:
+        nonlocal done
         record = record_for(result, store)
         journal.append(record)
+        done += 1
         if on_done is not None:
             on_done(record)
 
@@ -81,7 +87,7 @@ def fetch_into(
         asyncio.run(Fetcher(settings).run(urls, on_result))
     finally:
         journal.close()
-    return len(urls)
+    return done
 
 
 # -- process pool entry points (spawned processes: module-level functions and globals) -------------
@@ -99,5 +105,16 @@ def _count(_record: dict) -> None:
         _progress.value += 1
 
 
-def fetch_in_process(out_dir: str, urls: list[str], settings: FetchSettings, shard: int) -> int:
-    return fetch_into(Path(out_dir), urls, settings, shard, _count if _progress is not None else None)
+def read_url_file(path: Path, part: int = 0, parts: int = 1) -> Iterator[str]:
+    """The URLs of a to-do file, one JSON string per line (written by the stage: a URL may hold any
+    character), read as they are needed: every `parts`-th line from line `part` (round robin keeps
+    the processes' shares even)."""
+    with open(path, encoding="utf-8") as fh:
+        for number, line in enumerate(fh):
+            if number % parts == part:
+                yield json.loads(line)
+
+
+def fetch_in_process(out_dir: str, todo_file: str, part: int, parts: int, settings: FetchSettings) -> int:
+    urls = read_url_file(Path(todo_file), part, parts)
+    return fetch_into(Path(out_dir), urls, settings, part, _count if _progress is not None else None)

@@ -103,13 +103,26 @@ def read_manifest(download_dir: Path, params: ValidateParams) -> pd.DataFrame:
 def inspect_shard(params: ValidateParams, download_dir: Path, shard: Shard, progress: bool = True) -> tuple[int, int]:
     """Shard K/N of the stage's decoding: inspects this shard's distinct files (by sha256) into the
     inspection cache and writes no output. Returns (files in the shard, files inspected now)."""
-    ok = read_manifest(download_dir, params)
-    ok = ok[ok["status"] == "ok"].drop_duplicates("sha256")
-    mine = ok[ok["sha256"].isin(share(list(ok["sha256"]), shard, key=str))]
+    mine = shard_share(read_manifest(download_dir, params), shard)
     cache = InspectionCache(params.cache_dir, params.max_image_pixels)
     before = sum(cache.get(sha) is None for sha in mine["sha256"])
     inspect_files(mine, download_dir, params, progress)
     return len(mine), before
+
+
+def shard_share(manifest: pd.DataFrame, shard: Shard) -> pd.DataFrame:
+    """Shard K/N's distinct downloaded files (by sha256): the manifest rows it inspects."""
+    ok = manifest[manifest["status"] == "ok"].drop_duplicates("sha256")
+    return ok[ok["sha256"].isin(share(list(ok["sha256"]), shard, key=str))]
+
+
+def shard_files(params: ValidateParams, download_dir: Path, root: Path, shard: Shard) -> list[str]:
+    """The image files (relative to `root`, a shard's folder holding the stage's other inputs) that
+    shard K/N reads: its share of the distinct files not in the inspection cache yet."""
+    cache = InspectionCache(root / params.cache_dir, params.max_image_pixels)
+    mine = shard_share(read_manifest(root / download_dir, params), shard)
+    pairs = zip(mine["sha256"], mine["path"], strict=True)
+    return [(download_dir / path).as_posix() for sha, path in pairs if cache.get(sha) is None]
 
 
 def dpi_policies(table: pd.DataFrame, params: ValidateParams) -> list[str]:
