@@ -289,8 +289,17 @@ def storage_errors(settings: S3Settings, what: str) -> Iterator[None]:
             raise StorageUnavailable(
                 f"{what}: {endpoint} answered HTTP {status} without an S3 error document; is it an S3 server? ({hint})"
             ) from None
+        why = ""
+        if code in ("InternalError", "ServiceUnavailable", "SlowDown") or (status or 0) >= 500:
+            # The server's own log says why; for the embedded one, a full disk or volume limit is the usual cause.
+            why = (
+                "; the server's log is in <storage.embedded.data_dir>/logs (check its free disk)"
+                if settings.embedded
+                else "; the server's own log says why"
+            )
         raise StorageUnavailable(
-            f"{what}: the S3 endpoint {endpoint} failed: {code}: {error.get('Message', '')}"
+            f"{what}: the S3 endpoint {endpoint} failed: {code}: {error.get('Message', '')}{why}",
+            transient=code in ("ServiceUnavailable", "SlowDown"),
         ) from None
     except BotoCoreError as exc:
         raise StorageUnavailable(f"{what}: the S3 endpoint {endpoint} failed ({type(exc).__name__}: {exc})") from None

@@ -167,3 +167,23 @@ def test_the_server_holds_more_buckets_than_one_per_free_gigabyte(s3_server):
     for bucket in buckets:
         client.delete_object(Bucket=bucket, Key="k")
         client.delete_bucket(Bucket=bucket)
+
+
+def test_a_server_side_failure_says_where_to_look():
+    """An S3 InternalError (the embedded server answered it for every write once its volumes ran
+    out) names the server's log and the likely cause; a throttling answer is worth a retry. The
+    error is built by hand: making the real server fail on demand would need a full disk."""
+    from botocore.exceptions import ClientError
+
+    def failing(code: str, status: int) -> ClientError:
+        response = {"Error": {"Code": code, "Message": "We encountered an internal error."}}
+        return ClientError(response | {"ResponseMetadata": {"HTTPStatusCode": status}}, "PutObject")
+
+    embedded = S3Settings("http://127.0.0.1:8333", embedded=True)
+    with pytest.raises(StorageUnavailable) as caught, storage_errors(embedded, "put s3://b/k"):
+        raise failing("InternalError", 500)
+    assert "InternalError" in str(caught.value) and "data_dir>/logs" in str(caught.value)
+    assert "free disk" in str(caught.value) and not caught.value.transient
+    with pytest.raises(StorageUnavailable) as caught, storage_errors(S3Settings("https://s3.example"), "put"):
+        raise failing("SlowDown", 503)
+    assert "the server's own log says why" in str(caught.value) and caught.value.transient

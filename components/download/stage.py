@@ -96,6 +96,9 @@ def is_done(record: dict | None, out_dir: Path) -> bool:
     return record["status"] != "ok" or (out_dir / record["path"]).is_file()
 
 
+INT_FIELDS = ("http_status", "bytes", "width", "height")  # nullable integers in the manifest
+
+
 def build_manifest(inputs: pd.DataFrame, records: dict[str, dict]) -> pd.DataFrame:
     """One manifest row per input row: the fetch record of its URL, or missing_url."""
     rows = []
@@ -110,9 +113,6 @@ def build_manifest(inputs: pd.DataFrame, records: dict[str, dict]) -> pd.DataFra
     for col in INT_FIELDS:
         manifest[col] = manifest[col].astype("Int64")
     return manifest
-
-
-INT_FIELDS = ("http_status", "bytes", "width", "height")
 
 
 def manifest_schema(columns: list[str]):
