@@ -6,9 +6,9 @@ the model folders inside the project that it loads. Each file becomes an object 
 sha256 under a prefix of the run's own, `s3://<bucket>/<storage.shard_prefix>/<run>/`, and the
 stage gets a listing {path: sha256}. A shard runs in a fresh, empty folder of its own, on whichever
 machine runs it: it fetches the listing's files, runs `easel <stage> --shard K/N` there with that
-code, and publishes the cache files it wrote, with a listing of its own. The merge fetches every
-shard's files into the project's caches, where the DVC stage then finds the work done. When the
-run ends, its prefix is deleted.
+code, and publishes the cache files it wrote, packed in one archive object, with a listing of its
+own. The merge fetches every shard's archive and writes its files into the project's caches,
+where the DVC stage then finds the work done. When the run ends, its prefix is deleted.
 
 A shard of validate or caption fetches, of the stage's images, only those its share reads (found
 from the manifest or the accepted table it fetches first), not the whole image store.
@@ -25,8 +25,10 @@ import contextlib
 import json
 import os
 import shutil
+import tarfile
 import tempfile
 import uuid
+from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -191,12 +193,19 @@ def _upload(exchange: Exchange, root: Path, files: dict[str, str], what: str) ->
     return len(todo)
 
 
-def _put_listing(exchange: Exchange, key: str, files: dict[str, str], what: str) -> None:
+def _put_listing(exchange: Exchange, key: str, files: dict[str, str], what: str, archive: str | None = None) -> None:
+    document = {"files": files} | ({"archive": archive} if archive else {})
     with _client(exchange, what) as client:
-        client.put_object(Bucket=exchange.bucket, Key=key, Body=json.dumps({"files": files}, sort_keys=True).encode())
+        client.put_object(Bucket=exchange.bucket, Key=key, Body=json.dumps(document, sort_keys=True).encode())
 
 
 def _get_listing(exchange: Exchange, key: str, what: str) -> dict[str, str]:
+    return _get_listing_document(exchange, key, what)[0]
+
+
+def _get_listing_document(exchange: Exchange, key: str, what: str) -> tuple[dict[str, str], str | None]:
+    """A listing's {path: sha256}, and the sha256 of the archive object that packs them (or None:
+    one object per file)."""
     from botocore.exceptions import ClientError
 
     with _client(exchange, what) as client:
@@ -207,12 +216,15 @@ def _get_listing(exchange: Exchange, key: str, what: str) -> dict[str, str]:
                 raise EaselError(f"s3://{exchange.bucket}/{key}: missing ({what})") from None
             raise
     try:
-        files = json.loads(body)["files"]
+        document = json.loads(body)
+        files, archive = document["files"], document.get("archive")
         if not all(isinstance(k, str) and isinstance(v, str) and len(v) == 64 for k, v in files.items()):
             raise ValueError("not {path: sha256}")
+        if archive is not None and not (isinstance(archive, str) and len(archive) == 64):
+            raise ValueError("the archive is not a sha256")
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise EaselError(f"s3://{exchange.bucket}/{key}: not a shard listing ({exc})") from None
-    return files
+    return files, archive
 
 
 def _download(exchange: Exchange, root: Path, files: dict[str, str], what: str) -> int:
@@ -248,6 +260,78 @@ def _download(exchange: Exchange, root: Path, files: dict[str, str], what: str) 
         with ThreadPoolExecutor(TRANSFER_THREADS) as pool:
             list(pool.map(get, todo))
     return len(todo)
+
+
+def _pack(folder: Path, files: dict[str, str], pack: Path) -> str:
+    """Write `files` (paths in `folder`) into one uncompressed tar at `pack`; its sha256. One object
+    per shard instead of one per file: per request, S3 costs more than the bytes."""
+    with tarfile.open(pack, "w", format=tarfile.PAX_FORMAT) as tar:
+        for path in sorted(files):
+            tar.add(folder / path, arcname=path, recursive=False)
+    return sha256_file(pack)
+
+
+def _unpack(exchange: Exchange, root: Path, files: dict[str, str], archive: str, what: str) -> int:
+    """Fetch the archive object that packs `files` and write each of them into `root`, checked like
+    single objects: the archive against its sha256, every member against the listing (a regular
+    file it names, inside the folder, with its sha256), and every listed file present. A file
+    already there with that content is kept. Returns how many were written."""
+    from botocore.exceptions import ClientError
+
+    source = f"s3://{exchange.bucket}/{exchange.prefix}"
+    targets = {path: _safe_path(root, path, source) for path in files}
+    todo = {p for p, target in targets.items() if not (target.is_file() and sha256_file(target) == files[p])}
+    if not todo:
+        return 0
+    root.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=root, prefix=".shard-results.", suffix=".tmp")
+    os.close(fd)
+    written = 0
+    try:
+        with _client(exchange, what) as client:
+            try:
+                client.download_file(exchange.bucket, exchange.objects(archive), tmp)
+            except ClientError as exc:
+                if exc.response.get("Error", {}).get("Code") not in ("404", "NoSuchKey"):
+                    raise
+                raise EaselError(f"{source}: the archive object of {what} is missing") from None
+        if sha256_file(tmp) != archive:
+            raise EaselError(f"{source}: the archive object of {what} does not match its sha256; refused")
+        try:
+            with tarfile.open(tmp, "r:") as tar:
+                members = tar.getmembers()  # headers only: the whole archive is judged before anything is written
+                names = Counter(m.name for m in members)
+                for member in members:
+                    if member.name not in files or not member.isfile() or names[member.name] > 1:
+                        problem = f"archive member {member.name!r} is not a file its listing names"
+                        raise EaselError(f"{source}: {what}: {problem}; refused")
+                missing = sorted(set(files) - set(names))
+                if missing:
+                    raise EaselError(f"{source}: {what}: the archive lacks {missing[:3]}; refused")
+                for member in members:
+                    if member.name in todo:
+                        _write_checked(tar.extractfile(member), targets[member.name], files[member.name], source)
+                        written += 1
+        except tarfile.TarError as exc:
+            raise EaselError(f"{source}: the archive object of {what} cannot be read ({exc})") from None
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    return written
+
+
+def _write_checked(stream, target: Path, sha256: str, source: str) -> None:
+    """Copy `stream` to `target` through a temp file beside it, renamed only if its sha256 matches."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as out:
+            shutil.copyfileobj(stream, out, 1 << 20)
+        if sha256_file(tmp) != sha256:
+            raise EaselError(f"{source}: the archived {target.name} does not match its sha256; refused")
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 # -- the three steps -----------------------------------------------------------------------------------
@@ -299,8 +383,13 @@ def publish_shard_results(exchange: Exchange, stage: str, shard: int, shards: in
     now = _hash_files(folder, [rel for rel in SHARD_CACHES[stage](params) if (folder / rel).exists()])
     written = {path: sha for path, sha in now.items() if inputs.get(path) != sha}
     what = f"{stage} shard {shard}/{shards} results"
-    _upload(exchange, folder, written, what)
-    _put_listing(exchange, exchange.listing(stage, shard_listing_name(shard, shards)), written, what)
+    archive = None
+    if written:
+        pack = folder / ".easel-shard-results.tar"  # not a cache path: never handed back itself
+        archive = _pack(folder, written, pack)
+        _upload(exchange, folder, {pack.name: archive}, what)
+        pack.unlink()
+    _put_listing(exchange, exchange.listing(stage, shard_listing_name(shard, shards)), written, what, archive)
     return len(written)
 
 
@@ -311,10 +400,14 @@ def collect_shard_results(exchange: Exchange, stage: str, shards: int, project_d
     fetched = 0
     for shard in range(shards):
         name = shard_listing_name(shard, shards)
-        files = _get_listing(
+        files, archive = _get_listing_document(
             exchange, exchange.listing(stage, name), f"{stage} shard {shard}/{shards} handed nothing back"
         )
-        fetched += _download(exchange, project_dir, files, f"{stage} shard {shard}/{shards} results")
+        what = f"{stage} shard {shard}/{shards} results"
+        if archive:
+            fetched += _unpack(exchange, project_dir, files, archive, what)
+        else:
+            fetched += _download(exchange, project_dir, files, what)
     return fetched
 
 

@@ -79,7 +79,7 @@ def test_what_a_shard_writes_in_its_caches_reaches_the_project_and_nothing_else(
     with pytest.raises(EaselError, match=r"shard-0-of-2.json: missing \(download shard 0/2 handed nothing back\)"):
         collect_shard_results(exchange, "download", 2, project)
 
-    assert close_exchange(exchange) == 5  # three objects (params and two cache files), two listings
+    assert close_exchange(exchange) == 4  # params, the shard's one archive of two cache files, two listings
     assert client.list_objects_v2(Bucket=exchange.bucket, Prefix=exchange.prefix)["KeyCount"] == 0
 
 
@@ -113,6 +113,62 @@ def test_a_listing_cannot_write_outside_the_folder_nor_pass_off_other_bytes(proj
         collect_shard_results(exchange, "validate", 1, project)
     assert not (project.parent / "escaped.json").exists()
     assert list(project.rglob("*.tmp")) == []  # no temp file left by a refused object
+    close_exchange(exchange)
+
+
+def test_a_shard_archive_is_checked_like_single_objects(project, s3_server, tmp_path):
+    """A shard's results come packed in one tar object. The archive must match its sha256, and each
+    member must be a regular file its listing names, with the listed sha256; a listed file missing
+    from the archive stops the merge too. Nothing is written from a refused archive."""
+    import io
+    import tarfile
+
+    exchange = open_exchange(project)
+    client = make_client(s3_server.settings())
+    good, other = b"cache entry", b"other bytes"
+    listed = {".easel/cache/validate/ab/x.json": sha(good)}
+
+    def archive(*members: tuple[str, bytes | None]) -> str:
+        buffer = io.BytesIO()
+        with tarfile.open(fileobj=buffer, mode="w") as tar:
+            for name, data in members:
+                info = tarfile.TarInfo(name)
+                if data is None:  # a link out of the project
+                    info.type, info.linkname = tarfile.SYMTYPE, "/etc/passwd"
+                    tar.addfile(info)
+                else:
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+        body = buffer.getvalue()
+        client.put_object(Bucket=exchange.bucket, Key=exchange.objects(sha(body)), Body=body)
+        return sha(body)
+
+    def collect(files: dict[str, str], packed: str) -> None:
+        body = json.dumps({"files": files, "archive": packed}).encode()
+        client.put_object(Bucket=exchange.bucket, Key=exchange.listing("validate", "shard-0-of-1"), Body=body)
+        collect_shard_results(exchange, "validate", 1, project)
+
+    cases = [
+        (listed, archive((".easel/cache/validate/ab/x.json", other)), "does not match its sha256"),
+        (listed, archive((".easel/cache/validate/ab/x.json", good), ("params.yaml", b"evil")), "not a file its"),
+        (listed, archive((".easel/cache/validate/ab/x.json", None)), "not a file its listing"),
+        (listed | {".easel/cache/validate/cd/y.json": sha(other)}, archive((".easel/cache/validate/ab/x.json", good)),
+         "the archive lacks"),
+        (listed, "0" * 64, "archive object of validate shard 0/1 results is missing"),
+    ]  # fmt: skip
+    tampered = archive((".easel/cache/validate/ab/x.json", good))
+    client.put_object(Bucket=exchange.bucket, Key=exchange.objects("1" * 64), Body=b"not the archive")
+    cases.append((listed, "1" * 64, "archive object of validate shard 0/1 results does not match its sha256"))
+    for files, packed, message in cases:
+        with pytest.raises(EaselError, match=message):
+            collect(files, packed)
+    assert (project / "params.yaml").read_bytes() != b"evil"
+    assert list(project.rglob("*.tmp")) == []
+    assert not (project / ".easel/cache/validate/cd/y.json").exists()
+
+    collect(listed, tampered)  # the good archive is written, and a second merge writes nothing again
+    assert (project / ".easel/cache/validate/ab/x.json").read_bytes() == good
+    assert collect_shard_results(exchange, "validate", 1, project) == 0
     close_exchange(exchange)
 
 
