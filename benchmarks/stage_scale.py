@@ -3,12 +3,14 @@
 A loopback image server (benchmarks/download/server.py, its own process, no added latency) serves
 small distinct images (a 64 x 64 JPEG corpus; every URL's bytes differ by a trailer, so every
 URL is a new image to store). For each size a fresh folder gets a URL list and a params file, and
-`easel download` runs there as a user runs it, in its own process. The parent samples the resident
+`easel download` (and, with `--stages download validate`, `easel validate` after it) runs there as a
+user runs it, in its own process. The parent samples the resident
 memory of that process and all its children (the download workers) every 0.1 s from /proc, and
 reports the peak of their sum, the peak of the stage's main process alone, the wall time and the
 URLs per second.
 
     .venv/bin/python -m benchmarks.stage_scale --sizes 20000 100000 500000
+    .venv/bin/python -m benchmarks.stage_scale --sizes 20000 100000 --stages download validate
 """
 
 from __future__ import annotations
@@ -112,6 +114,17 @@ def download_project(work: Path, n: int, port: int) -> Path:
         per_host_concurrency=params["download"]["concurrency"],  # one host serves everything here
     )
     params["reporting"] = {"metrics_dir": "metrics", "plots_dir": "plots", "logs_dir": "logs"}
+    # validate: rules that 64 px JPEGs without a DPI pass, so every image goes through every check;
+    # near-duplicates off, because the corpus's 256 pictures repeat behind every URL (different bytes,
+    # same pixels) and would make groups of thousands, which is not what the stage meets in practice.
+    params["validate"].update(
+        min_short_side=32,
+        min_long_side=32,
+        missing_dpi="accept",
+        min_kb_per_pixel=0.0,
+        near_duplicates={"enabled": False, "max_distance": 4},
+        cache_dir=".easel/cache/validate",
+    )
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     return work / "params.yaml"
 
@@ -119,6 +132,7 @@ def download_project(work: Path, n: int, port: int) -> Path:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="+", default=[20_000, 100_000, 500_000])
+    parser.add_argument("--stages", nargs="+", default=["download"], choices=["download", "validate"])
     parser.add_argument("--work-dir", type=Path, default=BENCH / "stage-scale")
     parser.add_argument("--out", type=Path, default=BENCH / "stage-scale.json")
     parser.add_argument("--keep", action="store_true", help="keep each size's folder")
@@ -149,15 +163,18 @@ def main() -> None:
         for n in args.sizes:
             work = args.work_dir / f"n{n}"
             params = download_project(work, n, port)
-            command = [sys.executable, "-m", "components.cli", "--params", str(params), "download"]
-            result = run_sampled(command, work, env)
-            metrics = json.loads((work / "metrics" / "download.json").read_text()) if result["exit"] == 0 else {}
-            row = {"stage": "download", "urls": n, **result, "ok_rows": metrics.get("ok_rows")}
-            row["urls_per_second"] = n / result["seconds"]
-            if result["exit"] == 0:
-                row.pop("log_tail")
-            rows.append(row)
-            print(json.dumps(row), flush=True)
+            for stage in args.stages:
+                command = [sys.executable, "-m", "components.cli", "--params", str(params), stage]
+                result = run_sampled(command, work, env)
+                metrics = json.loads((work / "metrics" / f"{stage}.json").read_text()) if result["exit"] == 0 else {}
+                done = metrics.get("ok_rows", metrics.get("accepted"))
+                row = {"stage": stage, "urls": n, **result, "done": done, "urls_per_second": n / result["seconds"]}
+                if result["exit"] == 0:
+                    row.pop("log_tail")
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+                if result["exit"] != 0:
+                    break
             if not args.keep:
                 shutil.rmtree(work, ignore_errors=True)
     finally:
@@ -167,7 +184,7 @@ def main() -> None:
     machine = f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
     args.out.write_text(json.dumps({"machine": machine, "rows": rows}, indent=2))
     print(f"\nmachine: {machine}\n")
-    print("| stage | URLs | peak RSS, all processes | peak RSS, main process | wall | URLs/s |")
+    print("| stage | URLs | peak RSS, all processes | peak RSS, main process | wall | URLs (rows) per second |")
     print("|---|---|---|---|---|---|")
     for row in rows:
         print(

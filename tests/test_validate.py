@@ -279,3 +279,28 @@ def test_curation_keeps_the_top_share_by_aesthetic_score(tmp_path, tiny_models):
     accepted = pd.read_parquet(tmp_path / "validate" / "accepted.parquet")
     rejected = pd.read_parquet(tmp_path / "validate" / "rejected.parquet")
     assert accepted["aesthetic_score"].min() >= rejected["aesthetic_score"].max()  # the best half kept
+
+
+def test_the_report_shows_a_fixed_sample_of_thumbnails_not_every_image(tmp_path, monkeypatch):
+    """The report's thumbnails are a sample per section, the same on every run, and say how many
+    there are and where the rest is: 20,000 images as cards made a 318 MB page and took 2 GB to
+    build (benchmarks/RESULTS.md)."""
+    from components.validate import stage
+
+    monkeypatch.setattr(stage, "REPORT_ACCEPTED_CARDS", 3)
+    monkeypatch.setattr(stage, "REPORT_CARDS_PER_RULE", 2)
+    run(tmp_path)
+    html = (tmp_path / "validate" / "report.html").read_text()
+    accepted = html.split("Accepted images", 1)[1]
+    assert accepted.count('class="card"') == 3 and "3 of 9 shown" in accepted
+    assert "accepted.parquet" in accepted
+    rejected = html.split("Rejected images, by rule", 1)[1].split("Accepted images", 1)[0]
+    assert "2 of 4 shown" in rejected  # decodable: 4 images, 2 cards
+    for sheet in rejected.split("<h3>")[1:]:
+        assert sheet.count('class="card"') <= 2
+    run(tmp_path / "again")
+    again = (tmp_path / "again" / "validate" / "report.html").read_text()
+    assert again.split("Accepted images", 1)[1].count('class="card"') == 3
+    assert [line for line in accepted.split("card") if "http" in line][:3] == [
+        line for line in again.split("Accepted images", 1)[1].split("card") if "http" in line
+    ][:3]  # the same sample on every run

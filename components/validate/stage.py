@@ -25,7 +25,7 @@ from components.config import AssumeDpi, ModelsParams, ValidateParams
 from components.errors import EaselError
 from components.fsutil import atomic_dir, atomic_write_json, atomic_write_parquet
 from components.images import thumbnail
-from components.sharding import Shard, share
+from components.sharding import Shard, share, stable_hash
 from components.validate.dedupe import Candidate, choose_kept, near_duplicate_groups
 from components.validate.inspect import EMPTY_ROW, InspectionCache, inspect_cached
 from components.validate.normalize import needs_copy, write_training_copy
@@ -219,6 +219,27 @@ class ValidateSummary:
     report: Path
 
 
+# Thumbnails in the report: a sample, so that the page (and the memory that builds it) does not grow
+# with the data set; 20,000 images as cards made a 318 MB page and took 2 GB to build.
+REPORT_CARDS_PER_RULE = 60
+REPORT_ACCEPTED_CARDS = 120
+
+
+def report_sample(rows: pd.DataFrame, limit: int) -> pd.DataFrame:
+    """At most `limit` rows, the same ones on every run: the first in the order of their file's
+    stable hash, so that the sample spreads over sources instead of showing the first list's head."""
+    if len(rows) <= limit:
+        return rows
+    order = np.argsort([stable_hash(sha) for sha in rows["sha256"]], kind="stable")
+    return rows.iloc[np.sort(order[:limit])]
+
+
+def shown(count: int, total: int, where: str) -> str:
+    if count >= total:
+        return ""
+    return f"<p>{count} of {total} shown, a fixed sample; every one is in <code>{where}</code>.</p>"
+
+
 def _write_report(path: Path, table: pd.DataFrame, params: ValidateParams, per_rule: dict[str, int]) -> Path:
     rules = rules_for(params)
     accepted = table[table["accepted"]]
@@ -261,13 +282,17 @@ def _write_report(path: Path, table: pd.DataFrame, params: ValidateParams, per_r
         if hit.empty:
             continue
         cards = []
-        for r in hit.itertuples():
+        for r in report_sample(hit, REPORT_CARDS_PER_RULE).itertuples():
             note = f" - {r.near_duplicate_note}" if rule.name == "near_duplicate" else ""
             cards.append(
                 report.card(thumbnail(r.raw_path) if r.decodable else None, f"{r.url} ({', '.join(r.reasons)}){note}")
             )
-        sheets.append(f"<h3>{report.esc(rule.name)}: {report.esc(rule.describe)} ({len(hit)})</h3>{report.grid(cards)}")
-    accepted_cards = [report.card(thumbnail(r.raw_path), r.url) for r in accepted.itertuples()]
+        heading = f"{report.esc(rule.name)}: {report.esc(rule.describe)} ({len(hit)})"
+        sheets.append(f"<h3>{heading}</h3>{shown(len(cards), len(hit), 'rejected.parquet')}{report.grid(cards)}")
+    accepted_cards = [
+        report.card(thumbnail(r.raw_path), r.url) for r in report_sample(accepted, REPORT_ACCEPTED_CARDS).itertuples()
+    ]
+    accepted_html = shown(len(accepted_cards), len(accepted), "accepted.parquet") + report.grid(accepted_cards)
     return report.write_html(
         path,
         "Easel validation report",
@@ -275,7 +300,7 @@ def _write_report(path: Path, table: pd.DataFrame, params: ValidateParams, per_r
             ("Summary", overview),
             ("Distributions", hists),
             ("Rejected images, by rule", "".join(sheets) or "<p>None.</p>"),
-            ("Accepted images", report.grid(accepted_cards) or "<p>None.</p>"),
+            ("Accepted images", accepted_html if accepted_cards else "<p>None.</p>"),
         ],
         intro="Rules and thresholds come from params.yaml <code>validate</code>. The checks run as a Great "
         "Expectations suite (gx_results.json, Data Docs); near-duplicates and curation follow it.",
