@@ -30,7 +30,7 @@ from pathlib import Path
 
 import yaml
 
-from benchmarks.download.run import free_port, wait_for_port
+from benchmarks.download.run import start_image_server
 
 REPO = Path(__file__).resolve().parents[1]
 BENCH = REPO / ".easel" / "bench"
@@ -140,25 +140,10 @@ def main() -> None:
 
     corpus = BENCH / "small-corpus"
     small_corpus(corpus)
-    port = free_port()
-    server = subprocess.Popen(
-        [
-            sys.executable,
-            str(REPO / "benchmarks/download/server.py"),
-            "--dir",
-            str(corpus),
-            "--port",
-            str(port),
-            "--latency",
-            "0",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    server, port = start_image_server(corpus, latency=0)
     env = os.environ | {"PYTHONPATH": str(REPO), "EASEL_NO_PROGRESS": "1"}
     rows = []
     try:
-        wait_for_port(port)
         shutil.rmtree(args.work_dir, ignore_errors=True)
         for n in args.sizes:
             work = args.work_dir / f"n{n}"

@@ -227,14 +227,31 @@ def _get_listing_document(exchange: Exchange, key: str, what: str) -> tuple[dict
     return files, archive
 
 
-def _download(exchange: Exchange, root: Path, files: dict[str, str], what: str) -> int:
-    """Fetch `files` ({path: sha256}) into `root`, each checked against its sha256 and written
-    atomically; a file already there with that content is kept. Returns how many were fetched."""
+def _missing(root: Path, files: dict[str, str], source: str) -> tuple[dict[str, Path], list[str]]:
+    """Where each listed file goes in `root` (refused outside it), and those not there with their content."""
+    targets = {path: _safe_path(root, path, source) for path in files}
+    return targets, [p for p, target in targets.items() if not (target.is_file() and sha256_file(target) == files[p])]
+
+
+def _get_object(client, exchange: Exchange, sha256: str, tmp: str, name: str) -> None:
+    """Download the object `sha256` to `tmp` and check its bytes; `name` says what it is in errors."""
     from botocore.exceptions import ClientError
 
     source = f"s3://{exchange.bucket}/{exchange.prefix}"
-    targets = {path: _safe_path(root, path, source) for path in files}
-    todo = [p for p, target in targets.items() if not (target.is_file() and sha256_file(target) == files[p])]
+    try:
+        client.download_file(exchange.bucket, exchange.objects(sha256), tmp)
+    except ClientError as exc:
+        if exc.response.get("Error", {}).get("Code") not in ("404", "NoSuchKey"):
+            raise
+        raise EaselError(f"{source}: {name} is missing") from None
+    if sha256_file(tmp) != sha256:
+        raise EaselError(f"{source}: {name} does not match its sha256; refused")
+
+
+def _download(exchange: Exchange, root: Path, files: dict[str, str], what: str) -> int:
+    """Fetch `files` ({path: sha256}) into `root`, each checked against its sha256 and written
+    atomically; a file already there with that content is kept. Returns how many were fetched."""
+    targets, todo = _missing(root, files, f"s3://{exchange.bucket}/{exchange.prefix}")
     with _client(exchange, what) as client:
 
         def get(path: str) -> None:
@@ -244,14 +261,7 @@ def _download(exchange: Exchange, root: Path, files: dict[str, str], what: str) 
             fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
             os.close(fd)
             try:
-                try:
-                    client.download_file(exchange.bucket, exchange.objects(files[path]), tmp)
-                except ClientError as exc:
-                    if exc.response.get("Error", {}).get("Code") not in ("404", "NoSuchKey"):
-                        raise
-                    raise EaselError(f"{source}: the object for {path} is missing") from None
-                if sha256_file(tmp) != files[path]:
-                    raise EaselError(f"{source}: the object for {path} does not match its sha256; refused")
+                _get_object(client, exchange, files[path], tmp, f"the object for {path}")
                 os.replace(tmp, target)
             except BaseException:
                 Path(tmp).unlink(missing_ok=True)
@@ -276,11 +286,9 @@ def _unpack(exchange: Exchange, root: Path, files: dict[str, str], archive: str,
     single objects: the archive against its sha256, every member against the listing (a regular
     file it names, inside the folder, with its sha256), and every listed file present. A file
     already there with that content is kept. Returns how many were written."""
-    from botocore.exceptions import ClientError
-
     source = f"s3://{exchange.bucket}/{exchange.prefix}"
-    targets = {path: _safe_path(root, path, source) for path in files}
-    todo = {p for p, target in targets.items() if not (target.is_file() and sha256_file(target) == files[p])}
+    targets, missing = _missing(root, files, source)
+    todo = set(missing)
     if not todo:
         return 0
     root.mkdir(parents=True, exist_ok=True)
@@ -289,14 +297,7 @@ def _unpack(exchange: Exchange, root: Path, files: dict[str, str], archive: str,
     written = 0
     try:
         with _client(exchange, what) as client:
-            try:
-                client.download_file(exchange.bucket, exchange.objects(archive), tmp)
-            except ClientError as exc:
-                if exc.response.get("Error", {}).get("Code") not in ("404", "NoSuchKey"):
-                    raise
-                raise EaselError(f"{source}: the archive object of {what} is missing") from None
-        if sha256_file(tmp) != archive:
-            raise EaselError(f"{source}: the archive object of {what} does not match its sha256; refused")
+            _get_object(client, exchange, archive, tmp, f"the archive object of {what}")
         try:
             with tarfile.open(tmp, "r:") as tar:
                 members = tar.getmembers()  # headers only: the whole archive is judged before anything is written

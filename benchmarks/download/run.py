@@ -53,6 +53,20 @@ def wait_for_port(port: int, timeout: float = 30) -> None:
     raise RuntimeError(f"server on {port} did not start")
 
 
+def start_image_server(corpus: Path, latency: float) -> tuple[subprocess.Popen, int]:
+    """The latency image server (server.py) on a free loopback port, in its own process, ready."""
+    port = free_port()
+    command = [sys.executable, str(HERE / "server.py"), "--dir", str(corpus), "--port", str(port)]
+    quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}  # aiohttp logs every request
+    server = subprocess.Popen([*command, "--latency", str(latency)], **quiet)
+    try:
+        wait_for_port(port)
+    except BaseException:
+        server.terminate()
+        raise
+    return server, port
+
+
 def timed(args: list[str], cwd: Path, env: dict | None = None) -> dict:
     """Run a child to completion; wall seconds and CPU seconds of it and its own children."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -133,19 +147,7 @@ def main() -> None:
     corpus = BENCH / "corpus"
     build_corpus(corpus, args.files)
     sizes = [p.stat().st_size for p in corpus.iterdir() if p.suffix in (".jpg", ".png")]
-    port = free_port()
-    server = subprocess.Popen(
-        [
-            sys.executable,
-            str(HERE / "server.py"),
-            "--dir",
-            str(corpus),
-            "--port",
-            str(port),
-            "--latency",
-            str(args.latency),
-        ]
-    )
+    server, port = start_image_server(corpus, args.latency)
     results: dict = {
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}",
         "n": args.n,
@@ -154,7 +156,6 @@ def main() -> None:
         "runs": {},
     }
     try:
-        wait_for_port(port)
         files = sorted(p for p in corpus.iterdir() if p.suffix in (".jpg", ".png"))
         urls = [f"http://127.0.0.1:{port}/img/{k}{files[k % len(files)].suffix}" for k in range(args.n)]
         # Rounds interleave the contenders, so slow spells of a shared machine hit them alike;

@@ -72,10 +72,6 @@ def table_chunks(path: Path, rows: int | None = None) -> Iterator[pd.DataFrame]:
         raise EaselError(f"{path}: cannot be read as {fmt}: {exc}") from None
 
 
-def read_table(path: Path) -> pd.DataFrame:
-    return pd.concat(list(table_chunks(path)), ignore_index=True)
-
-
 def join_url(value: object, prefix: str | None) -> str | None:
     """The absolute URL for a cell: absolute URLs pass through; relative ones join the prefix."""
     if value is None or (isinstance(value, float) and value != value):
