@@ -4,13 +4,15 @@ A loopback image server (benchmarks/download/server.py, its own process, no adde
 small distinct images (a 64 x 64 JPEG corpus; every URL's bytes differ by a trailer, so every
 URL is a new image to store). For each size a fresh folder gets a URL list and a params file, and
 `easel download` (and, with `--stages download validate`, `easel validate` after it) runs there as a
-user runs it, in its own process. The parent samples the resident
+user runs it, in its own process (`--stages download validate caption` adds `easel caption` after
+validate, with the tiny offline BLIP and tagger the demo uses). The parent samples the resident
 memory of that process and all its children (the download workers) every 0.1 s from /proc, and
 reports the peak of their sum, the peak of the stage's main process alone, the wall time and the
 URLs per second.
 
     .venv/bin/python -m benchmarks.stage_scale --sizes 20000 100000 500000
     .venv/bin/python -m benchmarks.stage_scale --sizes 20000 100000 --stages download validate
+    .venv/bin/python -m benchmarks.stage_scale --sizes 20000 100000 500000 --stages download validate caption
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ from pathlib import Path
 import yaml
 
 from benchmarks.download.run import start_image_server
+from components.models.loaders import TINY_ROOT
+from components.models.tiny import build_tiny_models
 
 REPO = Path(__file__).resolve().parents[1]
 BENCH = REPO / ".easel" / "bench"
@@ -125,6 +129,11 @@ def download_project(work: Path, n: int, port: int) -> Path:
         near_duplicates={"enabled": False, "max_distance": 4},
         cache_dir=".easel/cache/validate",
     )
+    # caption: the tiny offline models, built once in the repository (each size's folder would
+    # otherwise build its own); the profile sets the model paths, so they are set there.
+    tiny = build_tiny_models(REPO / TINY_ROOT)
+    params["profile"] = "tiny"
+    params["profiles"]["tiny"]["models"].update(blip=str(tiny / "blip"), tagger=str(tiny / "tagger"))
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     return work / "params.yaml"
 
@@ -132,7 +141,7 @@ def download_project(work: Path, n: int, port: int) -> Path:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="+", default=[20_000, 100_000, 500_000])
-    parser.add_argument("--stages", nargs="+", default=["download"], choices=["download", "validate"])
+    parser.add_argument("--stages", nargs="+", default=["download"], choices=["download", "validate", "caption"])
     parser.add_argument("--work-dir", type=Path, default=BENCH / "stage-scale")
     parser.add_argument("--out", type=Path, default=BENCH / "stage-scale.json")
     parser.add_argument("--keep", action="store_true", help="keep each size's folder")
@@ -152,7 +161,7 @@ def main() -> None:
                 command = [sys.executable, "-m", "components.cli", "--params", str(params), stage]
                 result = run_sampled(command, work, env)
                 metrics = json.loads((work / "metrics" / f"{stage}.json").read_text()) if result["exit"] == 0 else {}
-                done = metrics.get("ok_rows", metrics.get("accepted"))
+                done = metrics.get("ok_rows", metrics.get("accepted", metrics.get("captioned")))
                 row = {"stage": stage, "urls": n, **result, "done": done, "urls_per_second": n / result["seconds"]}
                 if result["exit"] == 0:
                     row.pop("log_tail")

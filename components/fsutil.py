@@ -57,27 +57,133 @@ def atomic_write_parquet(path: Path | str, frame) -> None:
         raise
 
 
+class ParquetRowGroups:
+    """A Parquet file written a frame at a time, one row group each, to a temp file beside `path`
+    that `finish` renames into place: memory holds one frame, and a failed run leaves the previous
+    file. The first frame with rows fixes the schema unless `schema` is given."""
+
+    def __init__(self, path: Path | str, schema=None) -> None:
+        self.path, self.schema = Path(path), schema
+        self.rows = 0
+        self._writer = None
+        self._tmp: Path | None = None
+        self._empty = None  # the columns to write when no frame has rows
+
+    def add(self, frame) -> None:
+        import pyarrow as pa
+
+        if frame.empty and self._writer is None:
+            self._empty = frame
+            return
+        table = pa.Table.from_pandas(frame, schema=self.schema, preserve_index=False)
+        if self._writer is None:
+            self._open(table.schema)
+        if table.num_rows:
+            self._writer.write_table(table)
+            self.rows += table.num_rows
+
+    def _open(self, schema) -> None:
+        import pyarrow.parquet as pq
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
+        os.close(fd)
+        self._tmp, self.schema = Path(tmp), schema
+        self._writer = pq.ParquetWriter(tmp, schema)
+
+    def finish(self) -> None:
+        """Rename the file into place; with no rows, it still has the columns."""
+        if self._writer is None:
+            if self.schema is None:
+                import pandas as pd
+
+                atomic_write_parquet(self.path, self._empty if self._empty is not None else pd.DataFrame())
+                return
+            self._open(self.schema)
+        self._writer.close()
+        os.replace(self._tmp, self.path)
+
+    def abandon(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._tmp.unlink(missing_ok=True)
+
+
 def read_stage_table(path: Path, stage: str, upstream: str, rows_are: str, required: tuple[str, ...] = ()):
     """A stage's Parquet input, or one EaselError saying what to do: run `upstream` (missing),
     the file is broken (unreadable, or lacks a column), or it holds no `rows_are` (empty)."""
     import pandas as pd
 
+    with _reading_stage_input(path, stage, upstream):
+        table = pd.read_parquet(path)
+    _check_stage_input(path, stage, upstream, rows_are, required, list(table.columns), len(table))
+    return table
+
+
+def stage_table_chunks(
+    path: Path,
+    stage: str,
+    upstream: str,
+    rows_are: str | None,
+    required: tuple[str, ...] = (),
+    columns: list[str] | None = None,
+    rows: int = 10_000,
+) -> Iterator:
+    """read_stage_table's table `rows` at a time (only `columns`, if given), so memory holds one
+    chunk: an iterator of pandas frames. The same checks and errors, made at the call. With
+    `rows_are` None an empty table is allowed: it gives one empty frame with the columns."""
+    import pyarrow.parquet as pq
+
+    with _reading_stage_input(path, stage, upstream):
+        parquet = pq.ParquetFile(path)
+    _check_stage_input(path, stage, upstream, rows_are, required, parquet.schema_arrow.names, parquet.metadata.num_rows)
+
+    def chunks():
+        with parquet:
+            if not parquet.metadata.num_rows:
+                yield parquet.schema_arrow.empty_table().select(columns or parquet.schema_arrow.names).to_pandas()
+            batches = parquet.iter_batches(batch_size=rows, columns=columns)
+            while True:
+                with _reading_stage_input(path, stage, upstream):
+                    batch = next(batches, None)
+                if batch is None:
+                    return
+                yield batch.to_pandas()
+
+    return chunks()
+
+
+@contextlib.contextmanager
+def _reading_stage_input(path: Path, stage: str, upstream: str) -> Iterator[None]:
+    """A missing or unreadable stage input: one EaselError saying to run `upstream` (again)."""
     from components.errors import EaselError
 
     if not path.is_file():
         raise EaselError(f"{stage}: {path} not found; run the {upstream} stage first")
     try:
-        table = pd.read_parquet(path)
+        yield
     except (OSError, ValueError) as exc:
         raise EaselError(
             f"{stage}: {path}: cannot be read ({str(exc).splitlines()[0]}); rerun the {upstream} stage"
         ) from None
-    missing = [c for c in required if c not in table.columns]
+
+
+def _check_stage_input(
+    path: Path,
+    stage: str,
+    upstream: str,
+    rows_are: str | None,
+    required: tuple[str, ...],
+    columns: list[str],
+    rows: int,
+) -> None:
+    from components.errors import EaselError
+
+    missing = [c for c in required if c not in columns]
     if missing:
         raise EaselError(f"{stage}: {path} lacks the column(s) {', '.join(missing)}; rerun the {upstream} stage")
-    if table.empty:
+    if not rows and rows_are is not None:
         raise EaselError(f"{stage}: {path} holds no {rows_are}; nothing to {stage}")
-    return table
 
 
 @contextlib.contextmanager

@@ -20,7 +20,8 @@ from __future__ import annotations
 import hashlib
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from itertools import islice
 from typing import TypeVar
 
 from components.errors import EaselError
@@ -61,14 +62,30 @@ def new_part_name(shard: int = 0) -> str:
 
 def batches(items: Sequence[T], batch_size: int) -> list[list[T]]:
     """`items` in batches of `batch_size`, in order."""
-    return [list(items[i : i + batch_size]) for i in range(0, len(items), batch_size)]
+    return list(stream_batches(items, batch_size))
+
+
+def stream_batches(items: Iterable[T], batch_size: int) -> Iterator[list[T]]:
+    """`batches` of items that come one at a time (read in chunks): a batch may span chunks, so the
+    batches are the same whatever the chunk size."""
+    batch: list[T] = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == batch_size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
 
 
 def share(items: Sequence[T], shard: Shard | None, key: Callable[[T], str] | None = None) -> list[T]:
     """Shard K's share of `items` (all of them without a shard): every N-th item, dealt in order, or
     in the order of the stable hash of `key(item)` when given. Given the same `items`, the shares
     cover them once and differ in length by at most one."""
-    if shard is None:
-        return list(items)
-    dealt = sorted(items, key=lambda item: stable_hash(key(item))) if key else list(items)
-    return dealt[shard[0] :: shard[1]]
+    dealt = sorted(items, key=lambda item: stable_hash(key(item))) if key and shard is not None else items
+    return list(stream_share(dealt, shard))
+
+
+def stream_share(items: Iterable[T], shard: Shard | None) -> Iterator[T]:
+    """`share` without a key, of items that come one at a time: every N-th, in order."""
+    return iter(items) if shard is None else islice(items, shard[0], None, shard[1])

@@ -186,6 +186,46 @@ def test_captions_cache_per_captioner_and_config(tmp_path, tiny_models):
     assert len(new) == 5 and all(k.startswith("blip-") for k in new)
 
 
+def test_a_table_read_in_chunks_gives_the_captions_metrics_and_report_of_one_read(tmp_path, tiny_models, monkeypatch):
+    """accepted.parquet read 3 rows at a time, in batches of 2 that run on across the chunks: the
+    same captions, metrics and report as one read, from the same batches (the journal lists them in
+    the same order). A resumed run, whose journal holds a stale entry, every output and a torn last
+    line, computes nothing and writes the same table."""
+    from components.caption import stage
+
+    download, validate = accepted_set(tmp_path, count=7)
+    accepted = pd.read_parquet(validate / "accepted.parquet")
+    (download / accepted["path"][4]).write_bytes(b"\x89PNG\r\n\x1a\ncorrupt")  # skipped, in the second chunk
+    models = models_for(tiny_models)
+
+    def run(name: str):
+        out = tmp_path / name
+        params = CaptionParams(out_dir=str(out), batch_size=2, blip={"max_new_tokens": 8, "num_beams": 1})
+        summary = run_caption(params, models, validate, out / "metrics.json", progress=False)
+        outputs = [(out / f).read_text() for f in ("metrics.json", "report.html")]
+        return summary, pd.read_parquet(out / "captions.parquet"), outputs
+
+    whole, whole_table, whole_outputs = run("whole")
+    monkeypatch.setattr(stage, "CHUNK_ROWS", 3)
+    chunked, chunked_table, chunked_outputs = run("chunked")
+    assert (chunked.computed, chunked.failed) == (whole.computed, whole.failed) == (6, 1)
+    pd.testing.assert_frame_equal(chunked_table, whole_table)
+    assert chunked_outputs == whole_outputs
+    journal = (tmp_path / "whole" / "cache.jsonl").read_text()
+    assert (tmp_path / "chunked" / "cache.jsonl").read_text() == journal
+
+    first = json.loads(journal.splitlines()[0])
+    stale = json.dumps(first | {"output": "a stale caption"}) + "\n"  # the journal's later line wins
+    torn = journal.splitlines()[-1][:40]  # a run killed while writing
+    (tmp_path / "resumed").mkdir()
+    (tmp_path / "resumed" / "cache.jsonl").write_text(stale + journal + torn)
+    resumed, resumed_table, resumed_outputs = run("resumed")
+    assert (resumed.computed, resumed.cached, resumed.failed) == (0, 6, 1)
+    assert (tmp_path / "resumed" / "cache.jsonl").read_text() == stale + journal + torn  # nothing computed
+    pd.testing.assert_frame_equal(resumed_table, whole_table)
+    assert resumed_outputs == whole_outputs
+
+
 def test_a_file_that_no_longer_decodes_is_reported_and_skipped(tmp_path, tiny_models):
     download, validate = accepted_set(tmp_path, count=3)
     accepted = pd.read_parquet(validate / "accepted.parquet")

@@ -197,6 +197,15 @@ def test_an_empty_manifest_is_an_error_and_replaces_nothing(tmp_path):
         run_validate(params, tmp_path / "download", progress=False)
     after = {p: p.read_bytes() for p in (tmp_path / "validate").rglob("*") if p.is_file()}
     assert after == before
+    # Allowed to be empty, it writes empty tables that keep their columns.
+    empty = ValidateParams(out_dir=str(tmp_path / "empty"), min_accepted=0, min_accepted_share=0.0)
+    assert run_validate(empty, tmp_path / "download", progress=False).rows == 0
+    assert {"url", "sha256", "image_path", "reasons"} <= set(pd.read_parquet(tmp_path / "empty" / "rejected.parquet"))
+    manifest.drop(columns=["sha256", "bytes"]).to_parquet(tmp_path / "download" / "manifest.parquet")
+    with pytest.raises(
+        EaselError, match=r"manifest.parquet lacks the column\(s\) sha256, bytes; rerun the download stage"
+    ):
+        run_validate(params, tmp_path / "download", progress=False)
     (tmp_path / "download" / "manifest.parquet").write_bytes(b"not parquet")
     with pytest.raises(EaselError, match=r"manifest.parquet: cannot be read"):
         run_validate(params, tmp_path / "download", progress=False)
@@ -304,3 +313,44 @@ def test_the_report_shows_a_fixed_sample_of_thumbnails_not_every_image(tmp_path,
     assert [line for line in accepted.split("card") if "http" in line][:3] == [
         line for line in again.split("Accepted images", 1)[1].split("card") if "http" in line
     ][:3]  # the same sample on every run
+
+
+def test_a_manifest_judged_in_chunks_gives_the_outputs_of_one_pass(tmp_path, monkeypatch):
+    """Validate reads the manifest CHUNK_ROWS rows at a time, so that its memory does not grow with
+    the data set. Chunks of 3 rows, with an exact duplicate and a near-duplicate pair far apart in
+    the list, give the same accepted and rejected tables, GX result, metrics and report as one chunk."""
+    from components.validate import stage
+
+    download = make_download_dir(tmp_path / "download", corpus())
+    manifest = pd.read_parquet(download / "manifest.parquet")
+    first = manifest.iloc[[0]].assign(url="http://h/good-again.png", row=len(manifest))
+    later = manifest["url"].str.endswith(("good-copy.png", "astronaut-small.png"))
+    manifest = pd.concat([manifest[~later], manifest[later], first], ignore_index=True)
+    manifest.to_parquet(download / "manifest.parquet")
+
+    def judge(name: str) -> tuple[dict, str]:
+        params = ValidateParams(
+            out_dir=str(tmp_path / name), cache_dir=str(tmp_path / f"{name}-cache"), min_accepted_share=0.0
+        )
+        run_validate(params, download, tmp_path / f"{name}.json", progress=False)
+        tables = {
+            kind: pd.read_parquet(tmp_path / name / f"{kind}.parquet").replace(str(tmp_path / name), "OUT", regex=True)
+            for kind in ("accepted", "rejected")
+        }
+        gx = json.loads((tmp_path / name / "gx_results.json").read_text())
+        html = (tmp_path / name / "report.html").read_text().replace(str(tmp_path / name), "OUT")
+        return {**tables, "gx": [(r["success"], r["result"]) for r in gx["results"]], "success": gx["success"]}, html
+
+    whole, whole_html = judge("whole")
+    monkeypatch.setattr(stage, "CHUNK_ROWS", 3)
+    chunked, chunked_html = judge("chunked")
+    for kind in ("accepted", "rejected"):
+        pd.testing.assert_frame_equal(chunked[kind], whole[kind])
+    assert chunked["gx"] == whole["gx"] and chunked["success"] == whole["success"] is False
+    assert json.loads((tmp_path / "chunked.json").read_text()) == json.loads((tmp_path / "whole.json").read_text())
+    assert chunked_html == whole_html
+    reasons = dict(zip(whole["rejected"]["url"].map(name), whole["rejected"]["reasons"].map(list), strict=True))
+    assert reasons["good-copy.png"] == reasons["good-again.png"] == ["exact_duplicate"]
+    assert reasons["astronaut-small.png"] == ["near_duplicate"]
+    runs = list((tmp_path / "chunked" / "data_docs" / "validations").rglob("*.html"))
+    assert len(runs) == -(-len(manifest) // 3)  # one GX validation per chunk, all in the Data Docs

@@ -21,7 +21,6 @@ import dataclasses
 import json
 import logging
 import multiprocessing
-import os
 import tempfile
 import time
 from collections import Counter
@@ -40,7 +39,7 @@ from components.download.sources import refuse_empty, source_chunks
 from components.download.store import ImageStore
 from components.download.worker import RECORD_FIELDS, fetch_in_process, fetch_into, init_process, read_url_file
 from components.errors import EaselError
-from components.fsutil import atomic_write_json
+from components.fsutil import ParquetRowGroups, atomic_write_json
 from components.sharding import in_shard
 
 log = logging.getLogger(__name__)
@@ -125,52 +124,34 @@ def manifest_schema(columns: list[str]):
 
 class ManifestPass:
     """Goes over the manifest's rows a chunk at a time: counts outcomes and distinct images and,
-    with `path`, writes the chunks as Parquet row groups to a temp file renamed into place at the
-    end (so a failed run leaves the previous manifest)."""
+    with `path`, writes the chunks as Parquet row groups (components.fsutil.ParquetRowGroups: a
+    failed run leaves the previous manifest)."""
 
     def __init__(self, columns: list[str], index: UrlIndex, path: Path | None) -> None:
-        self.columns, self.index, self.path = columns, index, path
-        self.schema = manifest_schema(columns)
+        self.columns, self.index = columns, index
         self.statuses: Counter[str] = Counter()
         self.rows = 0
-        self._writer = None
-        self._tmp: Path | None = None
+        self._out = ParquetRowGroups(path, manifest_schema(columns)) if path is not None else None
 
     def add(self, chunk: pd.DataFrame) -> None:
         chunk = chunk.reindex(columns=self.columns)
         self.rows += len(chunk)
         self.statuses.update(chunk["status"].tolist())
         self.index.note_images(chunk.loc[chunk["status"] == "ok", "sha256"].tolist())
-        if self.path is None:
+        if self._out is None:
             return
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
         for col in self.columns:
             if col not in ("row", *INT_FIELDS):
                 chunk[col] = chunk[col].astype("string")
-        table = pa.Table.from_pandas(chunk, schema=self.schema, preserve_index=False)
-        if self._writer is None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
-            os.close(fd)
-            self._tmp = Path(tmp)
-            self._writer = pq.ParquetWriter(tmp, table.schema)
-        self._writer.write_table(table)
+        self._out.add(chunk)
 
     def finish(self) -> None:
-        """Close and rename the file into place (an empty manifest still has its columns)."""
-        if self.path is None:
-            return
-        if self._writer is None:
-            self.add(pd.DataFrame(columns=self.columns))
-        self._writer.close()
-        os.replace(self._tmp, self.path)
+        if self._out is not None:
+            self._out.finish()
 
     def abandon(self) -> None:
-        if self._writer is not None:
-            self._writer.close()
-            self._tmp.unlink(missing_ok=True)
+        if self._out is not None:
+            self._out.abandon()
 
 
 def _fetch(out_dir: Path, todo_file: Path, count: int, settings: FetchSettings, workers: int, progress: bool) -> None:

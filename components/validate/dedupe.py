@@ -7,49 +7,64 @@ compared. Groups are the connected components of "within d bits".
 
 from __future__ import annotations
 
-from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import pairwise
+
+import numpy as np
 
 from components.validate.inspect import hamming
 
 
-def _bands(hash_hex: str, bands: int) -> list[tuple[int, int]]:
-    value = int(hash_hex, 16)
-    edges = [round(64 * i / bands) for i in range(bands + 1)]
-    return [(i, (value >> edges[i]) & ((1 << (edges[i + 1] - edges[i])) - 1)) for i in range(bands)]
-
-
 def near_duplicate_groups(hashes: Sequence[str | None], max_distance: int) -> list[list[int]]:
-    """Groups (of two or more indices) of hashes within max_distance bits of each other, transitively."""
-    parent = list(range(len(hashes)))
+    """Groups (of two or more indices) of hex hashes within max_distance bits of each other,
+    transitively; a missing hash is in no group."""
+    present = [i for i, value in enumerate(hashes) if value]
+    values = np.array([int(hashes[i], 16) for i in present], dtype=np.uint64)
+    return [[present[j] for j in group] for group in hash_groups(values, max_distance)]
 
-    def find(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
 
-    buckets: dict[tuple[int, int], list[int]] = defaultdict(list)
-    for index, value in enumerate(hashes):
-        if value:
-            for band in _bands(value, max_distance + 1):
-                buckets[band].append(index)
-    checked: set[tuple[int, int]] = set()
-    for members in buckets.values():
-        for a_pos, a in enumerate(members):
-            for b in members[a_pos + 1 :]:
-                pair = (a, b) if a < b else (b, a)
-                if pair in checked:
-                    continue
-                checked.add(pair)
-                if hamming(hashes[a], hashes[b]) <= max_distance:
-                    parent[find(a)] = find(b)
-    groups: dict[int, list[int]] = defaultdict(list)
-    for index, value in enumerate(hashes):
-        if value:
-            groups[find(index)].append(index)
-    return [sorted(g) for g in groups.values() if len(g) > 1]
+def hash_groups(values: np.ndarray, max_distance: int) -> list[list[int]]:
+    """Groups of positions of 64-bit hashes within max_distance bits of each other, transitively:
+    each group ascending, the groups in the order of their first position. Memory is a few arrays
+    the size of `values`; Python loops only over hashes that share a band."""
+    count = len(values)
+    bands = max_distance + 1
+    edges = [round(64 * i / bands) for i in range(bands + 1)]
+    pairs_a, pairs_b = [], []
+    for low, high in pairwise(edges):
+        keys = (values >> np.uint64(low)) & np.uint64((1 << (high - low)) - 1)
+        order = np.argsort(keys, kind="stable")
+        ordered = keys[order]
+        starts = np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1]])
+        ends = np.r_[starts[1:], count]
+        for start, end in zip(starts, ends, strict=True):
+            if end - start < 2:
+                continue
+            members = order[start:end]
+            band = values[members]
+            if len(members) <= 256:  # all pairs at once
+                close = np.triu(np.bitwise_count(band[:, None] ^ band[None, :]) <= max_distance, 1)
+                first, second = np.nonzero(close)
+                pairs_a.append(members[first])
+                pairs_b.append(members[second])
+                continue
+            for k in range(len(members) - 1):  # a big bucket: one row at a time, memory stays linear
+                close = np.bitwise_count(band[k] ^ band[k + 1 :]) <= max_distance
+                pairs_a.append(np.full(int(close.sum()), members[k]))
+                pairs_b.append(members[k + 1 :][close])
+    if not pairs_a or not sum(map(len, pairs_a)):
+        return []
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    a, b = np.concatenate(pairs_a), np.concatenate(pairs_b)
+    graph = coo_matrix((np.ones(len(a), dtype=bool), (a, b)), shape=(count, count))
+    _, labels = connected_components(graph, directed=False)
+    groups: dict[int, list[int]] = {}
+    for position in np.unique(np.concatenate([a, b])):  # ascending: groups come in order of their first
+        groups.setdefault(int(labels[position]), []).append(int(position))
+    return list(groups.values())
 
 
 @dataclass(frozen=True)

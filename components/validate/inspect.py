@@ -12,6 +12,7 @@ import json
 import multiprocessing
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -107,19 +108,24 @@ def _inspect_args(args: tuple[str, int]) -> dict:
     return inspect_image(*args)
 
 
-def inspect_many(
-    paths: Sequence[str],
-    max_pixels: int,
-    workers: int = 1,
-) -> Iterator[dict]:
-    """inspect_image over many files, in order, in `workers` processes when there are enough files."""
+@contextmanager
+def inspection_pool(workers: int) -> Iterator[ProcessPoolExecutor | None]:
+    """Worker processes for inspect_many, started once for a stage that inspects in chunks
+    (None for one worker: inspect in this process)."""
+    if workers <= 1:
+        yield None
+        return
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        yield pool
+
+
+def inspect_many(paths: Sequence[str], max_pixels: int, pool: ProcessPoolExecutor | None = None) -> Iterator[dict]:
+    """inspect_image over many files, in order, in the pool's processes when there are enough files."""
     jobs = [(p, max_pixels) for p in paths]
-    if workers <= 1 or len(jobs) < 64:
+    if pool is None or len(jobs) < 64:
         yield from map(_inspect_args, jobs)
         return
-    context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(workers, mp_context=context) as pool:
-        yield from pool.map(_inspect_args, jobs, chunksize=32)
+    yield from pool.map(_inspect_args, jobs, chunksize=32)
 
 
 # Bump when inspect_image's rows change: rows cached by an older version are then not read.
@@ -153,7 +159,7 @@ class InspectionCache:
 def inspect_cached(
     files: Sequence[tuple[str, str]],
     cache: InspectionCache,
-    workers: int = 1,
+    pool: ProcessPoolExecutor | None = None,
     on_progress: Callable[[int], None] | None = None,
 ) -> dict[str, dict]:
     """{sha256: row} for (sha256, path) pairs: cached rows read, the others inspected and cached as they come."""
@@ -161,7 +167,7 @@ def inspect_cached(
     todo = [(sha, path) for sha, path in files if rows[sha] is None]
     if on_progress and len(files) > len(todo):
         on_progress(len(files) - len(todo))
-    for (sha, _), row in zip(todo, inspect_many([p for _, p in todo], cache.max_pixels, workers), strict=True):
+    for (sha, _), row in zip(todo, inspect_many([p for _, p in todo], cache.max_pixels, pool), strict=True):
         cache.put(sha, row)
         rows[sha] = row
         if on_progress:

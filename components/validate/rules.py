@@ -7,7 +7,9 @@ is a rule of its own (`dpi_missing`), applied by the `missing_dpi` policy.
 
 from __future__ import annotations
 
+import json
 import os
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -107,60 +109,162 @@ def build_suite(params: ValidateParams):
     return suite
 
 
+class SuiteRunner:
+    """The GX suite, set up once and run over the metadata table a chunk at a time.
+
+    Each chunk is one GX validation (named by its rows in the Data Docs); `result` folds them into
+    one result in GX's own shape, with row indices counted over the whole table."""
+
+    def __init__(self, params: ValidateParams, docs_dir: Path | None = None) -> None:
+        os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
+        import great_expectations as gx
+        from great_expectations.data_context.types.base import ProgressBarsConfig
+
+        self.order = [r.name for r in rules_for(params)]
+        self.context = gx.get_context(mode="ephemeral")
+        self.context.variables.progress_bars = ProgressBarsConfig(globally=False)
+        batch_definition = (
+            self.context.data_sources.add_pandas("images")
+            .add_dataframe_asset("image_metadata")
+            .add_batch_definition_whole_dataframe("all_images")
+        )
+        suite = self.context.suites.add(build_suite(params))
+        validation = self.context.validation_definitions.add(
+            gx.ValidationDefinition(data=batch_definition, suite=suite, name="easel_validate")
+        )
+        self.docs = docs_dir is not None
+        if docs_dir is not None:
+            self.context.add_data_docs_site(
+                site_name="easel",
+                site_config={
+                    "class_name": "SiteBuilder",
+                    "store_backend": {
+                        "class_name": "TupleFilesystemStoreBackend",
+                        "base_directory": str(docs_dir.resolve()),  # GX insists on an absolute path
+                    },
+                    "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
+                },
+            )
+        # Data Docs are built once at the end (`finish`): rebuilding the site after every chunk
+        # re-renders every earlier chunk's result.
+        self.checkpoint = self.context.checkpoints.add(
+            gx.Checkpoint(
+                name="easel_validate",
+                validation_definitions=[validation],
+                actions=[],
+                result_format={"result_format": "COMPLETE"},
+            )
+        )
+        self.rows = 0
+        self.merged: dict | None = None
+
+    def run(self, table: pd.DataFrame) -> list[list[str]]:
+        """Each row's failed rules, in reporting order, for the next chunk of the table."""
+        from great_expectations.core.run_identifier import RunIdentifier
+
+        # GX reports failing rows by index label; a plain RangeIndex makes those positions.
+        frame = table.reset_index(drop=True)
+        run_id = RunIdentifier(run_name=f"rows {self.rows}-{self.rows + len(frame) - 1}")
+        results = self.checkpoint.run(batch_parameters={"dataframe": frame}, run_id=run_id).run_results
+        result = next(iter(results.values()))
+        reasons: list[list[str]] = [[] for _ in range(len(frame))]
+        for res in result.results:
+            rule = res.expectation_config.meta["rule"]
+            if res.exception_info and res.exception_info.get("raised_exception"):
+                raise EaselError(f"validate: GX rule {rule!r} raised: {res.exception_info.get('exception_message')}")
+            if rule == "table_integrity":
+                if not res.success:
+                    raise EaselError("validate: internal error: two first copies share a sha256")
+                continue
+            for index in res.result.get("unexpected_index_list") or []:
+                reasons[int(index)].append(rule)
+        self.merged = fold_results(self.merged, result.to_json_dict(), self.rows)
+        self.rows += len(frame)
+        return [sorted(r, key=self.order.index) for r in reasons]
+
+    def finish(self) -> dict:
+        """Build the Data Docs (when asked for) and return the whole table's result."""
+        if self.docs:
+            self.context.build_data_docs(site_names=["easel"])
+        return self.merged
+
+
+PARTIAL_LIST = 20  # GX's own length for its partial_unexpected_* lists
+
+
+def fold_results(merged: dict | None, chunk: dict, offset: int) -> dict:
+    """GX's result for the rows so far plus the next chunk (whose row indices start at `offset`):
+    counts add up, percentages are recomputed, lists are joined, success needs every chunk."""
+    if merged is None:
+        merged = json.loads(json.dumps(chunk))
+        merged["meta"]["easel_chunks"] = 0
+        for res in merged["results"]:
+            _shift_indices(res["result"], offset)
+    else:
+        for res, new in zip(merged["results"], chunk["results"], strict=True):
+            res["success"] = res["success"] and new["success"]
+            total, part = res["result"], dict(new["result"])
+            _shift_indices(part, offset)
+            for key in ("element_count", "unexpected_count", "missing_count"):
+                if key in total:
+                    total[key] += part.get(key, 0)
+            for key in ("unexpected_list", "unexpected_index_list"):
+                if key in total:
+                    total[key] = total[key] + part.get(key, [])
+            for key in ("partial_unexpected_list", "partial_unexpected_index_list"):
+                if key in total:
+                    total[key] = (total[key] + part.get(key, []))[:PARTIAL_LIST]
+            if "partial_unexpected_counts" in total:
+                counts = Counter()
+                for item in total["partial_unexpected_counts"] + part.get("partial_unexpected_counts", []):
+                    counts[json.dumps(item["value"])] += item["count"]
+                total["partial_unexpected_counts"] = [
+                    {"value": json.loads(value), "count": n} for value, n in counts.most_common(PARTIAL_LIST)
+                ]
+            _percentages(total)
+    merged["meta"]["easel_chunks"] += 1
+    merged["success"] = all(res["success"] for res in merged["results"])
+    good = sum(res["success"] for res in merged["results"])
+    evaluated = len(merged["results"])
+    merged["statistics"] = {
+        "evaluated_expectations": evaluated,
+        "successful_expectations": good,
+        "unsuccessful_expectations": evaluated - good,
+        "success_percent": 100 * good / evaluated if evaluated else None,
+    }
+    return merged
+
+
+def _shift_indices(result: dict, offset: int) -> None:
+    for key in ("unexpected_index_list", "partial_unexpected_index_list"):
+        if key in result:
+            result[key] = [int(i) + offset for i in result[key]]
+    if "unexpected_index_query" in result:
+        result["unexpected_index_query"] = f"df.filter(items={result.get('unexpected_index_list', [])}, axis=0)"
+
+
+def _percentages(result: dict) -> None:
+    if "element_count" not in result or "unexpected_count" not in result:
+        return
+    elements, unexpected, missing = result["element_count"], result["unexpected_count"], result.get("missing_count", 0)
+    present = elements - missing
+    percent = unexpected / present * 100 if present else None  # in the order GX computes it
+    result["unexpected_percent"] = percent
+    if "unexpected_percent_nonmissing" in result:
+        result["unexpected_percent_nonmissing"] = percent
+    if "unexpected_percent_total" in result:
+        result["unexpected_percent_total"] = unexpected / elements * 100 if elements else None
+    if "missing_percent" in result:
+        result["missing_percent"] = missing / elements * 100 if elements else None
+    if "unexpected_index_query" in result:
+        result["unexpected_index_query"] = f"df.filter(items={result.get('unexpected_index_list', [])}, axis=0)"
+
+
 def run_suite(
     table: pd.DataFrame, params: ValidateParams, docs_dir: Path | None = None
 ) -> tuple[list[list[str]], dict]:
-    """Run the suite (and build Data Docs into docs_dir); returns each row's failed rules and GX's result."""
-    os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
-    import great_expectations as gx
-    from great_expectations.data_context.types.base import ProgressBarsConfig
-
-    context = gx.get_context(mode="ephemeral")
-    context.variables.progress_bars = ProgressBarsConfig(globally=False)
-    batch_definition = (
-        context.data_sources.add_pandas("images")
-        .add_dataframe_asset("image_metadata")
-        .add_batch_definition_whole_dataframe("all_images")
-    )
-    suite = context.suites.add(build_suite(params))
-    validation = context.validation_definitions.add(
-        gx.ValidationDefinition(data=batch_definition, suite=suite, name="easel_validate")
-    )
-    actions = []
-    if docs_dir is not None:
-        context.add_data_docs_site(
-            site_name="easel",
-            site_config={
-                "class_name": "SiteBuilder",
-                "store_backend": {
-                    "class_name": "TupleFilesystemStoreBackend",
-                    "base_directory": str(docs_dir.resolve()),  # GX insists on an absolute path
-                },
-                "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
-            },
-        )
-        actions.append(gx.checkpoint.UpdateDataDocsAction(name="data_docs", site_names=["easel"]))
-    checkpoint = context.checkpoints.add(
-        gx.Checkpoint(
-            name="easel_validate",
-            validation_definitions=[validation],
-            actions=actions,
-            result_format={"result_format": "COMPLETE"},
-        )
-    )
-    # GX reports failing rows by index label; a plain RangeIndex makes those positions.
-    frame = table.reset_index(drop=True)
-    result = next(iter(checkpoint.run(batch_parameters={"dataframe": frame}).run_results.values()))
-    reasons: list[list[str]] = [[] for _ in range(len(frame))]
-    for res in result.results:
-        rule = res.expectation_config.meta["rule"]
-        if res.exception_info and res.exception_info.get("raised_exception"):
-            raise EaselError(f"validate: GX rule {rule!r} raised: {res.exception_info.get('exception_message')}")
-        if rule == "table_integrity":
-            if not res.success:
-                raise EaselError("validate: internal error: two first copies share a sha256")
-            continue
-        for index in res.result.get("unexpected_index_list") or []:
-            reasons[int(index)].append(rule)
-    order = [r.name for r in rules_for(params)]
-    return [sorted(r, key=order.index) for r in reasons], result.to_json_dict()
+    """Run the suite over a whole table (and build Data Docs into docs_dir); returns each row's
+    failed rules and GX's result."""
+    runner = SuiteRunner(params, docs_dir)
+    reasons = runner.run(table)
+    return reasons, runner.finish()

@@ -7,13 +7,23 @@ One table row per downloaded manifest row (an image listed twice is two rows: th
   gx_results.json    Great Expectations' validation result; data_docs/ its HTML Data Docs
   report.html        the one-page summary a person reads
   images/            training-ready copies (rotated / converted), only where needed
+
+Memory does not grow with the manifest: it is read CHUNK_ROWS rows at a time, in two passes.
+The first builds each chunk's metadata table, runs the GX suite on it and spills the judged rows
+to a scratch Parquet file; what is decided over the whole set (exact duplicates through a SQLite
+index of first copies, near-duplicates and curation over compact arrays) sits between the passes;
+the second pass adds those verdicts and writes the outputs and the report's running totals.
 """
 
 from __future__ import annotations
 
 import logging
+import sqlite3
+import tempfile
 from collections import Counter
-from dataclasses import dataclass
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -23,81 +33,166 @@ from tqdm import tqdm
 from components import report
 from components.config import AssumeDpi, ModelsParams, ValidateParams
 from components.errors import EaselError
-from components.fsutil import atomic_dir, atomic_write_json, atomic_write_parquet
+from components.fsutil import ParquetRowGroups, atomic_dir, atomic_write_json, stage_table_chunks
 from components.images import thumbnail
 from components.sharding import Shard, share, stable_hash
-from components.validate.dedupe import Candidate, choose_kept, near_duplicate_groups
-from components.validate.inspect import EMPTY_ROW, InspectionCache, inspect_cached
+from components.validate.dedupe import Candidate, choose_kept, hash_groups
+from components.validate.inspect import EMPTY_ROW, InspectionCache, inspect_cached, inspection_pool
 from components.validate.normalize import needs_copy, write_training_copy
-from components.validate.rules import rules_for, run_suite
+from components.validate.rules import SuiteRunner, rules_for
 
 log = logging.getLogger(__name__)
 
+CHUNK_ROWS = 20_000  # manifest rows judged at a time (about 2 KB each in the table and GX's copy)
 
-def metadata_table(manifest: pd.DataFrame, download_dir: Path, params: ValidateParams, progress: bool) -> pd.DataFrame:
-    """The table GX checks: one row per downloaded row, metadata read once per distinct file."""
-    ok = manifest[manifest["status"] == "ok"].reset_index(drop=True)
-    columns = ["source", "row", "url", "sha256", "path", "bytes", *[c for c in ok.columns if c.startswith("src_")]]
-    table = ok[columns].copy()
-    firsts = table.drop_duplicates("sha256")
-    rows = inspect_files(firsts, download_dir, params, progress)
-    info = pd.DataFrame(
-        [rows[sha] for sha in firsts["sha256"]], index=firsts["sha256"].to_numpy(), columns=list(EMPTY_ROW)
-    )
-    for column in info.columns:
-        table[column] = table["sha256"].map(info[column])
+# The types of inspect_image's fields in the table, explicit so that every chunk writes the same schema.
+INFO_DTYPES = {
+    "format": "string",
+    "mode": "string",
+    "width": "Int64",
+    "height": "Int64",
+    "dpi": "Float64",
+    "icc_profile": bool,
+    "exif_orientation": "Int64",
+    "animated": bool,
+    "header_read": bool,
+    "decodable": bool,
+    "decode_error": "string",
+    "phash": "string",
+}
+
+
+MANIFEST_COLUMNS = ("source", "row", "url", "status", "sha256", "path", "bytes")  # what the stage reads
+
+
+@dataclass
+class ManifestFacts:
+    """What the first read of the manifest tells: its size and which sources fill the caption column."""
+
+    rows: int = 0
+    ok: int = 0
+    captioned_sources: set[str] = field(default_factory=set)
+
+
+def manifest_chunks(
+    download_dir: Path, columns: list[str] | None = None, required: tuple[str, ...] = MANIFEST_COLUMNS
+) -> Iterator[pd.DataFrame]:
+    """The manifest's rows, CHUNK_ROWS (looked up at call time) at a time; an empty manifest gives
+    one empty frame. A missing, unreadable or incomplete manifest is refused at the call."""
+    path = download_dir / "manifest.parquet"
+    return stage_table_chunks(path, "validate", "download", None, required, columns, CHUNK_ROWS)
+
+
+def manifest_facts(
+    download_dir: Path, params: ValidateParams, required: tuple[str, ...] = MANIFEST_COLUMNS
+) -> ManifestFacts:
+    """Counts the manifest's rows and finds the sources with captions; refuses a manifest with no
+    downloaded image unless validate.min_accepted is 0."""
+    caption_col = f"src_{params.caption_column}" if params.caption_column else None
+    facts = ManifestFacts()
+    for chunk in manifest_chunks(download_dir, None, required):
+        ok = chunk[chunk["status"] == "ok"]
+        facts.rows += len(chunk)
+        facts.ok += len(ok)
+        # A source "has" captions if any of its downloaded rows filled the column.
+        if caption_col in ok.columns and "source" in ok.columns:
+            facts.captioned_sources.update(ok.loc[ok[caption_col].notna(), "source"].astype(str))
+    if params.min_accepted and not facts.ok:
+        # Nothing to judge: writing empty accepted/rejected sets would replace the last good ones.
+        raise EaselError(
+            f"validate: {download_dir / 'manifest.parquet'} lists no downloaded images ({facts.rows} rows, none ok); "
+            "fix the download first (validate.min_accepted: 0 allows an empty set)"
+        )
+    return facts
+
+
+def read_manifest(download_dir: Path, params: ValidateParams) -> pd.DataFrame:
+    """The whole manifest (a shard's share is picked from it)."""
+    required = ("status", "sha256", "path")
+    manifest_facts(download_dir, params, required)
+    return pd.concat(list(manifest_chunks(download_dir, None, required)), ignore_index=True)
+
+
+class FirstCopies:
+    """The first row (its URL) of every distinct file seen so far, in a scratch SQLite file: which
+    rows are exact duplicates, and of what, without holding every sha256 in memory."""
+
+    def __init__(self, path: Path) -> None:
+        self.db = sqlite3.connect(path)
+        self.db.executescript(
+            """
+            PRAGMA journal_mode = OFF;
+            PRAGMA synchronous = OFF;
+            CREATE TABLE first (sha256 TEXT PRIMARY KEY, url TEXT NOT NULL) WITHOUT ROWID;
+            """
+        )
+
+    def close(self) -> None:
+        self.db.close()
+
+    def mark(self, shas: list[str], urls: list[str]) -> tuple[list[bool], list[str | None]]:
+        """(is the first copy, URL of the first copy for a later one) for the next rows, in order."""
+        distinct = list(dict.fromkeys(shas))
+        known: dict[str, str] = {}
+        for start in range(0, len(distinct), 500):  # well under SQLite's bound-parameter limit
+            part = distinct[start : start + 500]
+            query = f"SELECT sha256, url FROM first WHERE sha256 IN ({','.join('?' * len(part))})"
+            known.update(self.db.execute(query, part).fetchall())
+        new: dict[str, str] = {}
+        firsts, duplicate_of = [], []
+        for sha, url in zip(shas, urls, strict=True):
+            earlier = known.get(sha) or new.get(sha)
+            if earlier is None:
+                new[sha] = url
+            firsts.append(earlier is None)
+            duplicate_of.append(earlier)
+        self.db.executemany("INSERT INTO first VALUES (?, ?)", new.items())
+        return firsts, duplicate_of
+
+
+def metadata_table(
+    ok: pd.DataFrame, info: dict[str, dict], params: ValidateParams, firsts: FirstCopies, captioned: set[str]
+) -> pd.DataFrame:
+    """The table GX checks for a chunk of downloaded rows: their manifest columns, each file's
+    metadata from `info` ({sha256: inspect_image row}), and what the rules read from them."""
+    columns = [c for c in MANIFEST_COLUMNS if c != "status"] + [c for c in ok.columns if c.startswith("src_")]
+    table = ok[columns].reset_index(drop=True)
+    for column in columns:
+        if column.startswith("src_"):
+            table[column] = table[column].astype("string")
+    meta = pd.DataFrame([info[sha] for sha in table["sha256"]], columns=list(EMPTY_ROW)).astype(INFO_DTYPES)
+    table = pd.concat([table, meta], axis=1)
     width, height = table["width"].astype("Float64"), table["height"].astype("Float64")
-    table["width"], table["height"] = width.astype("Int64"), height.astype("Int64")
     table["short_side"] = np.minimum(width, height).astype("Int64")
     table["long_side"] = np.maximum(width, height).astype("Int64")
     table["aspect_ratio"] = (width / height).astype("Float64")
     table["kb_per_pixel"] = (table["bytes"].astype("Float64") / 1024 / (width * height)).astype("Float64")
-    table["dpi"] = table["dpi"].astype("Float64")
     assumed = params.missing_dpi.assume if isinstance(params.missing_dpi, AssumeDpi) else None
-    table["dpi_assumed"] = table["dpi"].isna() & table["header_read"].astype(bool) & (assumed is not None)
+    table["dpi_assumed"] = table["dpi"].isna() & table["header_read"] & (assumed is not None)
     table["dpi_effective"] = table["dpi"].fillna(assumed) if assumed is not None else table["dpi"]
-    table["dpi_policy"] = dpi_policies(table, params)
-    table["frames_policy"] = frames_policies(table, params)
+    table["dpi_policy"] = pd.Series(dpi_policies(table, params), dtype="string")
+    table["frames_policy"] = pd.Series(frames_policies(table, params), dtype="string")
     caption_col = f"src_{params.caption_column}" if params.caption_column else None
     if caption_col and caption_col in table.columns:
-        text = table[caption_col].astype("string").str.strip()
+        text = table[caption_col].str.strip()
         table["caption"] = text.mask(text == "")
-        # A source "has" captions if any of its rows filled the column.
-        table["caption_expected"] = table.groupby("source")[caption_col].transform(lambda s: s.notna().any())
+        table["caption_expected"] = table["source"].astype(str).isin(captioned)
     else:
         table["caption"] = pd.Series(pd.NA, index=table.index, dtype="string")
         table["caption_expected"] = False
-    first_url = table.drop_duplicates("sha256").set_index("sha256")["url"]
-    table["is_first_copy"] = ~table["sha256"].duplicated()
-    table["duplicate_of"] = table["sha256"].map(first_url).where(~table["is_first_copy"]).astype("string")
+    is_first, duplicate_of = firsts.mark(table["sha256"].tolist(), table["url"].tolist())
+    table["is_first_copy"] = is_first
+    table["duplicate_of"] = pd.Series(duplicate_of, index=table.index, dtype="string")
     return table
 
 
-def inspect_files(files: pd.DataFrame, download_dir: Path, params: ValidateParams, progress: bool) -> dict[str, dict]:
+def inspect_files(
+    files: pd.DataFrame, download_dir: Path, params: ValidateParams, bar: tqdm, pool: ProcessPoolExecutor | None
+) -> dict[str, dict]:
     """{sha256: metadata row} of distinct files (columns sha256, path), through the inspection cache."""
     cache = InspectionCache(params.cache_dir, params.max_image_pixels)
-    bar = tqdm(total=len(files), desc="validate", unit="img", disable=not progress)
     pairs = [(sha, str(download_dir / path)) for sha, path in zip(files["sha256"], files["path"], strict=True)]
-    rows = inspect_cached(pairs, cache, params.workers, bar.update)
-    bar.close()
-    return rows
-
-
-def read_manifest(download_dir: Path, params: ValidateParams) -> pd.DataFrame:
-    manifest_path = download_dir / "manifest.parquet"
-    if not manifest_path.is_file():
-        raise EaselError(f"validate: {manifest_path} not found; run the download stage first")
-    try:
-        manifest = pd.read_parquet(manifest_path)
-    except (OSError, ValueError) as exc:
-        raise EaselError(f"validate: {manifest_path}: cannot be read ({str(exc).splitlines()[0]})") from None
-    if params.min_accepted and not (manifest.get("status", pd.Series(dtype=str)) == "ok").any():
-        # Nothing to judge: writing empty accepted/rejected sets would replace the last good ones.
-        raise EaselError(
-            f"validate: {manifest_path} lists no downloaded images ({len(manifest)} rows, none ok); "
-            "fix the download first (validate.min_accepted: 0 allows an empty set)"
-        )
-    return manifest
+    return inspect_cached(pairs, cache, pool, bar.update)
 
 
 def inspect_shard(params: ValidateParams, download_dir: Path, shard: Shard, progress: bool = True) -> tuple[int, int]:
@@ -106,7 +201,11 @@ def inspect_shard(params: ValidateParams, download_dir: Path, shard: Shard, prog
     mine = shard_share(read_manifest(download_dir, params), shard)
     cache = InspectionCache(params.cache_dir, params.max_image_pixels)
     before = sum(cache.get(sha) is None for sha in mine["sha256"])
-    inspect_files(mine, download_dir, params, progress)
+    with (
+        tqdm(total=len(mine), desc="validate", unit="img", disable=not progress) as bar,
+        inspection_pool(params.workers) as pool,
+    ):
+        inspect_files(mine, download_dir, params, bar, pool)
     return len(mine), before
 
 
@@ -151,48 +250,123 @@ def frames_policies(table: pd.DataFrame, params: ValidateParams) -> list[str]:
     return [animated if bool(a) else "still" for a in table["animated"].fillna(False)]
 
 
-def mark_near_duplicates(table: pd.DataFrame, reasons: list[list[str]], max_distance: int) -> None:
-    """Among images that pass every other rule, keep one per near-duplicate group; record why."""
-    live = [i for i, r in enumerate(reasons) if not r]
-    groups = near_duplicate_groups([table.at[i, "phash"] for i in live], max_distance)
-    table["near_duplicate_of"] = pd.Series(pd.NA, index=table.index, dtype="string")
-    table["near_duplicate_note"] = pd.Series(pd.NA, index=table.index, dtype="string")
+@dataclass
+class Judged:
+    """The first pass's result: every row with its GX verdict, spilled to `path` (one row group per
+    chunk), and the compact arrays the decisions over the whole set read."""
+
+    path: Path
+    rows: int
+    live_rows: np.ndarray  # rows that passed every GX rule, by position in the whole table
+    live_hashes: np.ndarray  # their pHash, as uint64
+    gx_result: dict
+
+
+def judge_chunks(
+    params: ValidateParams, download_dir: Path, facts: ManifestFacts, scratch: Path, docs_dir: Path, progress: bool
+) -> Judged:
+    """Pass 1: each chunk's metadata table through the GX suite, spilled to scratch/judged.parquet."""
+    firsts = FirstCopies(scratch / "first_copies.sqlite")
+    runner = SuiteRunner(params, docs_dir) if facts.ok else None
+    spill = ParquetRowGroups(scratch / "judged.parquet")
+    live_rows, live_hashes = [np.zeros(0, dtype=np.int64)], [np.zeros(0, dtype=np.uint64)]
+    rows = 0
+    try:
+        with (
+            tqdm(total=facts.ok, desc="validate", unit="img", disable=not progress) as bar,
+            inspection_pool(params.workers) as pool,  # started once, not per chunk
+        ):
+            for chunk in manifest_chunks(download_dir):
+                ok = chunk[chunk["status"] == "ok"]
+                files = ok.drop_duplicates("sha256")
+                info = inspect_files(files, download_dir, params, bar, pool)
+                bar.update(len(ok) - len(files))
+                table = metadata_table(ok, info, params, firsts, facts.captioned_sources)
+                reasons = runner.run(table) if len(table) else []
+                table["gx_reasons"] = pd.Series([",".join(r) for r in reasons], index=table.index, dtype="string")
+                spill.add(table)
+                passed = np.flatnonzero([not r for r in reasons]).astype(np.int64)
+                live_rows.append(passed + rows)
+                live_hashes.append(np.array([int(h, 16) for h in table["phash"].iloc[passed]], dtype=np.uint64))
+                rows += len(table)
+        spill.finish()
+    finally:
+        firsts.close()
+    gx_result = runner.finish() if runner else {"success": False, "results": [], "note": "no downloaded images"}
+    return Judged(spill.path, rows, np.concatenate(live_rows), np.concatenate(live_hashes), gx_result)
+
+
+def spilled_chunks(path: Path, columns: list[str] | None = None) -> Iterator[tuple[int, pd.DataFrame]]:
+    """(first row's position, rows) for each row group of a spill file; an empty file gives one empty frame."""
+    import pyarrow.parquet as pq
+
+    spill = pq.ParquetFile(path)
+    if not spill.num_row_groups:
+        yield 0, spill.schema_arrow.empty_table().select(columns or spill.schema_arrow.names).to_pandas()
+        return
+    offset = 0
+    for group in range(spill.num_row_groups):
+        frame = spill.read_row_group(group, columns=columns).to_pandas()
+        yield offset, frame
+        offset += len(frame)
+
+
+def read_rows(path: Path, columns: list[str], rows: np.ndarray) -> pd.DataFrame:
+    """These rows (ascending positions) of a spill file, indexed by position, a row group at a time."""
+    parts = []
+    for offset, frame in spilled_chunks(path, columns):
+        low, high = np.searchsorted(rows, [offset, offset + len(frame)])
+        if high > low:
+            picked = frame.iloc[rows[low:high] - offset]
+            parts.append(picked.set_axis(rows[low:high]))
+    return pd.concat(parts) if parts else pd.DataFrame(columns=columns)
+
+
+def near_duplicate_verdicts(judged: Judged, max_distance: int) -> dict[int, tuple[str, str]]:
+    """Among rows that pass every GX rule, one kept per near-duplicate group: {dropped row: (kept
+    sha256, why)}. Only the groups' members are read back from the spill."""
+    groups = hash_groups(judged.live_hashes, max_distance)
+    if not groups:
+        return {}
+    members = np.sort(judged.live_rows[np.concatenate([np.asarray(g) for g in groups])])
+    details = read_rows(judged.path, ["sha256", "url", "width", "height", "kb_per_pixel", "phash"], members)
+    verdicts = {}
     for group in groups:
-        members = [
-            Candidate(
-                i,
-                table.at[i, "sha256"],
-                table.at[i, "url"],
-                int(table.at[i, "width"]),
-                int(table.at[i, "height"]),
-                float(table.at[i, "kb_per_pixel"]),
-                table.at[i, "phash"],
-            )
-            for i in (live[g] for g in group)
+        candidates = [
+            Candidate(int(row), d.sha256, d.url, int(d.width), int(d.height), float(d.kb_per_pixel), d.phash)
+            for row, d in zip(judged.live_rows[group], details.loc[judged.live_rows[group]].itertuples(), strict=True)
         ]
-        kept, notes = choose_kept(members)
-        for index, note in notes.items():
-            reasons[index].append("near_duplicate")
-            table.at[index, "near_duplicate_of"] = kept.sha256
-            table.at[index, "near_duplicate_note"] = note
+        kept, notes = choose_kept(candidates)
+        for row, note in notes.items():
+            verdicts[row] = (kept.sha256, note)
+    return verdicts
 
 
-def curate(
-    table: pd.DataFrame, reasons: list[list[str]], params: ValidateParams, models: ModelsParams, progress: bool
-) -> None:
+@dataclass
+class Curation:
+    rows: np.ndarray  # the rows scored (ascending)
+    scores: np.ndarray
+    keep: np.ndarray
+
+
+def curation_verdicts(
+    judged: Judged,
+    dropped: dict[int, tuple[str, str]],
+    download_dir: Path,
+    params: ValidateParams,
+    models: ModelsParams,
+    progress: bool,
+) -> Curation:
+    """Aesthetic scores of the rows still accepted, and which of them curation keeps."""
     from components.validate.curate import aesthetic_scores, keep_mask
 
-    live = [i for i, r in enumerate(reasons) if not r]
-    table["aesthetic_score"] = pd.Series(np.nan, index=table.index, dtype="Float64")
-    if not live:
-        return
-    paths = [table.at[i, "raw_path"] for i in live]  # load_rgb applies rotation and conversion itself
+    rows = np.array([r for r in judged.live_rows.tolist() if r not in dropped], dtype=np.int64)
+    if not len(rows):
+        return Curation(rows, np.zeros(0), np.zeros(0, dtype=bool))
+    # load_rgb applies rotation and conversion itself: the raw file is what is scored.
+    paths = [str(download_dir / p) for p in read_rows(judged.path, ["path"], rows)["path"]]
     scores = aesthetic_scores(paths, models, params.curate.batch_size, progress)
-    keep = keep_mask(scores, params.curate)
-    for position, index in enumerate(live):
-        table.at[index, "aesthetic_score"] = float(scores[position])
-        if not keep[position]:
-            reasons[index].append("curated_out")
+    return Curation(rows, scores, keep_mask(scores, params.curate))
 
 
 def image_paths(table: pd.DataFrame, write_dir: Path, final_dir: Path, max_pixels: int) -> list[str]:
@@ -225,13 +399,17 @@ REPORT_CARDS_PER_RULE = 60
 REPORT_ACCEPTED_CARDS = 120
 
 
-def report_sample(rows: pd.DataFrame, limit: int) -> pd.DataFrame:
+def report_sample(rows: pd.DataFrame, limit: int, earlier: pd.DataFrame | None = None) -> pd.DataFrame:
     """At most `limit` rows, the same ones on every run: the first in the order of their file's
-    stable hash, so that the sample spreads over sources instead of showing the first list's head."""
+    stable hash (then position `_row`), so that the sample spreads over sources instead of showing
+    the first list's head. `earlier` is the sample of the rows before these: over chunks it ends
+    as the sample of the whole table."""
+    rows = pd.concat([earlier, rows], ignore_index=True) if earlier is not None else rows.reset_index(drop=True)
     if len(rows) <= limit:
         return rows
-    order = np.argsort([stable_hash(sha) for sha in rows["sha256"]], kind="stable")
-    return rows.iloc[np.sort(order[:limit])]
+    keys = pd.DataFrame({"hash": [stable_hash(sha) for sha in rows["sha256"]], "row": rows["_row"].to_numpy()})
+    chosen = keys.sort_values(["hash", "row"], kind="stable").index[:limit]
+    return rows.iloc[np.sort(chosen)]
 
 
 def shown(count: int, total: int, where: str) -> str:
@@ -240,59 +418,84 @@ def shown(count: int, total: int, where: str) -> str:
     return f"<p>{count} of {total} shown, a fixed sample; every one is in <code>{where}</code>.</p>"
 
 
-def _write_report(path: Path, table: pd.DataFrame, params: ValidateParams, per_rule: dict[str, int]) -> Path:
-    rules = rules_for(params)
-    accepted = table[table["accepted"]]
-    rejected = table[~table["accepted"]]
-    share = len(accepted) / len(table) if len(table) else 0.0
+CARD_COLUMNS = ["_row", "sha256", "url", "raw_path", "decodable", "reasons", "near_duplicate_note"]
+POLICY_COLUMNS = (("dpi_policy", "DPI"), ("frames_policy", "frames"))
+HISTOGRAMS = {"width (px)": "width", "height (px)": "height", "DPI": "dpi", "KB per pixel": "kb_per_pixel"}
+
+
+class ReportTotals:
+    """What the report shows, added up a chunk at a time: counts, the policies' tallies, the
+    histograms' values (a float each) and the thumbnail samples (a fixed number of rows)."""
+
+    def __init__(self, params: ValidateParams) -> None:
+        self.rules = rules_for(params)
+        self.rows = self.distinct = self.accepted = 0
+        self.per_rule: Counter[str] = Counter()
+        self.policies: dict[tuple[str, str], list[int]] = {}
+        self.values: dict[str, list[np.ndarray]] = {name: [] for name in HISTOGRAMS}
+        self.samples: dict[str, pd.DataFrame] = {}
+
+    def add(self, frame: pd.DataFrame, offset: int) -> None:
+        accepted = frame["accepted"].to_numpy(dtype=bool)
+        self.rows += len(frame)
+        self.accepted += int(accepted.sum())
+        self.distinct += int(frame["is_first_copy"].sum())
+        self.per_rule.update(rule for rules in frame["reasons"] for rule in rules)
+        for column, label in POLICY_COLUMNS:
+            kind = frame[column].str.replace(r"^stated: .*", "stated in the file", regex=True)
+            for value, accepted_here in zip(kind, accepted, strict=True):
+                tally = self.policies.setdefault((label, value), [0, 0])
+                tally[0] += 1
+                tally[1] += int(accepted_here)
+        for name, column in HISTOGRAMS.items():
+            self.values[name].append(frame[column].astype("Float64").to_numpy(dtype=float, na_value=np.nan))
+        cards = frame.assign(_row=offset + np.arange(len(frame))).reindex(columns=CARD_COLUMNS)
+        for rule in self.rules:
+            hit = cards[[rule.name in rules for rules in cards["reasons"]]]
+            if len(hit) or rule.name in self.samples:
+                self.samples[rule.name] = report_sample(hit, REPORT_CARDS_PER_RULE, self.samples.get(rule.name))
+        self.samples[""] = report_sample(cards[accepted], REPORT_ACCEPTED_CARDS, self.samples.get(""))
+
+
+def _write_report(path: Path, totals: ReportTotals, params: ValidateParams) -> Path:
+    rules, rows, per_rule = totals.rules, totals.rows, totals.per_rule
+    share = totals.accepted / rows if rows else 0.0
     counts = report.table_html(
         ["rule", "what it checks", "images failing", "share"],
-        [
-            (r.name, r.describe, per_rule.get(r.name, 0), f"{per_rule.get(r.name, 0) / max(len(table), 1):.0%}")
-            for r in rules
-        ],
+        [(r.name, r.describe, per_rule.get(r.name, 0), f"{per_rule.get(r.name, 0) / max(rows, 1):.0%}") for r in rules],
     )
-    rows = []
-    for column, label in (("dpi_policy", "DPI"), ("frames_policy", "frames")):
-        kind = table[column].str.replace(r"^stated: .*", "stated in the file", regex=True)
-        for value, n in kind.value_counts().items():
-            rows.append((label, value, n, int((kind[table["accepted"]] == value).sum())))
-    policies = report.table_html(["policy", "applied", "images", "accepted"], rows)
+    by_label = sorted(totals.policies.items(), key=lambda item: (item[0][0] != "DPI", -item[1][0]))
+    policies = report.table_html(["policy", "applied", "images", "accepted"], [(*k, *v) for k, v in by_label])
     overview = (
-        f"<p>{len(table)} downloaded images ({table['sha256'].nunique()} distinct files): "
-        f"<span class='pass'>{len(accepted)} accepted</span> ({share:.0%}), "
-        f"<span class='fail'>{len(rejected)} rejected</span>. "
+        f"<p>{rows} downloaded images ({totals.distinct} distinct files): "
+        f"<span class='pass'>{totals.accepted} accepted</span> ({share:.0%}), "
+        f"<span class='fail'>{rows - totals.accepted} rejected</span>. "
         "<a href='data_docs/index.html'>Great Expectations Data Docs</a></p>"
         + counts
         + "<p>How the DPI and animation policies decided each image (every image's own line is in its "
         "<code>dpi_policy</code> and <code>frames_policy</code> columns of accepted/rejected.parquet):</p>" + policies
     )
     hists = report.histograms(
-        {
-            "width (px)": table["width"].astype("float").tolist(),
-            "height (px)": table["height"].astype("float").tolist(),
-            "DPI": table["dpi"].astype("float").tolist(),
-            "KB per pixel": table["kb_per_pixel"].astype("float").tolist(),
-        },
+        {name: np.concatenate(parts) for name, parts in totals.values.items()},
         lines={"DPI": params.min_dpi, "KB per pixel": params.min_kb_per_pixel},
     )
     sheets = []
     for rule in rules:
-        hit = rejected[rejected["reasons"].apply(lambda rs, name=rule.name: name in rs)]
-        if hit.empty:
+        hit = totals.samples.get(rule.name)
+        if hit is None or hit.empty:
             continue
         cards = []
-        for r in report_sample(hit, REPORT_CARDS_PER_RULE).itertuples():
+        for r in hit.itertuples():
             note = f" - {r.near_duplicate_note}" if rule.name == "near_duplicate" else ""
             cards.append(
                 report.card(thumbnail(r.raw_path) if r.decodable else None, f"{r.url} ({', '.join(r.reasons)}){note}")
             )
-        heading = f"{report.esc(rule.name)}: {report.esc(rule.describe)} ({len(hit)})"
-        sheets.append(f"<h3>{heading}</h3>{shown(len(cards), len(hit), 'rejected.parquet')}{report.grid(cards)}")
-    accepted_cards = [
-        report.card(thumbnail(r.raw_path), r.url) for r in report_sample(accepted, REPORT_ACCEPTED_CARDS).itertuples()
-    ]
-    accepted_html = shown(len(accepted_cards), len(accepted), "accepted.parquet") + report.grid(accepted_cards)
+        heading = f"{report.esc(rule.name)}: {report.esc(rule.describe)} ({per_rule[rule.name]})"
+        sheets.append(
+            f"<h3>{heading}</h3>{shown(len(cards), per_rule[rule.name], 'rejected.parquet')}{report.grid(cards)}"
+        )
+    accepted_cards = [report.card(thumbnail(r.raw_path), r.url) for r in totals.samples[""].itertuples()]
+    accepted_html = shown(len(accepted_cards), totals.accepted, "accepted.parquet") + report.grid(accepted_cards)
     return report.write_html(
         path,
         "Easel validation report",
@@ -307,6 +510,50 @@ def _write_report(path: Path, table: pd.DataFrame, params: ValidateParams, per_r
     )
 
 
+def write_outputs(
+    judged: Judged,
+    near: dict[int, tuple[str, str]],
+    curation: Curation | None,
+    download_dir: Path,
+    params: ValidateParams,
+    tmp: Path,
+) -> ReportTotals:
+    """Pass 2: each spilled chunk gets the verdicts decided over the whole set, then its accepted
+    and rejected rows are appended to the outputs and its figures to the report's totals."""
+    final_dir = Path(params.out_dir)
+    accepted_out = ParquetRowGroups(tmp / "accepted.parquet")
+    rejected_out = ParquetRowGroups(tmp / "rejected.parquet")
+    totals = ReportTotals(params)
+    for offset, frame in spilled_chunks(judged.path):
+        rows = offset + np.arange(len(frame))
+        reasons = [r.split(",") if r else [] for r in frame.pop("gx_reasons").fillna("")]
+        if params.near_duplicates.enabled and judged.rows:
+            kept = [near.get(int(row)) for row in rows]
+            for i in np.flatnonzero([k is not None for k in kept]):
+                reasons[i].append("near_duplicate")
+            frame["near_duplicate_of"] = pd.Series([k and k[0] for k in kept], dtype="string")
+            frame["near_duplicate_note"] = pd.Series([k and k[1] for k in kept], dtype="string")
+        frame["raw_path"] = [str(download_dir / p) for p in frame["path"]]
+        if curation is not None:
+            at = np.searchsorted(curation.rows, rows)
+            scored = at < len(curation.rows)
+            scored[scored] = curation.rows[at[scored]] == rows[scored]
+            score = np.full(len(frame), np.nan)
+            score[scored] = curation.scores[at[scored]]
+            frame["aesthetic_score"] = pd.Series(score, index=frame.index).astype("Float64")
+            for i in np.flatnonzero(scored)[~curation.keep[at[scored]]]:
+                reasons[i].append("curated_out")
+        frame["reasons"] = reasons
+        frame["accepted"] = pd.Series([not r for r in reasons], index=frame.index, dtype=bool)
+        frame["image_path"] = image_paths(frame, tmp / "images", final_dir / "images", params.max_image_pixels)
+        accepted_out.add(frame[frame["accepted"]].drop(columns=["reasons", "accepted"]).reset_index(drop=True))
+        rejected_out.add(frame[~frame["accepted"]].drop(columns=["accepted"]).reset_index(drop=True))
+        totals.add(frame, offset)
+    accepted_out.finish()
+    rejected_out.finish()
+    return totals
+
+
 def run_validate(
     params: ValidateParams,
     download_dir: Path,
@@ -317,54 +564,40 @@ def run_validate(
     out_dir = Path(params.out_dir)
     if params.curate.enabled and models is None:
         raise EaselError("validate: curation is enabled but no models were given for the aesthetic scorer")
-    manifest = read_manifest(download_dir, params)
-    table = metadata_table(manifest, download_dir, params, progress)
-    with atomic_dir(out_dir) as tmp:
-        if table.empty:
-            reasons: list[list[str]] = []
-            gx_result: dict = {"success": False, "results": [], "note": "no downloaded images"}
-        else:
-            reasons, gx_result = run_suite(table, params, tmp / "data_docs")
-            if params.near_duplicates.enabled:
-                mark_near_duplicates(table, reasons, params.near_duplicates.max_distance)
-        table["raw_path"] = [str(download_dir / p) for p in table["path"]]
-        if params.curate.enabled and len(table):
-            curate(table, reasons, params, models, progress)
-        table["reasons"] = reasons
-        table["accepted"] = pd.Series([not r for r in reasons], index=table.index, dtype=bool)
-        table["image_path"] = image_paths(table, tmp / "images", out_dir / "images", params.max_image_pixels)
-        per_rule = dict(Counter(rule for rs in reasons for rule in rs))
-        accepted = table[table["accepted"]].drop(columns=["reasons", "accepted"]).reset_index(drop=True)
-        rejected = table[~table["accepted"]].drop(columns=["accepted"]).reset_index(drop=True)
-        atomic_write_parquet(tmp / "accepted.parquet", accepted)
-        atomic_write_parquet(tmp / "rejected.parquet", rejected)
-        atomic_write_json(tmp / "gx_results.json", gx_result)
-        _write_report(tmp / "report.html", table, params, per_rule)
+    facts = manifest_facts(download_dir, params)
+    with tempfile.TemporaryDirectory(prefix="easel-validate-") as scratch, atomic_dir(out_dir) as tmp:
+        judged = judge_chunks(params, download_dir, facts, Path(scratch), tmp / "data_docs", progress)
+        near = (
+            near_duplicate_verdicts(judged, params.near_duplicates.max_distance)
+            if (params.near_duplicates.enabled)
+            else {}
+        )
+        curation = None
+        if params.curate.enabled and judged.rows:
+            curation = curation_verdicts(judged, near, download_dir, params, models, progress)
+        totals = write_outputs(judged, near, curation, download_dir, params, tmp)
+        atomic_write_json(tmp / "gx_results.json", judged.gx_result)
+        _write_report(tmp / "report.html", totals, params)
     report_path = out_dir / "report.html"
-    summary = ValidateSummary(
-        len(table),
-        int(table["sha256"].nunique()) if len(table) else 0,
-        len(accepted),
-        len(rejected),
-        per_rule,
-        report_path,
-    )
-    share = len(accepted) / len(table) if len(table) else 0.0
+    rows, accepted = totals.rows, totals.accepted
+    per_rule = dict(totals.per_rule)
+    summary = ValidateSummary(rows, totals.distinct, accepted, rows - accepted, per_rule, report_path)
+    share = accepted / rows if rows else 0.0
     if metrics_path is not None:
         atomic_write_json(
             metrics_path,
             {
-                "images": len(table),
+                "images": rows,
                 "distinct_images": summary.images,
-                "accepted": len(accepted),
-                "rejected": len(rejected),
+                "accepted": accepted,
+                "rejected": rows - accepted,
                 "accepted_share": round(share, 4),
                 "rejected_by_rule": {r.name: per_rule.get(r.name, 0) for r in rules_for(params)},
             },
         )
-    if len(accepted) < params.min_accepted or share < params.min_accepted_share:
+    if accepted < params.min_accepted or share < params.min_accepted_share:
         raise EaselError(
-            f"validate: only {len(accepted)} of {len(table)} images passed ({share:.0%}; validate.min_accepted is "
+            f"validate: only {accepted} of {rows} images passed ({share:.0%}; validate.min_accepted is "
             f"{params.min_accepted}, validate.min_accepted_share {params.min_accepted_share:.0%}); "
             f"see {report_path} for the reasons"
         )
