@@ -239,6 +239,11 @@ def _shift_indices(result: dict, offset: int) -> None:
     for key in ("unexpected_index_list", "partial_unexpected_index_list"):
         if key in result:
             result[key] = [int(i) + offset for i in result[key]]
+    _index_query(result)
+
+
+def _index_query(result: dict) -> None:
+    """GX's pandas query for the failing rows, kept in step with the (shifted, joined) index list."""
     if "unexpected_index_query" in result:
         result["unexpected_index_query"] = f"df.filter(items={result.get('unexpected_index_list', [])}, axis=0)"
 
@@ -256,8 +261,7 @@ def _percentages(result: dict) -> None:
         result["unexpected_percent_total"] = unexpected / elements * 100 if elements else None
     if "missing_percent" in result:
         result["missing_percent"] = missing / elements * 100 if elements else None
-    if "unexpected_index_query" in result:
-        result["unexpected_index_query"] = f"df.filter(items={result.get('unexpected_index_list', [])}, axis=0)"
+    _index_query(result)
 
 
 def run_suite(
