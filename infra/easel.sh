@@ -34,6 +34,21 @@ pip_install() {
     2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
 }
 
+# The lock into .venv: with uv where it can be had (a cold install here: about 20 s against pip's 90 s;
+# infra/uv_install.py hands it the indexes pip is configured with), with pip otherwise or when
+# EASEL_INSTALLER=pip. uv does not write bytecode either.
+UV_REQUIREMENT="uv==0.13.9"
+install_lock() {
+  if [ "${EASEL_INSTALLER:-uv}" = uv ]; then
+    if pip_install "$UV_REQUIREMENT" &&
+       "$VENV/bin/python" "$ROOT/infra/uv_install.py" "$VENV/bin/python" "$VENV/bin/uv" "$LOCK"; then
+      return 0
+    fi
+    echo "easel.sh: uv could not install the lock; installing it with pip" >&2
+  fi
+  pip_install --no-compile -r "$LOCK"
+}
+
 # What the stages, flows and tests import: imported once at setup, which also writes their bytecode.
 WARM_IMPORTS="import components.cli, torch, torchvision, diffusers, transformers, accelerate, open_clip, timm, \
 great_expectations, pandas, pyarrow, scipy.stats, matplotlib.pyplot, skimage, boto3, prefect, prefect_dask, \
@@ -50,11 +65,11 @@ setup() {
   echo "easel.sh: installing the pinned environment into .venv (first time: a few minutes)"
   [ -x "$VENV/bin/python" ] || "$py" -m venv "$VENV"
   rm -f "$STAMP"
-  # The lock pins every package, so pip resolves nothing; --no-deps on the project keeps it that way.
-  # --no-compile: pip would write bytecode for every module of 5 GB of packages (about half of a cold
-  # install); instead the import check below writes it for what Easel imports (also where
-  # PYTHONDONTWRITEBYTECODE is set, which would otherwise leave every later import compiling).
-  pip_install --no-compile -r "$LOCK"
+  # The lock pins every package, so nothing is resolved; --no-deps on the project keeps it that way.
+  # No bytecode pass over 5 GB of packages (about half of a cold pip install): the import check below
+  # writes it for what Easel imports (also where PYTHONDONTWRITEBYTECODE is set, which would
+  # otherwise leave every later import compiling).
+  install_lock
   pip_install --no-deps --no-build-isolation -e "$ROOT"
   env -u PYTHONDONTWRITEBYTECODE "$VENV/bin/python" -c "$WARM_IMPORTS" \
     || { echo "easel.sh: the environment in .venv does not import; see the pip output above" >&2; exit 1; }

@@ -1,0 +1,65 @@
+"""The README's setup step (infra/easel.sh setup): uv installs the lock from wherever pip is
+configured to find packages, and the Docker image copies every file the setup reads."""
+
+import importlib.util
+import re
+
+from tests.conftest import REPO
+
+
+def uv_install_module():
+    spec = importlib.util.spec_from_file_location("uv_install", REPO / "infra/uv_install.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_uv_is_pointed_where_pip_is_configured_to_look(monkeypatch):
+    """A machine whose packages come from a mirror and a wheel folder (pip's PIP_* settings, read
+    through the real `pip config list`): uv gets the same sources, and a failure's log hides the
+    mirror's password."""
+    uv_install = uv_install_module()
+    monkeypatch.setenv("PIP_CONFIG_FILE", "/dev/null")  # only the settings below, not this machine's
+    monkeypatch.setenv("PIP_INDEX_URL", "https://builder:s3cret@mirror.example/simple")
+    monkeypatch.setenv("PIP_EXTRA_INDEX_URL", "file:///opt/a/simple file:///opt/b/simple")
+    monkeypatch.setenv("PIP_FIND_LINKS", "/opt/wheels")
+    monkeypatch.setenv("PIP_TRUSTED_HOST", "mirror.example")
+    monkeypatch.setenv("PIP_CERT", "/etc/ssl/certs/corporate.pem")
+
+    settings = uv_install.pip_settings(str(REPO / ".venv/bin/python"))
+    arguments, environment = uv_install.uv_arguments(settings)
+
+    assert arguments == [
+        "--index-url", "https://builder:s3cret@mirror.example/simple",
+        "--extra-index-url", "file:///opt/a/simple",
+        "--extra-index-url", "file:///opt/b/simple",
+        "--find-links", "/opt/wheels",
+        "--allow-insecure-host", "mirror.example",
+    ]  # fmt: skip
+    assert environment == {"SSL_CERT_FILE": "/etc/ssl/certs/corporate.pem"}
+    shown = [uv_install.without_credentials(a) for a in arguments]
+    assert "https://mirror.example/simple" in shown and not any("s3cret" in a for a in shown)
+
+
+def test_uv_gets_nothing_extra_where_pip_has_no_settings(monkeypatch):
+    uv_install = uv_install_module()
+    monkeypatch.setenv("PIP_CONFIG_FILE", "/dev/null")
+    for name in ("PIP_INDEX_URL", "PIP_EXTRA_INDEX_URL", "PIP_FIND_LINKS", "PIP_TRUSTED_HOST", "PIP_CERT"):
+        monkeypatch.delenv(name, raising=False)
+    assert uv_install.uv_arguments(uv_install.pip_settings(str(REPO / ".venv/bin/python"))) == ([], {})
+
+
+def test_the_docker_image_copies_every_file_the_setup_reads():
+    """The image runs `bash infra/easel.sh setup` before the project is copied in: each file the
+    script reads must be in place (at its path in the project) ahead of it."""
+    script = (REPO / "infra/easel.sh").read_text()
+    needed = set(re.findall(r'"\$ROOT/([\w./-]+)"', script)) - {".venv"}  # .venv: made by the setup
+    assert {"infra/uv_install.py", "infra/requirements.lock", "pyproject.toml"} <= needed
+    dockerfile = (REPO / "infra/docker/Dockerfile").read_text()
+    in_place = set()  # paths relative to the WORKDIR, which is the project root
+    for line in dockerfile.split("RUN bash infra/easel.sh setup")[0].splitlines():
+        if line.startswith("COPY "):
+            *sources, target = [word for word in line.split()[1:] if not word.startswith("--")]
+            folder = target.removeprefix("./")
+            in_place |= {folder + source.rsplit("/", 1)[-1] if target.endswith("/") else target for source in sources}
+    assert not needed - in_place, f"infra/docker/Dockerfile runs the setup without {sorted(needed - in_place)}"
