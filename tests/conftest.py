@@ -19,12 +19,20 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 
+
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing in the tests may reach a model hub
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("EASEL_NO_PROGRESS", "1")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Slow tests (each runs the pipeline through a user's interface, up to about three minutes) first,
+    otherwise in file order: the two xdist workers then end on short tests instead of one of them
+    idling while the other runs a long one to the end."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 
 def _free(port: int) -> bool:
