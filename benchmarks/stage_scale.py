@@ -104,7 +104,7 @@ def run_sampled(command: list[str], cwd: Path, env: dict) -> dict:
     }
 
 
-def download_project(work: Path, n: int, port: int) -> Path:
+def download_project(work: Path, n: int, port: int, caption_batch_size: int | None = None) -> Path:
     """A folder with `n` URLs in a CSV and params that download them from the loopback server."""
     work.mkdir(parents=True)
     with open(work / "urls.csv", "w") as fh:
@@ -134,6 +134,8 @@ def download_project(work: Path, n: int, port: int) -> Path:
     tiny = build_tiny_models(REPO / TINY_ROOT)
     params["profile"] = "tiny"
     params["profiles"]["tiny"]["models"].update(blip=str(tiny / "blip"), tagger=str(tiny / "tagger"))
+    if caption_batch_size:
+        params["caption"]["batch_size"] = caption_batch_size
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     return work / "params.yaml"
 
@@ -145,6 +147,12 @@ def main() -> None:
     parser.add_argument("--work-dir", type=Path, default=BENCH / "stage-scale")
     parser.add_argument("--out", type=Path, default=BENCH / "stage-scale.json")
     parser.add_argument("--keep", action="store_true", help="keep each size's folder")
+    parser.add_argument(
+        "--caption-batch-size",
+        type=int,
+        help="caption.batch_size (default: params.yaml's); the tiny BLIP never ends a caption early, so "
+        "its beam search runs all max_new_tokens steps per batch, whatever the batch holds",
+    )
     args = parser.parse_args()
 
     corpus = BENCH / "small-corpus"
@@ -156,7 +164,7 @@ def main() -> None:
         shutil.rmtree(args.work_dir, ignore_errors=True)
         for n in args.sizes:
             work = args.work_dir / f"n{n}"
-            params = download_project(work, n, port)
+            params = download_project(work, n, port, args.caption_batch_size)
             for stage in args.stages:
                 command = [sys.executable, "-m", "components.cli", "--params", str(params), stage]
                 result = run_sampled(command, work, env)
@@ -176,7 +184,8 @@ def main() -> None:
         server.wait()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     machine = f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
-    args.out.write_text(json.dumps({"machine": machine, "rows": rows}, indent=2))
+    command = "python -m benchmarks.stage_scale " + " ".join(sys.argv[1:])
+    args.out.write_text(json.dumps({"machine": machine, "command": command, "rows": rows}, indent=2))
     print(f"\nmachine: {machine}\n")
     print("| stage | URLs | peak RSS, all processes | peak RSS, main process | wall | URLs (rows) per second |")
     print("|---|---|---|---|---|---|")

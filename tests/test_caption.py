@@ -55,12 +55,13 @@ def test_hygiene_replacements_exclusions_and_limits():
         trigger="tok",
         source=None,
         blip="a  girl   smiling",
-        tags=["1girl", "long_hair", "watermark", "smile", "Long Hair"],
+        tags=["1girl", "long_hair", "watermark", "long_hair", "smile", "Long Hair", "cat"],
         replacements={"1girl": "one girl"},
         exclude=["watermark"],
         max_tags=3,
     )
-    assert caption == "tok, a girl smiling, one girl, long hair, smile"  # dedupe is case-insensitive
+    # excluded and repeated tags do not count towards max_tags; dedupe is case-insensitive
+    assert caption == "tok, a girl smiling, one girl, long hair, smile"
     assert normalize_tag("hatsune_miku") == "hatsune miku" and normalize_tag(">_<") == ">_<"
 
 

@@ -66,13 +66,13 @@ def merge_caption(
     """Fill the template; split on commas; clean, drop empty and repeated parts; join with ', '."""
     excluded = {normalize_tag(t).lower() for t in exclude}
     words = word_replacer(word_replacements or {})
-    tag_parts = []
+    tag_parts: dict[str, None] = {}  # in order, without repeats
     for tag in tags:
+        if max_tags is not None and len(tag_parts) >= max_tags:
+            break  # tags come most confident first: the rest would be cut (a loose threshold passes hundreds)
         part = clean_part(normalize_tag(tag), replacements, words)
         if part and part.lower() not in excluded:
-            tag_parts.append(part)
-    if max_tags is not None:
-        tag_parts = list(dict.fromkeys(tag_parts))[:max_tags]
+            tag_parts[part] = None
     values = {
         "trigger": trigger or "",
         "source": source or "",
