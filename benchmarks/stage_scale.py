@@ -12,7 +12,8 @@ URLs per second.
 
     .venv/bin/python -m benchmarks.stage_scale --sizes 20000 100000 500000
     .venv/bin/python -m benchmarks.stage_scale --sizes 20000 100000 --stages download validate
-    .venv/bin/python -m benchmarks.stage_scale --sizes 20000 100000 500000 --stages download validate caption
+    .venv/bin/python -m benchmarks.stage_scale --sizes 20000 100000 500000 --stages download validate caption \
+        --caption-batch-size 64
 """
 
 from __future__ import annotations
