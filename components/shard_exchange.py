@@ -41,6 +41,18 @@ from components.fsutil import sha256_file
 SHARD_DIR_ENV = "EASEL_SHARD_DIR"
 TRANSFER_THREADS = 8  # concurrent object transfers: many small files (images, cache entries)
 
+
+def _one_thread_per_transfer():
+    """boto3's transfer settings for one file in one thread: TRANSFER_THREADS already run files side
+    by side, and by default each upload_file/download_file call starts and ends a pool of its own.
+    That churn of threads, beside the profiler that Dask workers run by default (which walks every
+    thread's frames), deadlocked a shard in CPython 3.11: its worker stopped answering, Dask
+    restarted it after minutes, and the shard ran again."""
+    from boto3.s3.transfer import TransferConfig
+
+    return TransferConfig(use_threads=False)
+
+
 # What each sharded stage's shards fill: handed back to the merge, and handed out to the shards so
 # that a rerun redoes nothing the project already has (paths relative to the project folder).
 SHARD_CACHES: dict[str, Callable[[Params], list[str]]] = {
@@ -183,10 +195,11 @@ def _upload(exchange: Exchange, root: Path, files: dict[str, str], what: str) ->
         for page in client.get_paginator("list_objects_v2").paginate(Bucket=exchange.bucket, Prefix=exchange.objects()):
             present.update(item["Key"].rsplit("/", 1)[-1] for item in page.get("Contents", []))
         todo = {sha: path for path, sha in files.items() if sha not in present}
+        serial = _one_thread_per_transfer()
 
         def put(item: tuple[str, str]) -> None:
             sha, path = item
-            client.upload_file(str(root / path), exchange.bucket, exchange.objects(sha))
+            client.upload_file(str(root / path), exchange.bucket, exchange.objects(sha), Config=serial)
 
         with ThreadPoolExecutor(TRANSFER_THREADS) as pool:
             list(pool.map(put, todo.items()))
@@ -239,7 +252,7 @@ def _get_object(client, exchange: Exchange, sha256: str, tmp: str, name: str) ->
 
     source = f"s3://{exchange.bucket}/{exchange.prefix}"
     try:
-        client.download_file(exchange.bucket, exchange.objects(sha256), tmp)
+        client.download_file(exchange.bucket, exchange.objects(sha256), tmp, Config=_one_thread_per_transfer())
     except ClientError as exc:
         if exc.response.get("Error", {}).get("Code") not in ("404", "NoSuchKey"):
             raise

@@ -28,6 +28,11 @@ def dask_task_runner(address: str | None = None, workers: int | None = None) -> 
     import dask
 
     dask.config.set({f"distributed.nanny.pre-spawn-environ.{name}": None for name in THREAD_CAPS})
+    # No statistical profiler in the workers (Dask's default samples every thread's frames every 10 ms):
+    # under CPython 3.11 it deadlocked a worker whose shard was starting threads (S3 transfers); the
+    # worker stopped heartbeating for minutes and its shard was run again. A worker of your own
+    # cluster: DASK_DISTRIBUTED__WORKER__PROFILE__ENABLED=False (README, Scaling out).
+    dask.config.set({"distributed.worker.profile.enabled": False})
     address = address or os.environ.get("EASEL_DASK_ADDRESS")
     if address:
         return DaskTaskRunner(address=address)

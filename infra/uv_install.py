@@ -47,7 +47,7 @@ def uv_arguments(settings: dict[str, str]) -> tuple[list[str], dict[str, str]]:
     """uv arguments and environment that point uv where pip's `settings` point pip."""
     arguments: list[str] = []
     if settings.get("index-url"):
-        arguments += ["--index-url", settings["index-url"]]
+        arguments += ["--default-index", settings["index-url"]]  # uv's name for pip's --index-url
     for option, flag in LIST_OPTIONS.items():
         for entry in settings.get(option, "").split():
             arguments += [flag, entry]

@@ -30,7 +30,7 @@ def test_uv_is_pointed_where_pip_is_configured_to_look(monkeypatch):
     arguments, environment = uv_install.uv_arguments(settings)
 
     assert arguments == [
-        "--index-url", "https://builder:s3cret@mirror.example/simple",
+        "--default-index", "https://builder:s3cret@mirror.example/simple",
         "--extra-index-url", "file:///opt/a/simple",
         "--extra-index-url", "file:///opt/b/simple",
         "--find-links", "/opt/wheels",

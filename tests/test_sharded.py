@@ -174,3 +174,19 @@ def test_easel_refuses_a_bad_shard_in_one_line_and_writes_nothing(stage, tmp_pat
     expected = f"easel {stage}: error: --shard takes K/N with 0 <= K < N, e.g. 0/4; got '4/4'"
     assert proc.stderr.strip().splitlines() == [expected]
     assert [p.name for p in tmp_path.iterdir()] == ["params.yaml"]  # nothing written
+
+
+def test_the_local_cluster_workers_run_without_dask_s_profiler():
+    """Dask's statistical profiler (on by default) deadlocked a worker under CPython 3.11 while its
+    shard moved files through S3: the flow's cluster starts its workers with it off."""
+    import dask
+    from distributed import Client, LocalCluster
+
+    from flows.on_dask import dask_task_runner
+
+    with dask.config.set({}):  # what dask_task_runner sets stays inside this test
+        dask_task_runner()
+        cluster = LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None)
+        with cluster, Client(cluster) as client:
+            enabled = client.run(lambda: dask.config.get("distributed.worker.profile.enabled"))
+    assert list(enabled.values()) == [False]
