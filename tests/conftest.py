@@ -29,10 +29,14 @@ os.environ.setdefault("EASEL_NO_PROGRESS", "1")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Slow tests (each runs the pipeline through a user's interface, up to about three minutes) first,
-    otherwise in file order: the two xdist workers then end on short tests instead of one of them
-    idling while the other runs a long one to the end."""
-    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+    """Each xdist worker's share starts with its slow tests (each runs the pipeline through a user's
+    interface, up to about three minutes) and ends with short ones, so that the workers do not end
+    with one idle while the other runs a long test to the end. xdist's worksteal hands worker k the
+    k-th contiguous 1/N of this list and a worker that runs dry steals from the end of another's."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    slow = [item for item in items if item.get_closest_marker("slow")]
+    fast = [item for item in items if not item.get_closest_marker("slow")]
+    items[:] = [item for k in range(workers) for item in slow[k::workers] + fast[k::workers]]
 
 
 def _free(port: int) -> bool:
