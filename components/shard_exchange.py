@@ -22,6 +22,7 @@ system's temp folder); each is deleted when its shard ends.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import shutil
@@ -42,6 +43,7 @@ SHARD_DIR_ENV = "EASEL_SHARD_DIR"
 TRANSFER_THREADS = 8  # concurrent object transfers: many small files (images, cache entries)
 
 
+@functools.lru_cache(maxsize=1)
 def _one_thread_per_transfer():
     """boto3's transfer settings for one file in one thread: TRANSFER_THREADS already run files side
     by side, and by default each upload_file/download_file call starts and ends a pool of its own.
@@ -195,11 +197,12 @@ def _upload(exchange: Exchange, root: Path, files: dict[str, str], what: str) ->
         for page in client.get_paginator("list_objects_v2").paginate(Bucket=exchange.bucket, Prefix=exchange.objects()):
             present.update(item["Key"].rsplit("/", 1)[-1] for item in page.get("Contents", []))
         todo = {sha: path for path, sha in files.items() if sha not in present}
-        serial = _one_thread_per_transfer()
 
         def put(item: tuple[str, str]) -> None:
             sha, path = item
-            client.upload_file(str(root / path), exchange.bucket, exchange.objects(sha), Config=serial)
+            client.upload_file(
+                str(root / path), exchange.bucket, exchange.objects(sha), Config=_one_thread_per_transfer()
+            )
 
         with ThreadPoolExecutor(TRANSFER_THREADS) as pool:
             list(pool.map(put, todo.items()))

@@ -55,6 +55,10 @@ great_expectations, pandas, pyarrow, scipy.stats, matplotlib.pyplot, skimage, bo
 dvc.repo, dvclive, pytest, hypothesis"
 
 setup() {
+  case "${EASEL_INSTALLER:-uv}" in
+    uv|pip) ;;
+    *) echo "easel.sh: EASEL_INSTALLER must be uv or pip; got '${EASEL_INSTALLER}'" >&2; exit 2 ;;
+  esac
   local want have=""
   want="$(cat "$LOCK" "$ROOT/pyproject.toml" | sha256sum | cut -d' ' -f1)"
   [ -f "$STAMP" ] && have="$(cat "$STAMP")"

@@ -19,7 +19,6 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 
-
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")

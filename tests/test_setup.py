@@ -2,7 +2,9 @@
 configured to find packages, and the Docker image copies every file the setup reads."""
 
 import importlib.util
+import os
 import re
+import subprocess
 
 from tests.conftest import REPO
 
@@ -63,3 +65,18 @@ def test_the_docker_image_copies_every_file_the_setup_reads():
             folder = target.removeprefix("./")
             in_place |= {folder + source.rsplit("/", 1)[-1] if target.endswith("/") else target for source in sources}
     assert not needed - in_place, f"infra/docker/Dockerfile runs the setup without {sorted(needed - in_place)}"
+
+
+def test_an_unknown_installer_is_refused_in_one_line_before_anything_is_installed():
+    stamp = REPO / ".venv/.easel-install-stamp"
+    before = stamp.read_bytes() if stamp.exists() else None
+    proc = subprocess.run(
+        ["bash", "infra/easel.sh", "setup"],
+        cwd=REPO,
+        env=os.environ | {"EASEL_INSTALLER": "conda"},
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == ["easel.sh: EASEL_INSTALLER must be uv or pip; got 'conda'"]
+    assert (stamp.read_bytes() if stamp.exists() else None) == before  # the installed venv is left as it was

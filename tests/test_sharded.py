@@ -184,9 +184,8 @@ def test_the_local_cluster_workers_run_without_dask_s_profiler():
 
     from flows.on_dask import dask_task_runner
 
-    with dask.config.set({}):  # what dask_task_runner sets stays inside this test
-        dask_task_runner()
-        cluster = LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None)
-        with cluster, Client(cluster) as client:
-            enabled = client.run(lambda: dask.config.get("distributed.worker.profile.enabled"))
+    dask_task_runner()  # sets what flows.on_dask already set when it was imported
+    cluster = LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None)
+    with cluster, Client(cluster) as client:
+        enabled = client.run(lambda: dask.config.get("distributed.worker.profile.enabled"))
     assert list(enabled.values()) == [False]
