@@ -153,7 +153,7 @@ def main() -> None:
 
             s3_before, cpu_before, wall_before = process_cpu_s(s3.pid()), machine_cpu_s(), time.perf_counter()
             phases = [machine_cpu_s()]  # hand out | shards | hand in | the DVC stage (the merge)
-            handed_out = publish_stage_inputs(exchange, stage, sharded)
+            handed_out = publish_stage_inputs(exchange, stage, sharded, args.shards)
             phases.append(machine_cpu_s())
             futures = client.map(
                 run_stage_shard, [stage] * args.shards, range(args.shards), [args.shards] * args.shards,

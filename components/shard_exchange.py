@@ -10,8 +10,10 @@ code, and publishes the cache files it wrote, packed in one archive object, with
 own. The merge fetches every shard's archive and writes its files into the project's caches,
 where the DVC stage then finds the work done. When the run ends, its prefix is deleted.
 
-A shard of validate or caption fetches, of the stage's images, only those its share reads (found
-from the manifest or the accepted table it fetches first), not the whole image store.
+The images validate and caption read travel as one archive per shard, packed by the flow with the
+files that shard reads (found from the manifest or the accepted table, as the shard's own run finds
+them): a shard fetches its share, not the whole image store, in one request. Per request, boto3
+and the S3 server spend more CPU than on the bytes of a small image (benchmarks/RESULTS.md).
 
 A worker needs only the project's Python environment and S3: `EASEL_S3_ENDPOINT` with
 `AWS_ACCESS_KEY_ID`/`AWS_SECRET_ACCESS_KEY` (a worker on the flow's machine may use the embedded
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import json
 import os
 import shutil
@@ -72,7 +75,7 @@ SHARD_MODELS = {
     "evaluate": ("sdxl", "sdxl_config", "vae", "clip_model", "clip_pretrained", "aesthetic"),
 }
 
-# Image folders a shard does not fetch whole: it fetches only the files its share reads (`shard_needs`).
+# Image folders a shard does not fetch whole: it gets an archive of the files its share reads (`shard_needs`).
 SHARD_IMAGES: dict[str, Callable[[Params], list[str]]] = {
     "validate": lambda p: [f"{p.download.out_dir}/images"],
     "caption": lambda p: [f"{p.download.out_dir}/images", f"{p.validate_.out_dir}/images"],
@@ -110,6 +113,11 @@ def shard_listing_name(shard: int, shards: int) -> str:
     return f"shard-{shard}-of-{shards}"
 
 
+def _images_listing(exchange: Exchange, stage: str, shard: int, shards: int) -> str:
+    """The listing of the images shard K/N of `stage` reads (their archive)."""
+    return exchange.listing(stage, "inputs-" + shard_listing_name(shard, shards))
+
+
 def open_exchange(project_dir: Path | str) -> Exchange:
     """A new run-scoped exchange for the project's bucket."""
     project_dir = Path(project_dir).resolve()
@@ -133,24 +141,28 @@ def _client(exchange: Exchange, what: str) -> Iterator[object]:
 # -- files -------------------------------------------------------------------------------------------
 
 
-def _files_under(root: Path, rel: str) -> Iterator[str]:
+def _files_under(root: Path, rel: str, skip: tuple[str, ...] = ()) -> Iterator[str]:
     """The files at `rel` (a file, or every file below a folder, through symlinks), as relative POSIX
-    paths; bytecode caches left out (Python writes its own)."""
+    paths; bytecode caches left out (Python writes its own), and the folders in `skip` (relative
+    POSIX paths ending in "/")."""
+    if (PurePosixPath(rel).as_posix() + "/").startswith(skip):
+        return
     top = root / rel
     if top.is_file():
         yield PurePosixPath(rel).as_posix()
         return
     for folder, dirs, files in os.walk(top, followlinks=True):
-        dirs[:] = sorted(d for d in dirs if d != "__pycache__")
+        here = Path(folder).relative_to(root).as_posix() + "/"
+        dirs[:] = sorted(d for d in dirs if d != "__pycache__" and here + d + "/" not in skip)
         for name in sorted(files):
             if not name.endswith((".pyc", ".tmp")):
                 yield (Path(folder) / name).relative_to(root).as_posix()
 
 
-def _hash_files(root: Path, rels: list[str]) -> dict[str, str]:
+def _hash_files(root: Path, rels: list[str], skip: tuple[str, ...] = ()) -> dict[str, str]:
     found: dict[str, str] = {}
     for rel in rels:
-        for path in _files_under(root, rel):
+        for path in _files_under(root, rel, skip):
             found[path] = sha256_file(root / path)
     return found
 
@@ -250,18 +262,30 @@ def _missing(root: Path, files: dict[str, str], source: str) -> tuple[dict[str, 
 
 
 def _get_object(client, exchange: Exchange, sha256: str, tmp: str, name: str) -> None:
-    """Download the object `sha256` to `tmp` and check its bytes; `name` says what it is in errors."""
+    """Stream the object `sha256` into `tmp`, hashed on the way, and check its bytes; `name` says
+    what it is in errors. One GET: boto3's download_file spent twice the CPU per small file."""
     from botocore.exceptions import ClientError
 
     source = f"s3://{exchange.bucket}/{exchange.prefix}"
     try:
-        client.download_file(exchange.bucket, exchange.objects(sha256), tmp, Config=_one_thread_per_transfer())
+        body = client.get_object(Bucket=exchange.bucket, Key=exchange.objects(sha256))["Body"]
     except ClientError as exc:
         if exc.response.get("Error", {}).get("Code") not in ("404", "NoSuchKey"):
             raise
         raise EaselError(f"{source}: {name} is missing") from None
-    if sha256_file(tmp) != sha256:
+    with body, open(tmp, "wb") as out:
+        got = _copy_hashed(body, out)
+    if got != sha256:
         raise EaselError(f"{source}: {name} does not match its sha256; refused")
+
+
+def _copy_hashed(stream, out) -> str:
+    """Copy `stream` to `out`; the sha256 of what was copied."""
+    digest = hashlib.sha256()
+    while block := stream.read(1 << 20):
+        digest.update(block)
+        out.write(block)
+    return digest.hexdigest()
 
 
 def _download(exchange: Exchange, root: Path, files: dict[str, str], what: str) -> int:
@@ -342,8 +366,8 @@ def _write_checked(stream, target: Path, sha256: str, source: str) -> None:
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as out:
-            shutil.copyfileobj(stream, out, 1 << 20)
-        if sha256_file(tmp) != sha256:
+            got = _copy_hashed(stream, out)
+        if got != sha256:
             raise EaselError(f"{source}: the archived {target.name} does not match its sha256; refused")
         os.replace(tmp, target)
     except BaseException:
@@ -354,13 +378,44 @@ def _write_checked(stream, target: Path, sha256: str, source: str) -> None:
 # -- the three steps -----------------------------------------------------------------------------------
 
 
-def publish_stage_inputs(exchange: Exchange, stage: str, project_dir: Path | str) -> int:
-    """Put what the stage's shards read in the exchange; returns the number of files listed."""
+def _image_folders(stage: str, params: Params) -> tuple[str, ...]:
+    return tuple(PurePosixPath(f).as_posix() + "/" for f in SHARD_IMAGES.get(stage, lambda p: [])(params))
+
+
+def _publish_packed(exchange: Exchange, folder: Path, files: dict[str, str], key: str, what: str) -> None:
+    """`files` (paths in `folder`: sha256) as one archive object, with the listing `key` naming it."""
+    archive = None
+    if files:
+        fd, pack = tempfile.mkstemp(dir=folder, prefix=".easel-shard-pack.", suffix=".tmp")  # never listed itself
+        os.close(fd)
+        try:
+            archive = _pack(folder, files, Path(pack))
+            _upload(exchange, folder, {Path(pack).name: archive}, what)
+        finally:
+            Path(pack).unlink(missing_ok=True)
+    _put_listing(exchange, key, files, what, archive)
+
+
+def publish_stage_inputs(exchange: Exchange, stage: str, project_dir: Path | str, shards: int) -> int:
+    """Put what the stage's `shards` shards read in the exchange; returns the number of files listed.
+    Every shard reads the common inputs; of the images, each gets an archive of its share's."""
     project_dir = Path(project_dir).resolve()
-    files = _hash_files(project_dir, stage_inputs(stage, project_dir))
-    _upload(exchange, project_dir, files, f"{stage} inputs")
-    _put_listing(exchange, exchange.listing(stage, "inputs"), files, f"{stage} inputs")
-    return len(files)
+    params = load_params(project_dir / "params.yaml")
+    images = _image_folders(stage, params)
+    common = _hash_files(project_dir, stage_inputs(stage, project_dir), skip=images)
+    _upload(exchange, project_dir, common, f"{stage} inputs")
+    _put_listing(exchange, exchange.listing(stage, "inputs"), common, f"{stage} inputs")
+    listed = len(common)
+    for shard in range(shards if images else 0):
+        what = f"{stage} shard {shard}/{shards} images"
+        needed = sorted(shard_needs(stage, params, project_dir, (shard, shards)))
+        outside = [p for p in needed if not p.startswith(images) or not (project_dir / p).is_file()]
+        if outside:
+            raise EaselError(f"{what}: {outside[0]} is not a file in {', '.join(images)}")
+        mine = _hash_files(project_dir, needed)
+        _publish_packed(exchange, project_dir, mine, _images_listing(exchange, stage, shard, shards), what)
+        listed += len(mine)
+    return listed
 
 
 @contextlib.contextmanager
@@ -378,16 +433,12 @@ def shard_folder(exchange: Exchange, stage: str, shard: int, shards: int) -> Ite
     try:
         inputs = _get_listing(exchange, exchange.listing(stage, "inputs"), f"{stage} inputs")
         what = f"{stage} shard {shard}/{shards} inputs"
-        if stage in SHARD_IMAGES and "params.yaml" in inputs:
-            # The other inputs first: they say which of the images this shard reads.
-            _download(exchange, folder, {"params.yaml": inputs["params.yaml"]}, what)
-            params = load_params(folder / "params.yaml")
-            folders = tuple(PurePosixPath(f).as_posix() + "/" for f in SHARD_IMAGES[stage](params))
-            images = {p: sha for p, sha in inputs.items() if p.startswith(folders)}
-            _download(exchange, folder, {p: sha for p, sha in inputs.items() if p not in images}, what)
-            needed = shard_needs(stage, params, folder, (shard, shards))
-            inputs = {p: sha for p, sha in images.items() if p in needed}
         _download(exchange, folder, inputs, what)
+        if stage in SHARD_IMAGES:
+            key = _images_listing(exchange, stage, shard, shards)
+            images, archive = _get_listing_document(exchange, key, f"{stage} shard {shard}/{shards} images")
+            if archive:
+                _unpack(exchange, folder, images, archive, f"{stage} shard {shard}/{shards} images")
         yield folder
     finally:
         shutil.rmtree(folder, ignore_errors=True)
@@ -400,13 +451,7 @@ def publish_shard_results(exchange: Exchange, stage: str, shard: int, shards: in
     now = _hash_files(folder, [rel for rel in SHARD_CACHES[stage](params) if (folder / rel).exists()])
     written = {path: sha for path, sha in now.items() if inputs.get(path) != sha}
     what = f"{stage} shard {shard}/{shards} results"
-    archive = None
-    if written:
-        pack = folder / ".easel-shard-results.tar"  # not a cache path: never handed back itself
-        archive = _pack(folder, written, pack)
-        _upload(exchange, folder, {pack.name: archive}, what)
-        pack.unlink()
-    _put_listing(exchange, exchange.listing(stage, shard_listing_name(shard, shards)), written, what, archive)
+    _publish_packed(exchange, folder, written, exchange.listing(stage, shard_listing_name(shard, shards)), what)
     return len(written)
 
 

@@ -86,6 +86,13 @@ def share(items: Sequence[T], shard: Shard | None, key: Callable[[T], str] | Non
     return list(stream_share(dealt, shard))
 
 
+def contiguous_share(items: Sequence[T], shard: Shard) -> list[T]:
+    """Shard K's share of `items` as one contiguous run: the runs cover them once, in order, and
+    differ in length by at most one. For work whose neighbours share a cost (a model to load)."""
+    k, n = shard
+    return list(items[k * len(items) // n : (k + 1) * len(items) // n])
+
+
 def stream_share(items: Iterable[T], shard: Shard | None) -> Iterator[T]:
     """`share` without a key, of items that come one at a time: every N-th, in order."""
     return iter(items) if shard is None else islice(items, shard[0], None, shard[1])

@@ -73,9 +73,9 @@ def run_stage(stage: str, project_dir: str, timeout_s: float) -> StageRun:
 
 
 @task(name="shard-inputs", retries=2, retry_delay_seconds=10, retry_condition_fn=transient_only)
-def hand_out(exchange: Exchange, stage: str, project_dir: str) -> int:
+def hand_out(exchange: Exchange, stage: str, project_dir: str, shards: int) -> int:
     """What the stage's shards read, into the run's exchange in S3."""
-    return publish_stage_inputs(exchange, stage, project_dir)
+    return publish_stage_inputs(exchange, stage, project_dir, shards)
 
 
 @task(name="stage-shard", retry_delay_seconds=10, retry_condition_fn=transient_only)
@@ -165,7 +165,8 @@ def _run(
             shard_runs: list[ShardRun] = []
             if shards > 1 and stage in SHARDED_STAGES and not stage_is_current(stage, project_dir):
                 exchange = exchange or open_exchange(project_dir)
-                print(f"{stage}: {hand_out(exchange, stage, project_dir)} input files handed out to {shards} shards")
+                handed_out = hand_out(exchange, stage, project_dir, shards)
+                print(f"{stage}: {handed_out} input files handed out to {shards} shards")
                 shard_task = run_shard.with_options(name=f"{stage}-shard", retries=retries)
                 # Every shard must finish: .result() raises the first failure, and the stage does not run.
                 shard_runs = shard_task.map(

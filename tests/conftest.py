@@ -70,11 +70,14 @@ _MIGRATED_DB: list[Path] = []  # a migrated Prefect database, made once per sess
 def migrated_prefect_db() -> Path:
     """A Prefect database at this Prefect's schema: migrating one takes 20+ s here, copying it none."""
     if not _MIGRATED_DB:
+        import atexit
         import tempfile
 
         from components.prefect_server import LocalPrefectServer
 
-        template = LocalPrefectServer(Path(tempfile.mkdtemp(prefix="easel-prefect-template-")))
+        folder = Path(tempfile.mkdtemp(prefix="easel-prefect-template-"))
+        atexit.register(shutil.rmtree, folder, ignore_errors=True)  # one per test process, gone with it
+        template = LocalPrefectServer(folder)
         template.migrate()
         _MIGRATED_DB.append(template.home / "prefect.db")
     return _MIGRATED_DB[0]

@@ -7,6 +7,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -18,6 +20,7 @@ from components.shard_exchange import (
     collect_shard_results,
     open_exchange,
     publish_shard_results,
+    publish_stage_inputs,
     shard_folder,
 )
 from components.storage import ensure_bucket, make_client
@@ -182,9 +185,9 @@ def test_a_worker_whose_shard_folder_cannot_be_made_is_told_which_setting(projec
 
 
 def test_validate_and_caption_shards_fetch_only_the_images_their_share_reads(project, s3_server, tmp_path):
-    """A validate shard fetches its share of the distinct downloaded files (less those its inspection
-    cache already holds), a caption shard the images of its share of the batches; every other
-    input comes whole. The shares are the ones the stages' shard runs use."""
+    """The flow hands a validate shard its share of the distinct downloaded files (less those its
+    inspection cache already holds), a caption shard the images of its share of the batches, each
+    as one archive; every other input comes whole. The shares are the ones the stages' shard runs use."""
     import pandas as pd
 
     from components.config import load_params
@@ -194,38 +197,60 @@ def test_validate_and_caption_shards_fetch_only_the_images_their_share_reads(pro
     raw = yaml.safe_load((project / "params.yaml").read_text())
     raw["caption"]["batch_size"] = 2  # 7 images in 4 batches: shard 0 of 2 takes batches 0 and 2
     (project / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    (project / "dvc.yaml").write_text((REPO / "dvc.yaml").read_text())  # the stages' inputs, as DVC resolves them
+    subprocess.run([sys.executable, "-m", "dvc", "init", "--no-scm", "-q"], cwd=project, check=True)
     params = load_params(project / "params.yaml")
-    exchange = open_exchange(project)
-    client = make_client(s3_server.settings())
-    files: dict[str, bytes] = {"params.yaml": (project / "params.yaml").read_bytes()}
     shas = [sha(f"image {i}".encode()) for i in range(7)]
     paths = [f"images/{s[:2]}/{s}.png" for s in shas]
-    for s, path in zip(shas, paths, strict=True):
-        files[f"data/download/{path}"] = f"image {shas.index(s)}".encode()
+    for i, path in enumerate(paths):
+        (project / "data/download" / path).parent.mkdir(parents=True, exist_ok=True)
+        (project / "data/download" / path).write_bytes(f"image {i}".encode())
     manifest = pd.DataFrame({"status": ["ok"] * 7 + ["http_404"], "sha256": [*shas, None], "path": [*paths, None]})
     accepted = pd.DataFrame({"sha256": shas, "image_path": [f"data/download/{p}" for p in paths]})
-    for name, frame in (("data/download/manifest.parquet", manifest), ("data/validate/accepted.parquet", accepted)):
-        target = tmp_path / "frames" / name
-        target.parent.mkdir(parents=True, exist_ok=True)
-        frame.to_parquet(target)
-        files[name] = target.read_bytes()
+    (project / "data/validate").mkdir(parents=True)
+    manifest.to_parquet(project / "data/download/manifest.parquet")
+    accepted.to_parquet(project / "data/validate/accepted.parquet")
     mine = share(shas, (0, 2), key=str)
-    cache = InspectionCache(params.validate_.cache_dir, params.validate_.max_image_pixels)
-    cached = Path(cache.path(mine[0])).as_posix()
-    files[cached] = json.dumps(dict(EMPTY_ROW)).encode()
-    for data in files.values():
-        client.put_object(Bucket=exchange.bucket, Key=exchange.objects(sha(data)), Body=data)
-    for stage in ("validate", "caption"):
-        put_listing(client, exchange, stage, "inputs", {p: sha(d) for p, d in files.items()})
+    cache = InspectionCache(project / params.validate_.cache_dir, params.validate_.max_image_pixels)
+    cached = Path(cache.path(mine[0])).relative_to(project).as_posix()
+    (project / cached).parent.mkdir(parents=True, exist_ok=True)
+    (project / cached).write_text(json.dumps(dict(EMPTY_ROW)))
+    exchange = open_exchange(project)
+    client = make_client(s3_server.settings())
 
     def fetched_images(stage: str) -> set[str]:
+        publish_stage_inputs(exchange, stage, project, 2)
         with shard_folder(exchange, stage, 0, 2) as folder:
             got = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()}
-        assert {"params.yaml", "data/download/manifest.parquet", "data/validate/accepted.parquet", cached} <= got
+        assert {"params.yaml", "data/download/manifest.parquet"} <= got
+        assert (cached if stage == "validate" else "data/validate/accepted.parquet") in got
         return {p for p in got if p.startswith("data/download/images/")}
 
     assert fetched_images("validate") == {f"data/download/{paths[shas.index(s)]}" for s in mine[1:]}
     rows = [r for batch in share(batches(list(range(7)), 2), (0, 2)) for r in batch]
     assert rows == [0, 1, 4, 5]
     assert fetched_images("caption") == {f"data/download/{paths[i]}" for i in rows}
+    # No image is an object of its own: params.yaml, the manifest, the cache entry, accepted.parquet,
+    # and one archive per shard of each stage.
+    listed = client.list_objects_v2(Bucket=exchange.bucket, Prefix=exchange.objects())["Contents"]
+    names = {item["Key"].rsplit("/", 1)[-1] for item in listed}
+    assert not names & set(shas)
+    assert len(names) == 4 + 2 * 2
+    close_exchange(exchange)
+
+
+def test_an_image_the_table_names_outside_the_image_folders_is_not_handed_out(project, s3_server):
+    """A table that names a file outside the stage's image folders (here, the project's params)
+    stops the hand-out with the file's name: a shard must not be sent other files as images."""
+    import pandas as pd
+
+    (project / "dvc.yaml").write_text((REPO / "dvc.yaml").read_text())
+    subprocess.run([sys.executable, "-m", "dvc", "init", "--no-scm", "-q"], cwd=project, check=True)
+    (project / "data/validate").mkdir(parents=True)
+    accepted = pd.DataFrame({"sha256": [sha(b"x")], "image_path": ["params.yaml"]})
+    accepted.to_parquet(project / "data/validate/accepted.parquet")
+    exchange = open_exchange(project)
+    refused = r"caption shard 0/1 images: params.yaml is not a file in data/download/images/"
+    with pytest.raises(EaselError, match=refused):
+        publish_stage_inputs(exchange, "caption", project, 1)
     close_exchange(exchange)

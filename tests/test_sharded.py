@@ -40,6 +40,28 @@ def test_batched_work_is_dealt_in_whole_single_process_batches():
         assert max(sizes) - min(sizes) <= 4  # images per shard differ by at most one batch
 
 
+def test_evaluate_shards_load_as_few_models_as_the_batches_allow():
+    """Two models' images over 1 to 5 shards: every batch of the single-process run exactly once,
+    the shards within one batch of each other, and a shard loads a model only where its
+    contiguous run of batches reaches it (2 models on 2 shards: one each, not both on both)."""
+    from components.evaluate.stage import shard_batches
+
+    jobs = [[{"key": f"{m}-{i}"} for i in range(10)] for m in ("candidate", "base")]
+    expected = [batches(model_jobs, 4) for model_jobs in jobs]
+    for n in range(1, 6):
+        mine = [shard_batches(jobs, 4, (k, n)) for k in range(n)]
+        for m in range(2):
+            assert [b for k in range(n) for b in mine[k][m]] == expected[m]  # in order, none twice
+        sizes = [sum(len(b) for per_model in shard for b in per_model) for shard in mine]
+        assert max(sizes) - min(sizes) <= 4
+        loads = sum(bool(per_model) for shard in mine for per_model in shard)
+        assert loads <= 2 + n - 1
+    assert [[bool(per_model) for per_model in shard_batches(jobs, 4, (k, 2))] for k in range(2)] == [
+        [True, False],
+        [False, True],
+    ]
+
+
 @pytest.mark.parametrize("text", ["3/3", "-1/2", "1", "a/b", "1/0", ""])
 def test_a_bad_shard_says_what_it_takes(text):
     with pytest.raises(EaselError, match="--shard takes K/N with 0 <= K < N"):

@@ -34,7 +34,7 @@ from components.prompts import load_prompt_set, prompt_set_hash
 from components.scoring import AESTHETIC_DEFINITION, CLIP_SCORE_DEFINITION, ImageTextScorer
 from components.sdxl.generation import GenerationSettings, generate
 from components.sdxl.guidance import Guidance
-from components.sharding import Shard, batches, share
+from components.sharding import Shard, batches, contiguous_share
 
 log = logging.getLogger(__name__)
 
@@ -79,15 +79,27 @@ def generate_for_model(
     models: ModelsParams,
     cache: ImageCache,
     progress: bool,
-    shard: Shard | None = None,
 ) -> tuple[pd.DataFrame, int]:
     """Every (prompt, seed) image of one model, from the cache or generated into it; and how many
-    were generated now. With a shard, only that shard's share of the batches (generation_batches)."""
-    settings = generation_settings(params, models)
+    were generated now."""
     jobs = plan_images(model, prompts, params, models)
-    todo = generation_batches(jobs, params.batch_size, cache, shard)
+    todo = batches([j for j in jobs if not cache.has(j["key"])], params.batch_size)
+    log.info("%s: %d images, %d to generate", model.name, len(jobs), sum(map(len, todo)))
+    return pd.DataFrame(jobs), generate_batches(model, todo, params, models, cache, progress)
+
+
+def generate_batches(
+    model: model_sources.ModelUnderTest,
+    todo: list[list[dict]],
+    params: EvaluateParams,
+    models: ModelsParams,
+    cache: ImageCache,
+    progress: bool,
+) -> int:
+    """Generate the batches `todo` of one model's jobs into the cache (the model is loaded only if
+    there is one); how many images that was."""
+    settings = generation_settings(params, models)
     count = sum(map(len, todo))
-    log.info("%s: %d images, %d to generate", model.name, len(jobs), count)
     if todo:
         from components.models.loaders import default_device, load_sdxl_pipeline
 
@@ -106,7 +118,7 @@ def generate_for_model(
             bar.update(len(batch))
         bar.close()
         del pipe
-    return pd.DataFrame(jobs), count
+    return count
 
 
 def resolve_models(
@@ -300,13 +312,14 @@ def plan_evaluation(
     return EvaluationPlan(prompts, chosen, panel, earlier, prompt_sha, protocol, board)
 
 
-def generation_batches(jobs: list[dict], batch_size: int, cache: ImageCache, shard: Shard | None) -> list[list[dict]]:
-    """The batches of images to generate. A single process batches the images not cached; a shard
-    takes its share (components.sharding) of the batches a fresh single-process run makes, each
-    batch whole, so that every image comes out the same, and does those that still lack an image."""
-    if shard is None:
-        return batches([j for j in jobs if not cache.has(j["key"])], batch_size)
-    return [b for b in share(batches(jobs, batch_size), shard) if any(not cache.has(j["key"]) for j in b)]
+def shard_batches(jobs: list[list[dict]], batch_size: int, shard: Shard) -> list[list[list[dict]]]:
+    """Shard K/N's batches, per model (`jobs` holds each model's images in order): the batches a
+    fresh single-process run makes, each whole, so that every image comes out the same. The shards
+    take contiguous runs of the models' batches, as even as batches allow, so that a shard loads
+    as few models as it can: loading a pipeline costs more than a batch of tiny images."""
+    units = [(m, batch) for m, model_jobs in enumerate(jobs) for batch in batches(model_jobs, batch_size)]
+    mine = contiguous_share(units, shard)
+    return [[batch for m, batch in mine if m == model] for model in range(len(jobs))]
 
 
 def generate_shard(
@@ -322,10 +335,13 @@ def generate_shard(
     writes no output (the stage scores and reports). Returns (images in the shard, generated now)."""
     plan = plan_evaluation(params, models, model_dir, storage, promote)
     cache = ImageCache(params.cache_dir)
-    generated = [generate_for_model(m, plan.prompts, params, models, cache, progress, shard)[1] for m in plan.scored]
-    per_model = len(plan.prompts) * len(params.seeds)
-    mine = sum(map(len, share(batches(range(per_model), params.batch_size), shard)))
-    return mine * len(plan.scored), sum(generated)
+    jobs = [plan_images(m, plan.prompts, params, models) for m in plan.scored]
+    mine = shard_batches(jobs, params.batch_size, shard)
+    generated = 0
+    for model, model_batches in zip(plan.scored, mine, strict=True):
+        todo = [b for b in model_batches if any(not cache.has(j["key"]) for j in b)]
+        generated += generate_batches(model, todo, params, models, cache, progress)
+    return sum(len(b) for model_batches in mine for b in model_batches), generated
 
 
 def run_evaluate(
