@@ -386,11 +386,15 @@ def _publish_packed(exchange: Exchange, folder: Path, files: dict[str, str], key
     """`files` (paths in `folder`: sha256) as one archive object, with the listing `key` naming it."""
     archive = None
     if files:
-        fd, pack = tempfile.mkstemp(dir=folder, prefix=".easel-shard-pack.", suffix=".tmp")  # never listed itself
+        # In the folder's git-ignored scratch folder, never in a cache that is handed over: a
+        # hand-out that is killed leaves no stray archive among the user's files.
+        scratch = folder / ".easel"
+        scratch.mkdir(exist_ok=True)
+        fd, pack = tempfile.mkstemp(dir=scratch, prefix="shard-pack.", suffix=".tmp")
         os.close(fd)
         try:
             archive = _pack(folder, files, Path(pack))
-            _upload(exchange, folder, {Path(pack).name: archive}, what)
+            _upload(exchange, folder, {Path(pack).relative_to(folder).as_posix(): archive}, what)
         finally:
             Path(pack).unlink(missing_ok=True)
     _put_listing(exchange, key, files, what, archive)
