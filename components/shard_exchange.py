@@ -83,7 +83,7 @@ SHARD_IMAGES: dict[str, Callable[[Params], list[str]]] = {
 
 
 def shard_needs(stage: str, params: Params, folder: Path, shard: tuple[int, int]) -> set[str]:
-    """The image files shard K/N of `stage` reads, found from the inputs already in `folder`."""
+    """The image files shard K/N of `stage` reads, found from its other inputs in `folder` (the project's)."""
     if stage == "validate":
         from components.validate.stage import shard_files
 
