@@ -95,10 +95,18 @@ def cmd_validate(args) -> int:
     from components.validate import run_validate
 
     params = _load(args)
+    if args.files and not _shard(args):
+        raise EaselError("validate: --files lists a shard's files; it needs --shard K/N")
     if shard := _shard(args):
         from components.validate.stage import inspect_shard
 
-        files, now = inspect_shard(params.validate_, Path(params.download.out_dir), shard, _progress(args))
+        only = None
+        if args.files:
+            try:
+                only = set(Path(args.files).read_text(encoding="utf-8").splitlines())
+            except OSError as exc:
+                raise EaselError(f"validate --files {args.files}: cannot read it ({exc.strerror or exc})") from None
+        files, now = inspect_shard(params.validate_, Path(params.download.out_dir), shard, _progress(args), only)
         print(f"validate shard {args.shard}: {files} files, {now} inspected now, {files - now} from the cache")
         return 0
     summary = run_validate(
@@ -522,6 +530,12 @@ def build_parser() -> argparse.ArgumentParser:
                 "--shard",
                 help=f"{work} only shard K of N (K/N) into the stage's cache and write no output; "
                 "the stage run after every shard writes the outputs",
+            )
+        if stage == "validate":
+            p.add_argument(
+                "--files",
+                help="with --shard: inspect exactly the image files listed in this text file (one path "
+                "relative to the project per line), the share a flow handed the shard, not every N-th file",
             )
 
     p = add(

@@ -136,11 +136,12 @@ def run_stage_shard(
     """Shard K of N of a stage's work, in a fresh folder of its own holding the stage's inputs from
     the exchange (components.shard_exchange); the cache files it writes go back there. No stage
     output is written, and nothing of the project's own folder is read."""
-    from components.shard_exchange import publish_shard_results, shard_folder
+    from components.shard_exchange import HANDED_IMAGES, publish_shard_results, shard_folder
 
     if stage not in SHARDED_STAGES:
         raise EaselError(f"stage {stage} cannot be sharded; these can: {', '.join(SHARDED_STAGES)}")
-    only = ["--no-manifest"] if stage == "download" else []  # the DVC stage writes the manifest
+    # The DVC stage writes download's manifest; a validate shard inspects the files the flow handed it.
+    only = {"download": ["--no-manifest"], "validate": ["--files", HANDED_IMAGES]}.get(stage, [])
     command = [str(Path(sys.executable).parent / "easel"), stage, "--shard", f"{shard}/{shards}", *only]
     with shard_folder(exchange, stage, shard, shards) as folder:
         env = _env(folder)  # the folder's own code (the stage's code dependencies) runs, as in the project

@@ -10,10 +10,14 @@ code, and publishes the cache files it wrote, packed in one archive object, with
 own. The merge fetches every shard's archive and writes its files into the project's caches,
 where the DVC stage then finds the work done. When the run ends, its prefix is deleted.
 
-The images validate and caption read travel as one archive per shard, packed by the flow with the
-files that shard reads (found from the manifest or the accepted table, as the shard's own run finds
-them): a shard fetches its share, not the whole image store, in one request. Per request, boto3
-and the S3 server spend more CPU than on the bytes of a small image (benchmarks/RESULTS.md).
+The images validate and caption read travel as archives, never one object per image: per
+request, boto3 and the S3 server spend more CPU than on the bytes of a small image, and the server
+more per byte it receives than per byte it sends (benchmarks/RESULTS.md). A caption shard gets one
+archive of the files its share of the batches reads, packed by the flow. Validate's shares follow
+download's: where download ran sharded in the same run, validate shard K inspects the files that
+download shard K handed back and fetches that shard's archive, already in the exchange; only the
+files no such archive holds are packed afresh. The flow tells a validate shard its files
+(`easel validate --shard K/N --files`), so a shard fetches its share and nothing else.
 
 A worker needs only the project's Python environment and S3: `EASEL_S3_ENDPOINT` with
 `AWS_ACCESS_KEY_ID`/`AWS_SECRET_ACCESS_KEY` (a worker on the flow's machine may use the embedded
@@ -32,8 +36,7 @@ import shutil
 import tarfile
 import tempfile
 import uuid
-from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -41,6 +44,7 @@ from pathlib import Path, PurePosixPath
 from components.config import Params, StorageParams, load_params
 from components.errors import EaselError
 from components.fsutil import sha256_file
+from components.sharding import share
 
 SHARD_DIR_ENV = "EASEL_SHARD_DIR"
 TRANSFER_THREADS = 8  # concurrent object transfers: many small files (images, cache entries)
@@ -82,15 +86,23 @@ SHARD_IMAGES: dict[str, Callable[[Params], list[str]]] = {
 }
 
 
-def shard_needs(stage: str, params: Params, folder: Path, shard: tuple[int, int]) -> set[str]:
-    """The image files shard K/N of `stage` reads, found from its other inputs in `folder` (the project's)."""
+# Where the flow hands a shard its image files, listed, in the shard's folder (validate reads it: --files).
+HANDED_IMAGES = ".easel/shard-images.txt"
+# Stages whose shares the hand-out deals along the archives another stage's shards handed back in
+# the same run: their images are in the exchange already, and go out again without a new upload.
+SHARES_FOLLOW = {"validate": "download"}
+
+
+def shard_needs(stage: str, params: Params, folder: Path, shard: tuple[int, int] | None) -> dict[str, str]:
+    """The image files shard K/N of `stage` reads (every shard's without a shard), found from its
+    other inputs in `folder` (the project's): {path: sha256}, the sha256 where the table gives it."""
     if stage == "validate":
         from components.validate.stage import shard_files
 
-        return set(shard_files(params.validate_, Path(params.download.out_dir), folder, shard))
+        return shard_files(params.validate_, Path(params.download.out_dir), folder, shard)
     from components.caption.stage import shard_files
 
-    return set(shard_files(params.caption, Path(params.validate_.out_dir), folder, shard))
+    return dict.fromkeys(shard_files(params.caption, Path(params.validate_.out_dir), folder, shard), "")
 
 
 @dataclass(frozen=True)
@@ -221,8 +233,8 @@ def _upload(exchange: Exchange, root: Path, files: dict[str, str], what: str) ->
     return len(todo)
 
 
-def _put_listing(exchange: Exchange, key: str, files: dict[str, str], what: str, archive: str | None = None) -> None:
-    document = {"files": files} | ({"archive": archive} if archive else {})
+def _put_listing(exchange: Exchange, key: str, files: dict[str, str], what: str, archives: Sequence[str] = ()) -> None:
+    document = {"files": files} | ({"archives": list(archives)} if archives else {})
     with _client(exchange, what) as client:
         client.put_object(Bucket=exchange.bucket, Key=key, Body=json.dumps(document, sort_keys=True).encode())
 
@@ -231,9 +243,9 @@ def _get_listing(exchange: Exchange, key: str, what: str) -> dict[str, str]:
     return _get_listing_document(exchange, key, what)[0]
 
 
-def _get_listing_document(exchange: Exchange, key: str, what: str) -> tuple[dict[str, str], str | None]:
-    """A listing's {path: sha256}, and the sha256 of the archive object that packs them (or None:
-    one object per file)."""
+def _get_listing_document(exchange: Exchange, key: str, what: str) -> tuple[dict[str, str], list[str]]:
+    """A listing's {path: sha256}, and the sha256s of the archive objects that hold them (none: one
+    object per file)."""
     from botocore.exceptions import ClientError
 
     with _client(exchange, what) as client:
@@ -245,14 +257,14 @@ def _get_listing_document(exchange: Exchange, key: str, what: str) -> tuple[dict
             raise
     try:
         document = json.loads(body)
-        files, archive = document["files"], document.get("archive")
+        files, archives = document["files"], document.get("archives", [])
         if not all(isinstance(k, str) and isinstance(v, str) and len(v) == 64 for k, v in files.items()):
             raise ValueError("not {path: sha256}")
-        if archive is not None and not (isinstance(archive, str) and len(archive) == 64):
-            raise ValueError("the archive is not a sha256")
+        if not (isinstance(archives, list) and all(isinstance(a, str) and len(a) == 64 for a in archives)):
+            raise ValueError("the archives are not a list of sha256")
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise EaselError(f"s3://{exchange.bucket}/{key}: not a shard listing ({exc})") from None
-    return files, archive
+    return files, archives
 
 
 def _missing(root: Path, files: dict[str, str], source: str) -> tuple[dict[str, Path], list[str]]:
@@ -321,43 +333,44 @@ def _pack(folder: Path, files: dict[str, str], pack: Path) -> str:
     return sha256_file(pack)
 
 
-def _unpack(exchange: Exchange, root: Path, files: dict[str, str], archive: str, what: str) -> int:
-    """Fetch the archive object that packs `files` and write each of them into `root`, checked like
-    single objects: the archive against its sha256, every member against the listing (a regular
-    file it names, inside the folder, with its sha256), and every listed file present. A file
-    already there with that content is kept. Returns how many were written."""
+def _unpack(exchange: Exchange, root: Path, files: dict[str, str], archives: list[str], what: str) -> int:
+    """Fetch the archive objects that hold `files` and write each listed file into `root`, checked
+    like single objects: an archive against its sha256, and every member the listing names must be
+    a regular file, inside the folder, with its sha256; every listed file must be found. Members
+    the listing does not name are not written (an archive another stage's shard packed holds more
+    than this listing). A file already there with that content is kept. Returns how many were written."""
     source = f"s3://{exchange.bucket}/{exchange.prefix}"
     targets, missing = _missing(root, files, source)
-    todo = set(missing)
-    if not todo:
+    if not missing:
         return 0
     root.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=root, prefix=".shard-results.", suffix=".tmp")
-    os.close(fd)
-    written = 0
-    try:
-        with _client(exchange, what) as client:
-            _get_object(client, exchange, archive, tmp, f"the archive object of {what}")
+    todo: dict[str, tuple[tarfile.TarFile, tarfile.TarInfo]] = {}
+    with contextlib.ExitStack() as held:
         try:
-            with tarfile.open(tmp, "r:") as tar:
-                members = tar.getmembers()  # headers only: the whole archive is judged before anything is written
-                names = Counter(m.name for m in members)
-                for member in members:
-                    if member.name not in files or not member.isfile() or names[member.name] > 1:
+            for archive in archives:
+                fd, tmp = tempfile.mkstemp(dir=root, prefix=".shard-archive.", suffix=".tmp")
+                os.close(fd)
+                held.callback(Path(tmp).unlink, missing_ok=True)
+                with _client(exchange, what) as client:
+                    _get_object(client, exchange, archive, tmp, f"the archive object of {what}")
+                tar = held.enter_context(tarfile.open(tmp, "r:"))
+                # Headers only: every archive is judged before anything is written.
+                for member in tar.getmembers():
+                    if member.name not in files:
+                        continue
+                    if not member.isfile():
                         problem = f"archive member {member.name!r} is not a file its listing names"
                         raise EaselError(f"{source}: {what}: {problem}; refused")
-                missing = sorted(set(files) - set(names))
-                if missing:
-                    raise EaselError(f"{source}: {what}: the archive lacks {missing[:3]}; refused")
-                for member in members:
-                    if member.name in todo:
-                        _write_checked(tar.extractfile(member), targets[member.name], files[member.name], source)
-                        written += 1
+                    todo.setdefault(member.name, (tar, member))
+            lacking = sorted(set(missing) - set(todo))
+            if lacking:
+                raise EaselError(f"{source}: {what}: the archives lack {lacking[:3]}; refused")
+            for path in missing:
+                tar, member = todo[path]
+                _write_checked(tar.extractfile(member), targets[path], files[path], source)
         except tarfile.TarError as exc:
             raise EaselError(f"{source}: the archive object of {what} cannot be read ({exc})") from None
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-    return written
+    return len(missing)
 
 
 def _write_checked(stream, target: Path, sha256: str, source: str) -> None:
@@ -382,9 +395,18 @@ def _image_folders(stage: str, params: Params) -> tuple[str, ...]:
     return tuple(PurePosixPath(f).as_posix() + "/" for f in SHARD_IMAGES.get(stage, lambda p: [])(params))
 
 
-def _publish_packed(exchange: Exchange, folder: Path, files: dict[str, str], key: str, what: str) -> None:
-    """`files` (paths in `folder`: sha256) as one archive object, with the listing `key` naming it."""
-    archive = None
+def _publish_packed(
+    exchange: Exchange,
+    folder: Path,
+    files: dict[str, str],
+    key: str,
+    what: str,
+    held: dict[str, str] | None = None,
+    archives: Sequence[str] = (),
+) -> None:
+    """`files` (paths in `folder`: sha256) as one archive object, with the listing `key` naming it;
+    the listing also names `held`, files that the `archives` already in the exchange hold."""
+    archives = list(archives)
     if files:
         # In the folder's git-ignored scratch folder, never in a cache that is handed over: a
         # hand-out that is killed leaves no stray archive among the user's files.
@@ -393,16 +415,50 @@ def _publish_packed(exchange: Exchange, folder: Path, files: dict[str, str], key
         fd, pack = tempfile.mkstemp(dir=scratch, prefix="shard-pack.", suffix=".tmp")
         os.close(fd)
         try:
-            archive = _pack(folder, files, Path(pack))
-            _upload(exchange, folder, {Path(pack).relative_to(folder).as_posix(): archive}, what)
+            archives.append(_pack(folder, files, Path(pack)))
+            _upload(exchange, folder, {Path(pack).relative_to(folder).as_posix(): archives[-1]}, what)
         finally:
             Path(pack).unlink(missing_ok=True)
-    _put_listing(exchange, key, files, what, archive)
+    _put_listing(exchange, key, (held or {}) | files, what, archives)
+
+
+def _handed_back(exchange: Exchange, stage: str, shards: int) -> list[tuple[dict[str, str], list[str]]]:
+    """What each of the `shards` shards of `stage` handed back in this run ({path: sha256} and its
+    archives); empty when the stage did not run with that many shards."""
+    prefix = exchange.listing(stage, "shard-").removesuffix(".json")
+    with _client(exchange, f"{stage} shard results") as client:
+        pages = client.get_paginator("list_objects_v2").paginate(Bucket=exchange.bucket, Prefix=prefix)
+        present = {item["Key"] for page in pages for item in page.get("Contents", [])}
+    keys = [exchange.listing(stage, shard_listing_name(k, shards)) for k in range(shards)]
+    if not all(key in present for key in keys):
+        return []
+    return [_get_listing_document(exchange, key, f"{stage} shard results") for key in keys]
+
+
+def deal_along_archives(
+    needed: dict[str, str], archived: list[tuple[dict[str, str], list[str]]], shards: int
+) -> list[tuple[dict[str, str], list[str], list[str]]]:
+    """Each shard's (files an archive in the exchange holds, those archives, files to pack afresh):
+    the needed files that archive J's listing names with the same sha256 go to shard J mod N with
+    the archive; the rest are dealt every N-th in the order of their path's stable hash."""
+    shares: list[tuple[dict[str, str], list[str], list[str]]] = [({}, [], []) for _ in range(shards)]
+    left = dict(needed)
+    for j, (files, archives) in enumerate(archived):
+        held, refs, _ = shares[j % shards]
+        mine = {path: sha for path, sha in files.items() if left.get(path) == sha}
+        if mine:
+            held.update(mine)
+            refs.extend(a for a in archives if a not in refs)
+            for path in mine:
+                del left[path]
+    for k in range(shards):
+        shares[k][2].extend(share(sorted(left), (k, shards), key=str))
+    return shares
 
 
 def publish_stage_inputs(exchange: Exchange, stage: str, project_dir: Path | str, shards: int) -> int:
     """Put what the stage's `shards` shards read in the exchange; returns the number of files listed.
-    Every shard reads the common inputs; of the images, each gets an archive of its share's."""
+    Every shard reads the common inputs; of the images, each gets those of its share, in archives."""
     project_dir = Path(project_dir).resolve()
     params = load_params(project_dir / "params.yaml")
     images = _image_folders(stage, params)
@@ -410,16 +466,32 @@ def publish_stage_inputs(exchange: Exchange, stage: str, project_dir: Path | str
     _upload(exchange, project_dir, common, f"{stage} inputs")
     _put_listing(exchange, exchange.listing(stage, "inputs"), common, f"{stage} inputs")
     listed = len(common)
-    for shard in range(shards if images else 0):
+    if not images:
+        return listed
+    if stage in SHARES_FOLLOW:
+        needed = shard_needs(stage, params, project_dir, None)
+        _check_images(f"{stage} images", needed, images, project_dir)
+        dealt = deal_along_archives(needed, _handed_back(exchange, SHARES_FOLLOW[stage], shards), shards)
+    else:
+        dealt = []
+        for shard in range(shards):
+            needed = shard_needs(stage, params, project_dir, (shard, shards))
+            _check_images(f"{stage} shard {shard}/{shards} images", needed, images, project_dir)
+            dealt.append(({}, [], sorted(needed)))
+    for shard, (held, archives, fresh) in enumerate(dealt):
         what = f"{stage} shard {shard}/{shards} images"
-        needed = sorted(shard_needs(stage, params, project_dir, (shard, shards)))
-        outside = [p for p in needed if not p.startswith(images) or not (project_dir / p).is_file()]
-        if outside:
-            raise EaselError(f"{what}: {outside[0]} is not a file in {', '.join(images)}")
-        mine = _hash_files(project_dir, needed)
-        _publish_packed(exchange, project_dir, mine, _images_listing(exchange, stage, shard, shards), what)
-        listed += len(mine)
+        key = _images_listing(exchange, stage, shard, shards)
+        _publish_packed(exchange, project_dir, _hash_files(project_dir, fresh), key, what, held, archives)
+        listed += len(held) + len(fresh)
     return listed
+
+
+def _check_images(what: str, needed: dict[str, str], images: tuple[str, ...], project_dir: Path) -> None:
+    """A table that names a file outside the stage's image folders stops the hand-out: a shard must
+    not be sent other files as images."""
+    outside = [p for p in sorted(needed) if not p.startswith(images) or not (project_dir / p).is_file()]
+    if outside:
+        raise EaselError(f"{what}: {outside[0]} is not a file in {', '.join(images)}")
 
 
 @contextlib.contextmanager
@@ -440,9 +512,10 @@ def shard_folder(exchange: Exchange, stage: str, shard: int, shards: int) -> Ite
         _download(exchange, folder, inputs, what)
         if stage in SHARD_IMAGES:
             key = _images_listing(exchange, stage, shard, shards)
-            images, archive = _get_listing_document(exchange, key, f"{stage} shard {shard}/{shards} images")
-            if archive:
-                _unpack(exchange, folder, images, archive, f"{stage} shard {shard}/{shards} images")
+            images, archives = _get_listing_document(exchange, key, f"{stage} shard {shard}/{shards} images")
+            _unpack(exchange, folder, images, archives, f"{stage} shard {shard}/{shards} images")
+            (folder / HANDED_IMAGES).parent.mkdir(parents=True, exist_ok=True)
+            (folder / HANDED_IMAGES).write_text("".join(f"{path}\n" for path in sorted(images)))
         yield folder
     finally:
         shutil.rmtree(folder, ignore_errors=True)
@@ -466,12 +539,12 @@ def collect_shard_results(exchange: Exchange, stage: str, shards: int, project_d
     fetched = 0
     for shard in range(shards):
         name = shard_listing_name(shard, shards)
-        files, archive = _get_listing_document(
+        files, archives = _get_listing_document(
             exchange, exchange.listing(stage, name), f"{stage} shard {shard}/{shards} handed nothing back"
         )
         what = f"{stage} shard {shard}/{shards} results"
-        if archive:
-            fetched += _unpack(exchange, project_dir, files, archive, what)
+        if archives:
+            fetched += _unpack(exchange, project_dir, files, archives, what)
         else:
             fetched += _download(exchange, project_dir, files, what)
     return fetched

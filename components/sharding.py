@@ -12,7 +12,9 @@ the order of a stable hash of their key, so shares differ by at most one item, w
 inputs' order. Work done in batches (models) is dealt whole batches at a time, every item in the
 batch, with the same neighbours, that a single-process run computes it in; shares differ by at
 most one batch. As a share does not depend on what is done, shards started at different times
-(by hand, on a shared folder) still cover everything once.
+(by hand, on a shared folder) still cover everything once. In a flow, a validate shard is told its
+files instead: the hand-out deals them along the archives download's shards handed back
+(components.shard_exchange), so that no image goes through S3 twice.
 """
 
 from __future__ import annotations

@@ -5,10 +5,12 @@ object that does not match its hash is refused; the run's prefix is gone after i
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -16,6 +18,7 @@ import yaml
 
 from components.errors import EaselError
 from components.shard_exchange import (
+    HANDED_IMAGES,
     close_exchange,
     collect_shard_results,
     open_exchange,
@@ -121,8 +124,9 @@ def test_a_listing_cannot_write_outside_the_folder_nor_pass_off_other_bytes(proj
 
 def test_a_shard_archive_is_checked_like_single_objects(project, s3_server, tmp_path):
     """A shard's results come packed in one tar object. The archive must match its sha256, and each
-    member must be a regular file its listing names, with the listed sha256; a listed file missing
-    from the archive stops the merge too. Nothing is written from a refused archive."""
+    member its listing names must be a regular file with the listed sha256; a listed file missing
+    from the archive stops the merge too. Nothing is written from a refused archive, and a member
+    the listing does not name is never written."""
     import io
     import tarfile
 
@@ -147,19 +151,17 @@ def test_a_shard_archive_is_checked_like_single_objects(project, s3_server, tmp_
         return sha(body)
 
     def collect(files: dict[str, str], packed: str) -> None:
-        body = json.dumps({"files": files, "archive": packed}).encode()
+        body = json.dumps({"files": files, "archives": [packed]}).encode()
         client.put_object(Bucket=exchange.bucket, Key=exchange.listing("validate", "shard-0-of-1"), Body=body)
         collect_shard_results(exchange, "validate", 1, project)
 
     cases = [
         (listed, archive((".easel/cache/validate/ab/x.json", other)), "does not match its sha256"),
-        (listed, archive((".easel/cache/validate/ab/x.json", good), ("params.yaml", b"evil")), "not a file its"),
         (listed, archive((".easel/cache/validate/ab/x.json", None)), "not a file its listing"),
         (listed | {".easel/cache/validate/cd/y.json": sha(other)}, archive((".easel/cache/validate/ab/x.json", good)),
-         "the archive lacks"),
+         "the archives lack"),
         (listed, "0" * 64, "archive object of validate shard 0/1 results is missing"),
     ]  # fmt: skip
-    tampered = archive((".easel/cache/validate/ab/x.json", good))
     client.put_object(Bucket=exchange.bucket, Key=exchange.objects("1" * 64), Body=b"not the archive")
     cases.append((listed, "1" * 64, "archive object of validate shard 0/1 results does not match its sha256"))
     for files, packed, message in cases:
@@ -169,8 +171,10 @@ def test_a_shard_archive_is_checked_like_single_objects(project, s3_server, tmp_
     assert list(project.rglob("*.tmp")) == []
     assert not (project / ".easel/cache/validate/cd/y.json").exists()
 
-    collect(listed, tampered)  # the good archive is written, and a second merge writes nothing again
+    # The good archive is written, less what its listing does not name; a second merge writes nothing again.
+    collect(listed, archive((".easel/cache/validate/ab/x.json", good), ("params.yaml", b"evil")))
     assert (project / ".easel/cache/validate/ab/x.json").read_bytes() == good
+    assert (project / "params.yaml").read_bytes() != b"evil"
     assert collect_shard_results(exchange, "validate", 1, project) == 0
     close_exchange(exchange)
 
@@ -184,11 +188,32 @@ def test_a_worker_whose_shard_folder_cannot_be_made_is_told_which_setting(projec
         pass
 
 
-def test_validate_and_caption_shards_fetch_only_the_images_their_share_reads(project, s3_server, tmp_path):
-    """The flow hands a validate shard its share of the distinct downloaded files (less those its
-    inspection cache already holds), a caption shard the images of its share of the batches, each
-    as one archive; every other input comes whole. The shares are the ones the stages' shard runs use."""
+def downloaded_project(project: Path, images: int) -> tuple[list[str], list[str]]:
+    """A DVC project whose download stage fetched `images` small files (and one URL failed), all
+    accepted by validate: their sha256s and their paths in the manifest."""
     import pandas as pd
+
+    (project / "dvc.yaml").write_text((REPO / "dvc.yaml").read_text())  # the stages' inputs, as DVC resolves them
+    subprocess.run([sys.executable, "-m", "dvc", "init", "--no-scm", "-q"], cwd=project, check=True)
+    shas = [sha(f"image {i}".encode()) for i in range(images)]
+    paths = [f"images/{s[:2]}/{s}.png" for s in shas]
+    for i, path in enumerate(paths):
+        (project / "data/download" / path).parent.mkdir(parents=True, exist_ok=True)
+        (project / "data/download" / path).write_bytes(f"image {i}".encode())
+    status = ["ok"] * images + ["http_404"]
+    manifest = pd.DataFrame({"status": status, "sha256": [*shas, None], "path": [*paths, None]})
+    accepted = pd.DataFrame({"sha256": shas, "image_path": [f"data/download/{p}" for p in paths]})
+    (project / "data/validate").mkdir(parents=True)
+    manifest.to_parquet(project / "data/download/manifest.parquet")
+    accepted.to_parquet(project / "data/validate/accepted.parquet")
+    return shas, paths
+
+
+def test_validate_and_caption_shards_fetch_only_the_images_their_share_reads(project, s3_server, tmp_path):
+    """The flow hands a validate shard its share of the distinct downloaded files (less those the
+    inspection cache already holds), listed for its run (`--files`), a caption shard the images of
+    its share of the batches (the share its run computes), each as one archive; every other input
+    comes whole."""
 
     from components.config import load_params
     from components.sharding import batches, share
@@ -197,22 +222,10 @@ def test_validate_and_caption_shards_fetch_only_the_images_their_share_reads(pro
     raw = yaml.safe_load((project / "params.yaml").read_text())
     raw["caption"]["batch_size"] = 2  # 7 images in 4 batches: shard 0 of 2 takes batches 0 and 2
     (project / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
-    (project / "dvc.yaml").write_text((REPO / "dvc.yaml").read_text())  # the stages' inputs, as DVC resolves them
-    subprocess.run([sys.executable, "-m", "dvc", "init", "--no-scm", "-q"], cwd=project, check=True)
+    shas, paths = downloaded_project(project, 7)
     params = load_params(project / "params.yaml")
-    shas = [sha(f"image {i}".encode()) for i in range(7)]
-    paths = [f"images/{s[:2]}/{s}.png" for s in shas]
-    for i, path in enumerate(paths):
-        (project / "data/download" / path).parent.mkdir(parents=True, exist_ok=True)
-        (project / "data/download" / path).write_bytes(f"image {i}".encode())
-    manifest = pd.DataFrame({"status": ["ok"] * 7 + ["http_404"], "sha256": [*shas, None], "path": [*paths, None]})
-    accepted = pd.DataFrame({"sha256": shas, "image_path": [f"data/download/{p}" for p in paths]})
-    (project / "data/validate").mkdir(parents=True)
-    manifest.to_parquet(project / "data/download/manifest.parquet")
-    accepted.to_parquet(project / "data/validate/accepted.parquet")
-    mine = share(shas, (0, 2), key=str)
     cache = InspectionCache(project / params.validate_.cache_dir, params.validate_.max_image_pixels)
-    cached = Path(cache.path(mine[0])).relative_to(project).as_posix()
+    cached = Path(cache.path(shas[0])).relative_to(project).as_posix()
     (project / cached).parent.mkdir(parents=True, exist_ok=True)
     (project / cached).write_text(json.dumps(dict(EMPTY_ROW)))
     exchange = open_exchange(project)
@@ -222,11 +235,15 @@ def test_validate_and_caption_shards_fetch_only_the_images_their_share_reads(pro
         publish_stage_inputs(exchange, stage, project, 2)
         with shard_folder(exchange, stage, 0, 2) as folder:
             got = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()}
+            handed = set((folder / HANDED_IMAGES).read_text().splitlines())
         assert {"params.yaml", "data/download/manifest.parquet"} <= got
         assert (cached if stage == "validate" else "data/validate/accepted.parquet") in got
-        return {p for p in got if p.startswith("data/download/images/")}
+        images = {p for p in got if p.startswith("data/download/images/")}
+        assert handed == images
+        return images
 
-    assert fetched_images("validate") == {f"data/download/{paths[shas.index(s)]}" for s in mine[1:]}
+    uncached = sorted(f"data/download/{p}" for p in paths[1:])
+    assert fetched_images("validate") == set(share(uncached, (0, 2), key=str))
     rows = [r for batch in share(batches(list(range(7)), 2), (0, 2)) for r in batch]
     assert rows == [0, 1, 4, 5]
     assert fetched_images("caption") == {f"data/download/{paths[i]}" for i in rows}
@@ -236,6 +253,52 @@ def test_validate_and_caption_shards_fetch_only_the_images_their_share_reads(pro
     names = {item["Key"].rsplit("/", 1)[-1] for item in listed}
     assert not names & set(shas)
     assert len(names) == 4 + 2 * 2
+    close_exchange(exchange)
+
+
+def test_validate_shards_take_the_archives_download_shards_handed_back(project, s3_server, tmp_path, monkeypatch):
+    """Where download ran sharded in the same run, validate shard K inspects the files download
+    shard K handed back and fetches them from that shard's archive: no image is uploaded again. A
+    file no download archive holds (fetched by an earlier run) is packed afresh; what else a
+    download archive holds (its journal) is not written in the validate shard's folder."""
+    _, paths = downloaded_project(project, 7)
+    exchange = open_exchange(project)
+    client = make_client(s3_server.settings())
+    monkeypatch.setenv("EASEL_SHARD_DIR", str(tmp_path / "shards"))
+    params = (project / "params.yaml").read_bytes()
+    client.put_object(Bucket=exchange.bucket, Key=exchange.objects(sha(params)), Body=params)
+    put_listing(client, exchange, "download", "inputs", {"params.yaml": sha(params)})
+    fetched_by = {0: [0, 2, 4], 1: [1, 3, 5]}  # image 6 came in an earlier run
+    for shard, images in fetched_by.items():
+        with shard_folder(exchange, "download", shard, 2) as folder:
+            for i in images:
+                (folder / "data/download" / paths[i]).parent.mkdir(parents=True, exist_ok=True)
+                (folder / "data/download" / paths[i]).write_bytes(f"image {i}".encode())
+            (folder / "data/download/journal").mkdir()
+            (folder / f"data/download/journal/part-{shard}.jsonl").write_text("{}\n")
+            publish_shard_results(exchange, "download", shard, 2, folder)
+
+    def listing(stage: str, name: str) -> dict:
+        return json.loads(client.get_object(Bucket=exchange.bucket, Key=exchange.listing(stage, name))["Body"].read())
+
+    assert publish_stage_inputs(exchange, "validate", project, 2) > 7
+    handed, written = {}, {}
+    for shard in (0, 1):
+        with shard_folder(exchange, "validate", shard, 2) as folder:
+            handed[shard] = set((folder / HANDED_IMAGES).read_text().splitlines())
+            downloads = (folder / "data/download").rglob("*")
+            written[shard] = {p.relative_to(folder).as_posix() for p in downloads if p.is_file()}
+    image = [f"data/download/{p}" for p in paths]
+    assert handed == {0: {image[i] for i in (0, 2, 4, 6)}, 1: {image[i] for i in (1, 3, 5)}}
+    # Each shard's folder holds its images and the manifest; not the other shard's, nor the journal.
+    assert written == {k: handed[k] | {"data/download/manifest.parquet"} for k in (0, 1)}
+    # Shard 1 reads download shard 1's archive, shard 0 download shard 0's and a new one of image 6 alone.
+    download = [listing("download", f"shard-{k}-of-2")["archives"] for k in (0, 1)]
+    validate = [listing("validate", f"inputs-shard-{k}-of-2")["archives"] for k in (0, 1)]
+    assert validate[1] == download[1] and validate[0][:-1] == download[0] and len(validate[0]) == 2
+    body = client.get_object(Bucket=exchange.bucket, Key=exchange.objects(validate[0][-1]))["Body"].read()
+    with tarfile.open(fileobj=io.BytesIO(body)) as tar:
+        assert tar.getnames() == [image[6]]
     close_exchange(exchange)
 
 

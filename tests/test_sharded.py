@@ -211,3 +211,53 @@ def test_the_local_cluster_workers_run_without_dask_s_profiler():
     with cluster, Client(cluster) as client:
         enabled = client.run(lambda: dask.config.get("distributed.worker.profile.enabled"))
     assert list(enabled.values()) == [False]
+
+
+def test_a_validate_shard_handed_its_files_inspects_those_and_refuses_others(tmp_path):
+    """`easel validate --shard K/N --files LIST` (how the flow runs a validate shard) inspects
+    exactly the listed files, whatever the hash share of K/N, and refuses a file the manifest does
+    not list as downloaded, naming it."""
+    import shutil
+    import subprocess
+    import sys
+
+    from components.config import load_params
+    from components.validate.inspect import InspectionCache
+    from tests.conftest import REPO
+
+    shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
+    contents = [f"image {i}".encode() for i in range(4)]
+    shas = [hashlib.sha256(c).hexdigest() for c in contents]
+    paths = [f"images/{s[:2]}/{s}.png" for s in shas]
+    for path, content in zip(paths, contents, strict=True):
+        (tmp_path / "data/download" / path).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "data/download" / path).write_bytes(content)
+    pd.DataFrame({"status": ["ok"] * 4, "sha256": shas, "path": paths}).to_parquet(
+        tmp_path / "data/download/manifest.parquet"
+    )
+
+    def run(*listed: str, shard: tuple[str, ...] = ("--shard", "1/2")) -> subprocess.CompletedProcess:
+        (tmp_path / "files.txt").write_text("".join(f"{p}\n" for p in listed))
+        return subprocess.run(
+            [sys.executable, "-m", "components.cli", "validate", *shard, "--files", "files.txt"],
+            cwd=tmp_path,
+            env=os.environ | {"PYTHONPATH": str(REPO), "EASEL_NO_PROGRESS": "1"},
+            capture_output=True,
+            text=True,
+        )
+
+    proc = run(f"data/download/{paths[0]}", f"data/download/{paths[3]}")
+    assert proc.returncode == 0, proc.stderr
+    assert "validate shard 1/2: 2 files, 2 inspected now" in proc.stdout
+    params = load_params(tmp_path / "params.yaml").validate_
+    cache = InspectionCache(tmp_path / params.cache_dir, params.max_image_pixels)
+    assert [cache.get(s) is not None for s in shas] == [True, False, False, True]
+
+    proc = run(f"data/download/{paths[1]}", "data/download/images/elsewhere.png")
+    assert proc.returncode != 0
+    assert "validate shard 1/2: data/download/images/elsewhere.png is not a downloaded file" in proc.stderr
+    assert cache.get(shas[1]) is None  # nothing inspected
+
+    proc = run(f"data/download/{paths[1]}", shard=())
+    assert proc.returncode != 0 and "--files lists a shard's files; it needs --shard K/N" in proc.stderr
+    assert cache.get(shas[1]) is None

@@ -195,10 +195,23 @@ def inspect_files(
     return inspect_cached(pairs, cache, pool, bar.update)
 
 
-def inspect_shard(params: ValidateParams, download_dir: Path, shard: Shard, progress: bool = True) -> tuple[int, int]:
-    """Shard K/N of the stage's decoding: inspects this shard's distinct files (by sha256) into the
-    inspection cache and writes no output. Returns (files in the shard, files inspected now)."""
-    mine = shard_share(read_manifest(download_dir, params), shard)
+def inspect_shard(
+    params: ValidateParams, download_dir: Path, shard: Shard, progress: bool = True, files: set[str] | None = None
+) -> tuple[int, int]:
+    """Shard K/N of the stage's decoding: inspects this shard's distinct files into the inspection
+    cache and writes no output. The share is every N-th distinct file by sha256, or exactly `files`
+    (paths relative to the project, as `download_dir` is) where the flow handed the shard its share.
+    Returns (files in the shard, files inspected now)."""
+    manifest = read_manifest(download_dir, params)
+    if files is None:
+        mine = shard_share(manifest, shard)
+    else:
+        ok = manifest[manifest["status"] == "ok"].drop_duplicates("sha256")
+        where = pd.Series([(download_dir / path).as_posix() for path in ok["path"]], index=ok.index, dtype=object)
+        mine = ok[where.isin(files)]
+        unknown = files - set(where)
+        if unknown:
+            raise EaselError(f"validate shard {shard[0]}/{shard[1]}: {sorted(unknown)[0]} is not a downloaded file")
     cache = InspectionCache(params.cache_dir, params.max_image_pixels)
     before = sum(cache.get(sha) is None for sha in mine["sha256"])
     with (
@@ -209,19 +222,20 @@ def inspect_shard(params: ValidateParams, download_dir: Path, shard: Shard, prog
     return len(mine), before
 
 
-def shard_share(manifest: pd.DataFrame, shard: Shard) -> pd.DataFrame:
+def shard_share(manifest: pd.DataFrame, shard: Shard | None) -> pd.DataFrame:
     """Shard K/N's distinct downloaded files (by sha256): the manifest rows it inspects."""
     ok = manifest[manifest["status"] == "ok"].drop_duplicates("sha256")
     return ok[ok["sha256"].isin(share(list(ok["sha256"]), shard, key=str))]
 
 
-def shard_files(params: ValidateParams, download_dir: Path, root: Path, shard: Shard) -> list[str]:
+def shard_files(params: ValidateParams, download_dir: Path, root: Path, shard: Shard | None) -> dict[str, str]:
     """The image files (relative to `root`, a shard's folder holding the stage's other inputs) that
-    shard K/N reads: its share of the distinct files not in the inspection cache yet."""
+    shard K/N reads, with their sha256: its share (every file without a shard) of the distinct
+    files not in the inspection cache yet."""
     cache = InspectionCache(root / params.cache_dir, params.max_image_pixels)
     mine = shard_share(read_manifest(root / download_dir, params), shard)
     pairs = zip(mine["sha256"], mine["path"], strict=True)
-    return [(download_dir / path).as_posix() for sha, path in pairs if cache.get(sha) is None]
+    return {(download_dir / path).as_posix(): sha for sha, path in pairs if cache.get(sha) is None}
 
 
 def dpi_policies(table: pd.DataFrame, params: ValidateParams) -> list[str]:
