@@ -127,9 +127,6 @@ def test_a_shard_archive_is_checked_like_single_objects(project, s3_server, tmp_
     member its listing names must be a regular file with the listed sha256; a listed file missing
     from the archive stops the merge too. Nothing is written from a refused archive, and a member
     the listing does not name is never written."""
-    import io
-    import tarfile
-
     exchange = open_exchange(project)
     client = make_client(s3_server.settings())
     good, other = b"cache entry", b"other bytes"
@@ -214,7 +211,6 @@ def test_validate_and_caption_shards_fetch_only_the_images_their_share_reads(pro
     inspection cache already holds), listed for its run (`--files`), a caption shard the images of
     its share of the batches (the share its run computes), each as one archive; every other input
     comes whole."""
-
     from components.config import load_params
     from components.sharding import batches, share
     from components.validate.inspect import EMPTY_ROW, InspectionCache
