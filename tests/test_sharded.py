@@ -216,7 +216,7 @@ def test_the_local_cluster_workers_run_without_dask_s_profiler():
 def test_a_validate_shard_handed_its_files_inspects_those_and_refuses_others(tmp_path):
     """`easel validate --shard K/N --files LIST` (how the flow runs a validate shard) inspects
     exactly the listed files, whatever the hash share of K/N, and refuses a file the manifest does
-    not list as downloaded, naming it."""
+    not list as downloaded, `--files` without `--shard`, and a list it cannot read, each in one line."""
     import shutil
     import subprocess
     import sys
@@ -236,10 +236,12 @@ def test_a_validate_shard_handed_its_files_inspects_those_and_refuses_others(tmp
         tmp_path / "data/download/manifest.parquet"
     )
 
-    def run(*listed: str, shard: tuple[str, ...] = ("--shard", "1/2")) -> subprocess.CompletedProcess:
+    def run(
+        *listed: str, shard: tuple[str, ...] = ("--shard", "1/2"), listing: str = "files.txt"
+    ) -> subprocess.CompletedProcess:
         (tmp_path / "files.txt").write_text("".join(f"{p}\n" for p in listed))
         return subprocess.run(
-            [sys.executable, "-m", "components.cli", "validate", *shard, "--files", "files.txt"],
+            [sys.executable, "-m", "components.cli", "validate", *shard, "--files", listing],
             cwd=tmp_path,
             env=os.environ | {"PYTHONPATH": str(REPO), "EASEL_NO_PROGRESS": "1"},
             capture_output=True,
@@ -261,3 +263,9 @@ def test_a_validate_shard_handed_its_files_inspects_those_and_refuses_others(tmp
     proc = run(f"data/download/{paths[1]}", shard=())
     assert proc.returncode != 0 and "--files lists a shard's files; it needs --shard K/N" in proc.stderr
     assert cache.get(shas[1]) is None
+
+    proc = run(listing="absent.txt")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "easel validate: error: validate --files absent.txt: cannot read it (No such file or directory)"
+    ]
