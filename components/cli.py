@@ -95,18 +95,17 @@ def cmd_validate(args) -> int:
     from components.validate import run_validate
 
     params = _load(args)
-    if args.files and not _shard(args):
-        raise EaselError("validate: --files lists a shard's files; it needs --shard K/N")
+    if args.archived and not _shard(args):
+        raise EaselError("validate: --archived indexes a shard's files; it needs --shard K/N")
     if shard := _shard(args):
         from components.validate.stage import inspect_shard
 
-        only = None
-        if args.files:
-            try:
-                only = set(Path(args.files).read_text(encoding="utf-8").splitlines())
-            except OSError as exc:
-                raise EaselError(f"validate --files {args.files}: cannot read it ({exc.strerror or exc})") from None
-        files, now = inspect_shard(params.validate_, Path(params.download.out_dir), shard, _progress(args), only)
+        archived = None
+        if args.archived:
+            from components.fsutil import read_archive_index
+
+            archived = read_archive_index(args.archived)
+        files, now = inspect_shard(params.validate_, Path(params.download.out_dir), shard, _progress(args), archived)
         print(f"validate shard {args.shard}: {files} files, {now} inspected now, {files - now} from the cache")
         return 0
     summary = run_validate(
@@ -533,9 +532,11 @@ def build_parser() -> argparse.ArgumentParser:
             )
         if stage == "validate":
             p.add_argument(
-                "--files",
-                help="with --shard: inspect exactly the image files listed in this text file (one path "
-                "relative to the project per line), the share a flow handed the shard, not every N-th file",
+                "--archived",
+                metavar="INDEX",
+                help="with --shard: inspect exactly the image files this JSON index names, each read in "
+                "place from a tar archive ({path: [archive, offset, size, sha256]}, paths relative to "
+                "the project): the share a flow handed the shard, not every N-th file",
             )
 
     p = add(

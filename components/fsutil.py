@@ -9,8 +9,11 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterator
-from pathlib import Path
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
 from typing import Any
+
+from components.errors import EaselError
 
 
 def atomic_write_bytes(path: Path | str, data: bytes, mode: int | None = None) -> None:
@@ -233,6 +236,62 @@ def sha256_file(path: Path | str, chunk: int = 1 << 20) -> str:
         while block := fh.read(chunk):
             digest.update(block)
     return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class ArchivedFile:
+    """A file read in place inside an uncompressed tar archive: where its bytes lie, and their
+    sha256. Reading one creates no file (creating files costs more here than filling them)."""
+
+    name: str  # the file's path in the archive
+    archive: str
+    offset: int
+    size: int
+    sha256: str
+
+    def read(self) -> bytes:
+        """The file's bytes, refused unless they have its sha256."""
+        with open(self.archive, "rb") as fh:
+            fh.seek(self.offset)
+            data = fh.read(self.size)
+        if len(data) != self.size or hashlib.sha256(data).hexdigest() != self.sha256:
+            where = f"{self.size} bytes at {self.offset}"
+            raise EaselError(f"{self.archive}: {self.name} ({where}) does not match its sha256; refused")
+        return data
+
+
+def read_archive_index(index: Path | str, folder: Path | str = ".") -> dict[str, ArchivedFile]:
+    """Files read in place inside archives, from a JSON index {path: [archive, offset, size, sha256]}
+    (what components.shard_exchange hands a shard), each archive inside `folder`; a malformed index
+    is an error naming the file and the entry."""
+    folder = Path(folder)
+    try:
+        entries = json.loads(Path(index).read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise EaselError(f"{index}: cannot read it ({exc.strerror or exc})") from None
+    except ValueError as exc:
+        raise EaselError(f"{index}: not JSON ({exc})") from None
+    if not isinstance(entries, dict):
+        raise EaselError(f"{index}: not an index of handed files ({{path: [archive, offset, size, sha256]}})")
+    handed = {}
+    for path, entry in entries.items():
+        shape = [str, int, int, str]
+        shaped = isinstance(entry, list) and [type(v) for v in entry] == shape
+        if not (shaped and entry[1] >= 0 and entry[2] >= 0 and len(entry[3]) == 64):
+            raise EaselError(f"{index}: {path}: not [archive, offset, size, sha256]; got {entry!r}")
+        archive = inside_folder(folder, entry[0], f"{index}: {path}")
+        handed[path] = ArchivedFile(path, str(archive), entry[1], entry[2], entry[3])
+    return handed
+
+
+def inside_folder(root: Path, rel: str, source: str) -> Path:
+    """`root/rel` for a path read from a listing, refused if it would land outside `root`."""
+    pure = PurePosixPath(rel)
+    target = root.joinpath(*pure.parts)
+    inside = not pure.is_absolute() and ".." not in pure.parts and bool(pure.parts)
+    if not inside or not target.resolve().is_relative_to(root.resolve()):  # a symlinked folder on the way, too
+        raise EaselError(f"{source}: path {rel!r} is not inside the folder; refused")
+    return target
 
 
 def dir_manifest(root: Path | str) -> list[dict]:

@@ -141,7 +141,7 @@ def run_stage_shard(
     if stage not in SHARDED_STAGES:
         raise EaselError(f"stage {stage} cannot be sharded; these can: {', '.join(SHARDED_STAGES)}")
     # The DVC stage writes download's manifest; a validate shard inspects the files the flow handed it.
-    only = {"download": ["--no-manifest"], "validate": ["--files", HANDED_IMAGES]}.get(stage, [])
+    only = {"download": ["--no-manifest"], "validate": ["--archived", HANDED_IMAGES]}.get(stage, [])
     command = [str(Path(sys.executable).parent / "easel"), stage, "--shard", f"{shard}/{shards}", *only]
     with shard_folder(exchange, stage, shard, shards) as folder:
         env = _env(folder)  # the folder's own code (the stage's code dependencies) runs, as in the project

@@ -16,8 +16,9 @@ more per byte it receives than per byte it sends (benchmarks/RESULTS.md). A capt
 archive of the files its share of the batches reads, packed by the flow. Validate's shares follow
 download's: where download ran sharded in the same run, validate shard K inspects the files that
 download shard K handed back and fetches that shard's archive, already in the exchange; only the
-files no such archive holds are packed afresh. The flow tells a validate shard its files
-(`easel validate --shard K/N --files`), so a shard fetches its share and nothing else.
+files no such archive holds are packed afresh. A validate shard reads its images in place, inside
+the archives (READS_ARCHIVES), from an index the flow writes in its folder (`easel validate
+--shard K/N --archived`): it fetches its share and nothing else, and creates no file per image.
 
 A worker needs only the project's Python environment and S3: `EASEL_S3_ENDPOINT` with
 `AWS_ACCESS_KEY_ID`/`AWS_SECRET_ACCESS_KEY` (a worker on the flow's machine may use the embedded
@@ -43,7 +44,7 @@ from pathlib import Path, PurePosixPath
 
 from components.config import Params, StorageParams, load_params
 from components.errors import EaselError
-from components.fsutil import sha256_file
+from components.fsutil import atomic_write_json, inside_folder, sha256_file
 from components.sharding import share
 
 SHARD_DIR_ENV = "EASEL_SHARD_DIR"
@@ -86,8 +87,13 @@ SHARD_IMAGES: dict[str, Callable[[Params], list[str]]] = {
 }
 
 
-# Where the flow hands a shard its image files, listed, in the shard's folder (validate reads it: --files).
-HANDED_IMAGES = ".easel/shard-images.txt"
+# Stages whose shards read their images in place, inside the archives fetched into ARCHIVE_DIR,
+# instead of unpacked into files: creating files costs more here than filling them
+# (benchmarks/RESULTS.md). The flow hands such a shard an index of where each of its images lies
+# (HANDED_IMAGES, in the shard's folder; validate reads it: --archived).
+HANDED_IMAGES = ".easel/shard-images.json"
+READS_ARCHIVES = {"validate"}
+ARCHIVE_DIR = ".easel/shard-archives"
 # Stages whose shares the hand-out deals along the archives another stage's shards handed back in
 # the same run: their images are in the exchange already, and go out again without a new upload.
 SHARES_FOLLOW = {"validate": "download"}
@@ -179,16 +185,6 @@ def _hash_files(root: Path, rels: list[str], skip: tuple[str, ...] = ()) -> dict
     return found
 
 
-def _safe_path(root: Path, rel: str, source: str) -> Path:
-    """`root/rel` for a path read from a listing, refused if it would land outside `root`."""
-    pure = PurePosixPath(rel)
-    target = root.joinpath(*pure.parts)
-    inside = not pure.is_absolute() and ".." not in pure.parts and bool(pure.parts)
-    if not inside or not target.resolve().is_relative_to(root.resolve()):  # a symlinked folder on the way, too
-        raise EaselError(f"{source}: path {rel!r} is not inside the folder; refused")
-    return target
-
-
 def stage_inputs(stage: str, project_dir: Path | str) -> list[str]:
     """What a shard of `stage` reads, relative to the project: params.yaml, the stage's DVC dependencies
     (code and data, as dvc.yaml resolves them), its caches, and its models that live in the project."""
@@ -269,7 +265,7 @@ def _get_listing_document(exchange: Exchange, key: str, what: str) -> tuple[dict
 
 def _missing(root: Path, files: dict[str, str], source: str) -> tuple[dict[str, Path], list[str]]:
     """Where each listed file goes in `root` (refused outside it), and those not there with their content."""
-    targets = {path: _safe_path(root, path, source) for path in files}
+    targets = {path: inside_folder(root, path, source) for path in files}
     return targets, [p for p, target in targets.items() if not (target.is_file() and sha256_file(target) == files[p])]
 
 
@@ -333,44 +329,81 @@ def _pack(folder: Path, files: dict[str, str], pack: Path) -> str:
     return sha256_file(pack)
 
 
+def _archive_members(
+    exchange: Exchange,
+    files: dict[str, str],
+    archives: list[str],
+    into: Path,
+    what: str,
+    held: contextlib.ExitStack,
+    keep: bool = False,
+) -> dict[str, tuple[Path, tarfile.TarFile, tarfile.TarInfo]]:
+    """Fetch the archive objects into `into` (each checked against its sha256; kept as
+    `<sha256>.tar` or deleted when `held` closes) and find each of `files` in them: (archive file,
+    open archive, member). Headers only: every archive is judged before anything is written. Each member
+    a listing names must be a regular file; every listed file must be found. Members the listing
+    does not name are not read (an archive another stage's shard packed holds more than this listing)."""
+    source = f"s3://{exchange.bucket}/{exchange.prefix}"
+    found: dict[str, tuple[Path, tarfile.TarFile, tarfile.TarInfo]] = {}
+    into.mkdir(parents=True, exist_ok=True)
+    try:
+        for archive in archives:
+            if keep:
+                path = into / f"{archive}.tar"
+                tmp = str(path) + ".tmp"
+                held.callback(Path(tmp).unlink, missing_ok=True)
+            else:
+                fd, tmp = tempfile.mkstemp(dir=into, prefix=".shard-archive.", suffix=".tmp")
+                os.close(fd)
+                path = Path(tmp)
+                held.callback(path.unlink, missing_ok=True)
+            with _client(exchange, what) as client:
+                _get_object(client, exchange, archive, tmp, f"the archive object of {what}")
+            if keep:
+                os.replace(tmp, path)
+            tar = held.enter_context(tarfile.open(path, "r:"))  # noqa: SIM115 (closed with `held`)
+            for member in tar.getmembers():
+                if member.name not in files:
+                    continue
+                if not member.isfile() or member.issparse():
+                    problem = f"archive member {member.name!r} is not a file its listing names"
+                    raise EaselError(f"{source}: {what}: {problem}; refused")
+                found.setdefault(member.name, (path, tar, member))
+    except tarfile.TarError as exc:
+        raise EaselError(f"{source}: the archive object of {what} cannot be read ({exc})") from None
+    lacking = sorted(set(files) - set(found))
+    if lacking:
+        raise EaselError(f"{source}: {what}: the archives lack {lacking[:3]}; refused")
+    return found
+
+
 def _unpack(exchange: Exchange, root: Path, files: dict[str, str], archives: list[str], what: str) -> int:
     """Fetch the archive objects that hold `files` and write each listed file into `root`, checked
-    like single objects: an archive against its sha256, and every member the listing names must be
-    a regular file, inside the folder, with its sha256; every listed file must be found. Members
-    the listing does not name are not written (an archive another stage's shard packed holds more
-    than this listing). A file already there with that content is kept. Returns how many were written."""
+    like single objects: an archive against its sha256, every member (`_archive_members`) against
+    the listing's sha256. A file already there with that content is kept. Returns how many were written."""
     source = f"s3://{exchange.bucket}/{exchange.prefix}"
     targets, missing = _missing(root, files, source)
     if not missing:
         return 0
-    root.mkdir(parents=True, exist_ok=True)
-    todo: dict[str, tuple[tarfile.TarFile, tarfile.TarInfo]] = {}
     with contextlib.ExitStack() as held:
-        try:
-            for archive in archives:
-                fd, tmp = tempfile.mkstemp(dir=root, prefix=".shard-archive.", suffix=".tmp")
-                os.close(fd)
-                held.callback(Path(tmp).unlink, missing_ok=True)
-                with _client(exchange, what) as client:
-                    _get_object(client, exchange, archive, tmp, f"the archive object of {what}")
-                tar = held.enter_context(tarfile.open(tmp, "r:"))
-                # Headers only: every archive is judged before anything is written.
-                for member in tar.getmembers():
-                    if member.name not in files:
-                        continue
-                    if not member.isfile():
-                        problem = f"archive member {member.name!r} is not a file its listing names"
-                        raise EaselError(f"{source}: {what}: {problem}; refused")
-                    todo.setdefault(member.name, (tar, member))
-            lacking = sorted(set(missing) - set(todo))
-            if lacking:
-                raise EaselError(f"{source}: {what}: the archives lack {lacking[:3]}; refused")
-            for path in missing:
-                tar, member = todo[path]
-                _write_checked(tar.extractfile(member), targets[path], files[path], source)
-        except tarfile.TarError as exc:
-            raise EaselError(f"{source}: the archive object of {what} cannot be read ({exc})") from None
+        found = _archive_members(exchange, {p: files[p] for p in missing}, archives, root, what, held)
+        for path in missing:
+            _, tar, member = found[path]
+            _write_checked(tar.extractfile(member), targets[path], files[path], source)
     return len(missing)
+
+
+def _place_archived(exchange: Exchange, folder: Path, files: dict[str, str], archives: list[str], what: str) -> None:
+    """Fetch the archive objects that hold `files` into the shard's folder, and write the index
+    (HANDED_IMAGES) of where each file's bytes lie in them: the shard reads them in place
+    (`components.fsutil.read_archive_index`), and no file is created per image."""
+    with contextlib.ExitStack() as held:
+        found = _archive_members(exchange, files, archives, folder / ARCHIVE_DIR, what, held, keep=True)
+        index = {
+            path: [archive.relative_to(folder).as_posix(), member.offset_data, member.size, files[path]]
+            for path, (archive, _, member) in sorted(found.items())
+        }
+    atomic_write_json(folder / HANDED_IMAGES, index)
 
 
 def _write_checked(stream, target: Path, sha256: str, source: str) -> None:
@@ -513,9 +546,11 @@ def shard_folder(exchange: Exchange, stage: str, shard: int, shards: int) -> Ite
         if stage in SHARD_IMAGES:
             key = _images_listing(exchange, stage, shard, shards)
             images, archives = _get_listing_document(exchange, key, f"{stage} shard {shard}/{shards} images")
-            _unpack(exchange, folder, images, archives, f"{stage} shard {shard}/{shards} images")
-            (folder / HANDED_IMAGES).parent.mkdir(parents=True, exist_ok=True)
-            (folder / HANDED_IMAGES).write_text("".join(f"{path}\n" for path in sorted(images)))
+            what = f"{stage} shard {shard}/{shards} images"
+            if stage in READS_ARCHIVES:
+                _place_archived(exchange, folder, images, archives, what)
+            else:
+                _unpack(exchange, folder, images, archives, what)
         yield folder
     finally:
         shutil.rmtree(folder, ignore_errors=True)

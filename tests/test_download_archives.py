@@ -528,8 +528,8 @@ def noisy_png(seed: int, side: int = 140) -> bytes:
 
 def test_archives_cut_or_lying_give_rows_not_crashes(tmp_path):
     """Cut inside a member's data (tar and tar.gz) or inside a header; a corrupt sidecar; two members
-    with one name: every member read gets its own row, the archive a `truncated` row where it ends
-    early, and the stage finishes."""
+    with one name; a member with no name: every member read gets its own row, the archive a
+    `truncated` row where it ends early, and the stage finishes."""
     members = [("a.png", noisy_png(1)), ("b.png", noisy_png(2)), ("c.png", noisy_png(3))]
     with tarfile.open(tmp_path / "whole.tar", "w") as tar:
         for name, data in members:
@@ -553,7 +553,10 @@ def test_archives_cut_or_lying_give_rows_not_crashes(tmp_path):
     with tarfile.open(tmp_path / "twice.tar", "w") as tar:
         _tar_add(tar, "dup.png", kind=tarfile.SYMTYPE, link="/etc/passwd")
         _tar_add(tar, "dup.png", IMAGES["p0"])
-    names = ("in-member.tar", "in-header.tar", "in-member.tar.gz", "sidecar.zip", "twice.tar")
+    with zipfile.ZipFile(tmp_path / "noname.zip", "w") as z:  # a damaged directory can give a member no name
+        z.writestr("p0.png", IMAGES["p0"])
+        z.writestr(zipfile.ZipInfo(""), IMAGES["p1"])
+    names = ("in-member.tar", "in-header.tar", "in-member.tar.gz", "sidecar.zip", "twice.tar", "noname.zip")
     sources = [{"name": n.replace(".", "-"), "path": str(tmp_path / n)} for n in names]
     run_download(params(tmp_path, sources), progress=False)
     manifest = manifest_of(tmp_path)
@@ -565,6 +568,9 @@ def test_archives_cut_or_lying_give_rows_not_crashes(tmp_path):
     assert sidecar.loc["p0.txt", "status"] == "corrupt_member" and sidecar.loc["p1.png", "status"] == "ok"
     twice = manifest[manifest["source"] == "twice-tar"]
     assert twice["status"].tolist() == ["unsafe_member", "ok"] and twice["url"].is_unique
+    noname = manifest[manifest["source"] == "noname-zip"]
+    assert noname["status"].tolist() == ["ok", "unsafe_member"]
+    assert noname["error"].iloc[1] == "member '' refused: an empty name (a damaged directory, mostly)"
 
 
 def test_archive_streams_have_a_deadline_and_a_size_cap(tmp_path, site, archive_dir):

@@ -17,7 +17,9 @@ import pytest
 import yaml
 
 from components.errors import EaselError
+from components.fsutil import read_archive_index
 from components.shard_exchange import (
+    ARCHIVE_DIR,
     HANDED_IMAGES,
     close_exchange,
     collect_shard_results,
@@ -208,9 +210,9 @@ def downloaded_project(project: Path, images: int) -> tuple[list[str], list[str]
 
 def test_validate_and_caption_shards_fetch_only_the_images_their_share_reads(project, s3_server, tmp_path):
     """The flow hands a validate shard its share of the distinct downloaded files (less those the
-    inspection cache already holds), listed for its run (`--files`), a caption shard the images of
-    its share of the batches (the share its run computes), each as one archive; every other input
-    comes whole."""
+    inspection cache already holds), indexed in the archive it reads them from (`--archived`), a
+    caption shard the images of its share of the batches (the share its run computes), unpacked;
+    each as one archive; every other input comes whole."""
     from components.config import load_params
     from components.sharding import batches, share
     from components.validate.inspect import EMPTY_ROW, InspectionCache
@@ -220,10 +222,9 @@ def test_validate_and_caption_shards_fetch_only_the_images_their_share_reads(pro
     (project / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     shas, paths = downloaded_project(project, 7)
     params = load_params(project / "params.yaml")
-    cache = InspectionCache(project / params.validate_.cache_dir, params.validate_.max_image_pixels)
-    cached = Path(cache.path(shas[0])).relative_to(project).as_posix()
-    (project / cached).parent.mkdir(parents=True, exist_ok=True)
-    (project / cached).write_text(json.dumps(dict(EMPTY_ROW)))
+    with InspectionCache(project / params.validate_.cache_dir, params.validate_.max_image_pixels) as cache:
+        cache.put(shas[0], dict(EMPTY_ROW))
+    (cached,) = [p.relative_to(project).as_posix() for p in cache.root.iterdir()]  # one part, one file
     exchange = open_exchange(project)
     client = make_client(s3_server.settings())
 
@@ -231,12 +232,17 @@ def test_validate_and_caption_shards_fetch_only_the_images_their_share_reads(pro
         publish_stage_inputs(exchange, stage, project, 2)
         with shard_folder(exchange, stage, 0, 2) as folder:
             got = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()}
-            handed = set((folder / HANDED_IMAGES).read_text().splitlines())
+            handed = read_archive_index(folder / HANDED_IMAGES, folder) if stage == "validate" else {}
+            read = {path: file.read() for path, file in handed.items()}
         assert {"params.yaml", "data/download/manifest.parquet"} <= got
         assert (cached if stage == "validate" else "data/validate/accepted.parquet") in got
         images = {p for p in got if p.startswith("data/download/images/")}
-        assert handed == images
-        return images
+        if stage == "caption":
+            assert HANDED_IMAGES not in got
+            return images
+        assert images == set()  # validate reads them in place, inside the archive
+        assert all(data == (project / path).read_bytes() for path, data in read.items())
+        return set(read)
 
     uncached = sorted(f"data/download/{p}" for p in paths[1:])
     assert fetched_images("validate") == set(share(uncached, (0, 2), key=str))
@@ -255,8 +261,9 @@ def test_validate_and_caption_shards_fetch_only_the_images_their_share_reads(pro
 def test_validate_shards_take_the_archives_download_shards_handed_back(project, s3_server, tmp_path, monkeypatch):
     """Where download ran sharded in the same run, validate shard K inspects the files download
     shard K handed back and fetches them from that shard's archive: no image is uploaded again. A
-    file no download archive holds (fetched by an earlier run) is packed afresh; what else a
-    download archive holds (its journal) is not written in the validate shard's folder."""
+    file no download archive holds (fetched by an earlier run) is packed afresh. The shard reads
+    its images inside the archives: neither they nor what else a download archive holds (its
+    journal) are written as files in the validate shard's folder."""
     _, paths = downloaded_project(project, 7)
     exchange = open_exchange(project)
     client = make_client(s3_server.settings())
@@ -278,20 +285,24 @@ def test_validate_shards_take_the_archives_download_shards_handed_back(project, 
         return json.loads(client.get_object(Bucket=exchange.bucket, Key=exchange.listing(stage, name))["Body"].read())
 
     assert publish_stage_inputs(exchange, "validate", project, 2) > 7
-    handed, written = {}, {}
+    handed, written, fetched = {}, {}, {}
     for shard in (0, 1):
         with shard_folder(exchange, "validate", shard, 2) as folder:
-            handed[shard] = set((folder / HANDED_IMAGES).read_text().splitlines())
+            handed[shard] = {
+                path: file.read() for path, file in read_archive_index(folder / HANDED_IMAGES, folder).items()
+            }
             downloads = (folder / "data/download").rglob("*")
             written[shard] = {p.relative_to(folder).as_posix() for p in downloads if p.is_file()}
+            fetched[shard] = sorted(p.name for p in (folder / ARCHIVE_DIR).iterdir())
     image = [f"data/download/{p}" for p in paths]
-    assert handed == {0: {image[i] for i in (0, 2, 4, 6)}, 1: {image[i] for i in (1, 3, 5)}}
-    # Each shard's folder holds its images and the manifest; not the other shard's, nor the journal.
-    assert written == {k: handed[k] | {"data/download/manifest.parquet"} for k in (0, 1)}
+    assert handed == {k: {image[i]: f"image {i}".encode() for i in ([0, 2, 4, 6], [1, 3, 5])[k]} for k in (0, 1)}
+    # Each shard's folder holds the manifest and the archives; no image, nor the journal.
+    assert written == {0: {"data/download/manifest.parquet"}, 1: {"data/download/manifest.parquet"}}
     # Shard 1 reads download shard 1's archive, shard 0 download shard 0's and a new one of image 6 alone.
     download = [listing("download", f"shard-{k}-of-2")["archives"] for k in (0, 1)]
     validate = [listing("validate", f"inputs-shard-{k}-of-2")["archives"] for k in (0, 1)]
     assert validate[1] == download[1] and validate[0][:-1] == download[0] and len(validate[0]) == 2
+    assert fetched == {k: sorted(f"{a}.tar" for a in validate[k]) for k in (0, 1)}
     body = client.get_object(Bucket=exchange.bucket, Key=exchange.objects(validate[0][-1]))["Body"].read()
     with tarfile.open(fileobj=io.BytesIO(body)) as tar:
         assert tar.getnames() == [image[6]]

@@ -6,6 +6,7 @@ folder with the flow or with each other: their inputs and results go through S3 
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import re
 import socket
@@ -213,59 +214,98 @@ def test_the_local_cluster_workers_run_without_dask_s_profiler():
     assert list(enabled.values()) == [False]
 
 
-def test_a_validate_shard_handed_its_files_inspects_those_and_refuses_others(tmp_path):
-    """`easel validate --shard K/N --files LIST` (how the flow runs a validate shard) inspects
-    exactly the listed files, whatever the hash share of K/N, and refuses a file the manifest does
-    not list as downloaded, `--files` without `--shard`, and a list it cannot read, each in one line."""
+def test_a_validate_shard_handed_an_archive_index_inspects_those_files_in_place_and_refuses_others(
+    tmp_path, monkeypatch, capsys
+):
+    """`easel validate --shard K/N --archived INDEX` (how the flow runs a validate shard) inspects
+    exactly the files the index names, whatever the hash share of K/N, reading each inside its tar
+    archive (no image file is created; in the decoding pool's processes too). It refuses, each in
+    one line: a file the manifest does not list as downloaded, one handed with another sha256, bytes
+    that do not match theirs, an archive outside the folder, a malformed entry or index, an index it
+    cannot read, and `--archived` without `--shard`."""
+    import json
     import shutil
     import subprocess
-    import sys
+    import tarfile
 
+    from components.cli import main
     from components.config import load_params
     from components.validate.inspect import InspectionCache
     from tests.conftest import REPO
 
     shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
-    contents = [f"image {i}".encode() for i in range(4)]
-    shas = [hashlib.sha256(c).hexdigest() for c in contents]
-    paths = [f"images/{s[:2]}/{s}.png" for s in shas]
-    for path, content in zip(paths, contents, strict=True):
-        (tmp_path / "data/download" / path).parent.mkdir(parents=True, exist_ok=True)
-        (tmp_path / "data/download" / path).write_bytes(content)
-    pd.DataFrame({"status": ["ok"] * 4, "sha256": shas, "path": paths}).to_parquet(
-        tmp_path / "data/download/manifest.parquet"
-    )
-
-    def run(
-        *listed: str, shard: tuple[str, ...] = ("--shard", "1/2"), listing: str = "files.txt"
-    ) -> subprocess.CompletedProcess:
-        (tmp_path / "files.txt").write_text("".join(f"{p}\n" for p in listed))
-        return subprocess.run(
-            [sys.executable, "-m", "components.cli", "validate", *shard, "--files", listing],
-            cwd=tmp_path,
-            env=os.environ | {"PYTHONPATH": str(REPO), "EASEL_NO_PROGRESS": "1"},
-            capture_output=True,
-            text=True,
-        )
-
-    proc = run(f"data/download/{paths[0]}", f"data/download/{paths[3]}")
-    assert proc.returncode == 0, proc.stderr
-    assert "validate shard 1/2: 2 files, 2 inspected now" in proc.stdout
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("EASEL_NO_PROGRESS", "1")
     params = load_params(tmp_path / "params.yaml").validate_
+    assert params.workers == 2  # the pool's processes decode when there are 64 files or more
+    contents = [f"image {i}".encode() for i in range(70)]
+    shas = [hashlib.sha256(c).hexdigest() for c in contents]
+    paths = [f"data/download/images/{s[:2]}/{s}.png" for s in shas]
+    (tmp_path / "data/download").mkdir(parents=True)
+    manifest = pd.DataFrame(
+        {"status": ["ok"] * 70, "sha256": shas, "path": [p.removeprefix("data/download/") for p in paths]}
+    )
+    manifest.to_parquet(tmp_path / "data/download/manifest.parquet")
+    (tmp_path / ".easel/shard-archives").mkdir(parents=True)
+    archive = ".easel/shard-archives/a.tar"
+    with tarfile.open(tmp_path / archive, "w") as tar:
+        for path, content in zip(paths, contents, strict=True):
+            info = tarfile.TarInfo(path)
+            info.size = len(content)
+            tar.addfile(info, io.BytesIO(content))
+    with tarfile.open(tmp_path / archive) as tar:
+        where = {m.name: [archive, m.offset_data, m.size] for m in tar.getmembers()}
+
+    def entry(i: int, sha: int | None = None, at: int | None = None) -> tuple[str, list]:
+        """Image i's index entry, with the sha256 of image `sha` or the bytes of image `at` if given."""
+        return paths[i], [*where[paths[i if at is None else at]], shas[i if sha is None else sha]]
+
+    def run(index: object, shard: tuple[str, ...] = ("--shard", "1/2"), name: str = "index.json"):
+        (tmp_path / "index.json").write_text(json.dumps(index))
+        code = main(["validate", *shard, "--archived", name])
+        out, err = capsys.readouterr()
+        return subprocess.CompletedProcess([], code, out, err)
+
+    def refused(proc, message: str) -> None:
+        assert proc.returncode == 2, proc.stderr
+        assert proc.stderr.strip().splitlines() == [f"easel validate: error: {message}"]
+
     cache = InspectionCache(tmp_path / params.cache_dir, params.max_image_pixels)
-    assert [cache.get(s) is not None for s in shas] == [True, False, False, True]
+    proc = run(dict(entry(i) for i in range(66)))
+    assert proc.returncode == 0, proc.stderr
+    assert "validate shard 1/2: 66 files, 66 inspected now" in proc.stdout
+    assert [cache.get(s) is not None for s in shas] == [True] * 66 + [False] * 4
+    assert cache.get(shas[0])["decode_error"].startswith("unreadable header")  # read: its bytes are no image
+    assert not (tmp_path / "data/download/images").exists()  # no file created per image
 
-    proc = run(f"data/download/{paths[1]}", "data/download/images/elsewhere.png")
-    assert proc.returncode != 0
-    assert "validate shard 1/2: data/download/images/elsewhere.png is not a downloaded file" in proc.stderr
-    assert cache.get(shas[1]) is None  # nothing inspected
-
-    proc = run(f"data/download/{paths[1]}", shard=())
-    assert proc.returncode != 0 and "--files lists a shard's files; it needs --shard K/N" in proc.stderr
-    assert cache.get(shas[1]) is None
-
-    proc = run(listing="absent.txt")
-    assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines() == [
-        "easel validate: error: validate --files absent.txt: cannot read it (No such file or directory)"
-    ]
+    elsewhere = "data/download/images/elsewhere.png"
+    refused(
+        run(dict([entry(66), (elsewhere, entry(66)[1])])), f"validate shard 1/2: {elsewhere} is not a downloaded file"
+    )
+    refused(
+        run(dict([entry(67, sha=68)])),
+        f"validate shard 1/2: {paths[67]} was handed with another sha256 than the manifest's; refused",
+    )
+    _, offset, size = where[paths[69]]
+    refused(
+        run(dict([entry(68, at=69)])),
+        f"{archive}: {paths[68]} ({size} bytes at {offset}) does not match its sha256; refused",
+    )
+    refused(
+        run({paths[69]: ["../a.tar", offset, size, shas[69]]}),
+        f"index.json: {paths[69]}: path '../a.tar' is not inside the folder; refused",
+    )
+    refused(
+        run({paths[66]: [archive, "0", 1, shas[66]]}),
+        f"index.json: {paths[66]}: not [archive, offset, size, sha256]; got ['{archive}', '0', 1, '{shas[66]}']",
+    )
+    refused(
+        run({paths[66]: [archive, -1, 1, shas[66]]}),
+        f"index.json: {paths[66]}: not [archive, offset, size, sha256]; got ['{archive}', -1, 1, '{shas[66]}']",
+    )
+    refused(run([entry(66)]), "index.json: not an index of handed files ({path: [archive, offset, size, sha256]})")
+    (tmp_path / "broken.json").write_text("{")
+    assert "broken.json: not JSON" in run({}, name="broken.json").stderr
+    refused(run({}, name="absent.json"), "absent.json: cannot read it (No such file or directory)")
+    refused(run(dict([entry(66)]), shard=()), "validate: --archived indexes a shard's files; it needs --shard K/N")
+    assert [cache.get(s) is not None for s in shas[66:]] == [False] * 4  # nothing refused was inspected

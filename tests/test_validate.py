@@ -354,3 +354,59 @@ def test_a_manifest_judged_in_chunks_gives_the_outputs_of_one_pass(tmp_path, mon
     assert reasons["astronaut-small.png"] == ["near_duplicate"]
     runs = list((tmp_path / "chunked" / "data_docs" / "validations").rglob("*.html"))
     assert len(runs) == -(-len(manifest) // 3)  # one GX validation per chunk, all in the Data Docs
+
+
+def test_the_inspection_cache_keeps_what_a_killed_run_committed_and_folds_its_parts(tmp_path):
+    """Inspection rows live in SQLite parts, one file per writer (not one per image). A run killed
+    mid-way keeps every row it committed (COMMIT_ROWS at a time); a part that cannot be read is
+    skipped, its files inspected again; the stage folds every part into one file, rows kept."""
+    import subprocess
+    import sys
+
+    from components.validate.inspect import COMMIT_ROWS, EMPTY_ROW, InspectionCache
+    from tests.conftest import REPO
+
+    pixels = ValidateParams().max_image_pixels  # the stage's own rows, so that it folds these parts
+    shas = [hashlib.sha256(str(i).encode()).hexdigest() for i in range(COMMIT_ROWS + 50)]
+    killed = f"""
+import os
+from components.validate.inspect import EMPTY_ROW, InspectionCache
+cache = InspectionCache({str(tmp_path / "cache")!r}, {pixels})
+for i, sha in enumerate({shas!r}):
+    cache.put(sha, dict(EMPTY_ROW, width=i))
+os._exit(9)  # killed before it could commit the last rows
+"""
+    proc = subprocess.run([sys.executable, "-c", killed], cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 9, proc.stderr
+    with InspectionCache(tmp_path / "cache", pixels) as cache:
+        kept = [cache.get(sha) for sha in shas]
+        assert [row is not None for row in kept] == [True] * COMMIT_ROWS + [False] * 50
+        assert [row["width"] for row in kept[:COMMIT_ROWS]] == list(range(COMMIT_ROWS))
+        for sha in shas[COMMIT_ROWS:]:  # the next run inspects only those
+            cache.put(sha, dict(EMPTY_ROW, width=-1))
+    (cache.root / "broken.sqlite").write_bytes(b"not a database")
+    # A writer killed mid-commit, with pages already in its file: SQLite's "hot" journal rolls them back.
+    hot = f"""
+import os, sqlite3
+db = sqlite3.connect({str(cache.root / "hot.sqlite")!r})
+db.execute("PRAGMA cache_size = 1")  # spill pages into the file before the commit
+db.execute("CREATE TABLE rows (sha256 TEXT PRIMARY KEY, row TEXT NOT NULL) WITHOUT ROWID")
+for i in range(500):
+    db.execute("INSERT INTO rows VALUES (?, ?)", (f"{{i:064x}}", "{{}}" + " " * 300))
+os._exit(9)
+"""
+    assert subprocess.run([sys.executable, "-c", hot], capture_output=True).returncode == 9
+    assert (cache.root / "hot.sqlite-journal").stat().st_size > 0
+    with InspectionCache(tmp_path / "cache", pixels) as cache:
+        assert all(cache.get(sha) is not None for sha in shas)
+        assert cache.get(hashlib.sha256(b"never seen").hexdigest()) is None
+    assert len(list(cache.root.glob("*.sqlite"))) == 4
+
+    # The stage folds these parts and its own into one (and drops the unreadable one).
+    download = make_download_dir(tmp_path / "download", corpus())
+    params = ValidateParams(out_dir=str(tmp_path / "out"), cache_dir=str(tmp_path / "cache"), min_accepted_share=0.0)
+    run_validate(params, download, tmp_path / "m.json", progress=False)
+    (part,) = cache.root.iterdir()  # no journal left either
+    with InspectionCache(tmp_path / "cache", pixels) as cache:
+        assert [cache.get(sha)["width"] for sha in shas] == [*range(COMMIT_ROWS), *[-1] * 50]
+    assert part.suffix == ".sqlite"

@@ -201,6 +201,8 @@ def expand_braces(pattern: str, source: str) -> list[str]:
 def unsafe_name(name: str) -> str | None:
     """Why a member's name is refused, or None. Backslashes count as separators (zips made on Windows)."""
     text = name.replace("\\", "/")
+    if not text:
+        return "an empty name (a damaged directory, mostly)"
     if "\x00" in text:
         return "a NUL byte in its name"
     if text.startswith("/") or re.match(r"^[A-Za-z]:", text):
@@ -290,7 +292,7 @@ def tar_members(stream: BinaryIO) -> Iterator[Member]:
 def zip_members(archive: zipfile.ZipFile) -> Iterator[Member]:
     for info in archive.infolist():
         mode = info.external_attr >> 16
-        if info.is_dir():
+        if info.filename.endswith("/"):  # ZipInfo.is_dir() fails on the empty name of a damaged directory
             kind = "dir"
         elif stat.S_ISLNK(mode):
             kind = "link"

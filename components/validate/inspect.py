@@ -8,8 +8,12 @@ Kept free of pandas so that worker processes start quickly.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import multiprocessing
+import os
+import sqlite3
+import uuid
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
@@ -20,8 +24,9 @@ import PIL
 from PIL import Image
 from scipy.fft import dctn
 
-from components.fsutil import atomic_write_json
+from components.fsutil import ArchivedFile
 from components.images import DEFAULT_MAX_PIXELS, dpi_from_info, open_guarded, to_8bit
+from components.numbers import strict_json
 
 EXIF_ORIENTATION = 0x0112
 HASH_SIZE = 8  # a 64-bit pHash
@@ -68,11 +73,11 @@ def exif_orientation(image: Image.Image) -> int | None:
     return image.getexif().get(EXIF_ORIENTATION)
 
 
-def inspect_image(path: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> dict:
-    """Metadata of one image file; never raises for a bad file (the reasons go in the row)."""
+def inspect_image(source: str | bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> dict:
+    """Metadata of one image (its path, or its bytes); never raises for a bad image (the reasons go in the row)."""
     row = dict(EMPTY_ROW)
     try:
-        image = open_guarded(path, max_pixels)
+        image = open_guarded(source, max_pixels)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         row["decode_error"] = f"decompression_bomb: {exc}"
         return row
@@ -104,8 +109,10 @@ def inspect_image(path: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> dict:
     return row
 
 
-def _inspect_args(args: tuple[str, int]) -> dict:
-    return inspect_image(*args)
+def _inspect_args(args: tuple[str | ArchivedFile, int]) -> dict:
+    source, max_pixels = args
+    # Bytes that do not match their sha256 are not the file the table names: raised, not a row.
+    return inspect_image(source.read() if isinstance(source, ArchivedFile) else source, max_pixels)
 
 
 @contextmanager
@@ -119,50 +126,141 @@ def inspection_pool(workers: int) -> Iterator[ProcessPoolExecutor | None]:
         yield pool
 
 
-def inspect_many(paths: Sequence[str], max_pixels: int, pool: ProcessPoolExecutor | None = None) -> Iterator[dict]:
-    """inspect_image over many files, in order, in the pool's processes when there are enough files."""
-    jobs = [(p, max_pixels) for p in paths]
+def inspect_many(
+    sources: Sequence[str | ArchivedFile], max_pixels: int, pool: ProcessPoolExecutor | None = None
+) -> Iterator[dict]:
+    """inspect_image over many files (paths, or files read inside an archive), in order, in the
+    pool's processes when there are enough files."""
+    jobs = [(source, max_pixels) for source in sources]
     if pool is None or len(jobs) < 64:
         yield from map(_inspect_args, jobs)
         return
     yield from pool.map(_inspect_args, jobs, chunksize=32)
 
 
-# Bump when inspect_image's rows change: rows cached by an older version are then not read.
-INSPECTION_VERSION = 1
+# Bump when inspect_image's rows change (or how they are stored): rows of an older version are not read.
+INSPECTION_VERSION = 2
+PART_SUFFIX = ".sqlite"
+COMMIT_ROWS = 256  # a killed run loses at most this many inspections
 
 
 class InspectionCache:
-    """Inspection rows by the file's sha256 and the pixel limit they were read under, one JSON file
-    each. The store is content-addressed, so a row stays true for its file; shards fill it
-    (`easel validate --shard K/N`) and the stage reads it."""
+    """Inspection rows by the file's sha256 and the pixel limit they were read under, in SQLite
+    files ("parts") in one folder. A cache that writes adds one part of its own, committed every
+    COMMIT_ROWS rows (a killed run keeps what it committed), and every part is read: a shard
+    (`easel validate --shard K/N`) hands its part back whole, one file, and the stage finds its
+    rows there. One file per row cost more to create than to fill (benchmarks/RESULTS.md). The
+    store is content-addressed, so a row stays true for its file; a part that cannot be read is
+    skipped (its files are inspected again). Use it as a context manager: leaving commits."""
 
     def __init__(self, root: Path | str, max_pixels: int) -> None:
         self.max_pixels = max_pixels
         # Pillow decides what decodes: another version reads its own rows.
         self.root = Path(root) / f"v{INSPECTION_VERSION}-pillow{PIL.__version__}-max{max_pixels}px"
+        self._parts: list[sqlite3.Connection] | None = None
+        self._writer: sqlite3.Connection | None = None
+        self._uncommitted = 0
 
-    def path(self, sha256: str) -> Path:
-        return self.root / sha256[:2] / f"{sha256}.json"
+    def __enter__(self) -> InspectionCache:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _readers(self) -> list[sqlite3.Connection]:
+        if self._parts is None:
+            self._parts = [db for path in sorted(self.root.glob(f"*{PART_SUFFIX}")) if (db := _open_part(path))]
+        return self._parts + ([self._writer] if self._writer else [])
 
     def get(self, sha256: str) -> dict | None:
-        try:
-            row = json.loads(self.path(sha256).read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            return None
-        return row if isinstance(row, dict) and row.keys() == EMPTY_ROW.keys() else None
+        for db in self._readers():
+            try:
+                found = db.execute("SELECT row FROM rows WHERE sha256 = ?", (sha256,)).fetchone()
+                row = json.loads(found[0]) if found else None
+            except (sqlite3.DatabaseError, ValueError):
+                continue
+            if isinstance(row, dict) and row.keys() == EMPTY_ROW.keys():
+                return row
+        return None
 
     def put(self, sha256: str, row: dict) -> None:
-        atomic_write_json(self.path(sha256), row)
+        if self._writer is None:
+            self.root.mkdir(parents=True, exist_ok=True)
+            self._writer = sqlite3.connect(self.root / f"{uuid.uuid4().hex}{PART_SUFFIX}")
+            self._writer.execute(PART_TABLE)
+        self._writer.execute("INSERT OR REPLACE INTO rows VALUES (?, ?)", (sha256, json.dumps(strict_json(row))))
+        self._uncommitted += 1
+        if self._uncommitted >= COMMIT_ROWS:
+            self.commit()
+
+    def commit(self) -> None:
+        if self._writer is not None:
+            self._writer.commit()
+        self._uncommitted = 0
+
+    def close(self) -> None:
+        self.commit()
+        for db in (self._parts or []) + ([self._writer] if self._writer else []):
+            db.close()
+        self._parts, self._writer = None, None
+
+    def compact(self) -> int:
+        """Fold every part into one (a new file, renamed into place, then the old ones deleted), so
+        that lookups and hand-outs stay one file as runs add parts; returns the parts folded."""
+        self.close()
+        parts = sorted(self.root.glob(f"*{PART_SUFFIX}"))
+        if len(parts) < 2:
+            return 0
+        target = self.root / f"{uuid.uuid4().hex}{PART_SUFFIX}"
+        tmp = target.with_suffix(".tmp")
+        try:
+            with contextlib.closing(sqlite3.connect(tmp)) as db:
+                db.execute(PART_TABLE)
+                for path in parts:
+                    if part := _open_part(path):
+                        with contextlib.closing(part):
+                            rows = part.execute("SELECT sha256, row FROM rows")
+                            db.executemany("INSERT OR IGNORE INTO rows VALUES (?, ?)", rows)
+                db.commit()
+            os.replace(tmp, target)
+        finally:
+            tmp.unlink(missing_ok=True)
+        for path in parts:
+            path.unlink(missing_ok=True)
+            path.with_name(path.name + "-journal").unlink(missing_ok=True)
+        return len(parts)
+
+
+PART_TABLE = "CREATE TABLE IF NOT EXISTS rows (sha256 TEXT PRIMARY KEY, row TEXT NOT NULL) WITHOUT ROWID"
+
+
+def _open_part(path: Path) -> sqlite3.Connection | None:
+    """A part, read only; None if it is not a readable part."""
+    if path.with_name(path.name + "-journal").exists():
+        # A writer killed mid-commit leaves a "hot" journal, which a read-only reader cannot roll
+        # back; one read-write read does (a live writer's journal is not hot, and is left alone).
+        with contextlib.suppress(sqlite3.DatabaseError), contextlib.closing(sqlite3.connect(path)) as db:
+            db.execute("SELECT 1 FROM rows LIMIT 1")
+    try:
+        db = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+    except sqlite3.DatabaseError:
+        return None
+    try:
+        db.execute("SELECT sha256, row FROM rows LIMIT 1")
+    except sqlite3.DatabaseError:
+        db.close()
+        return None
+    return db
 
 
 def inspect_cached(
-    files: Sequence[tuple[str, str]],
+    files: Sequence[tuple[str, str | ArchivedFile]],
     cache: InspectionCache,
     pool: ProcessPoolExecutor | None = None,
     on_progress: Callable[[int], None] | None = None,
 ) -> dict[str, dict]:
-    """{sha256: row} for (sha256, path) pairs: cached rows read, the others inspected and cached as they come."""
+    """{sha256: row} for (sha256, path or archived file) pairs: cached rows read, the others
+    inspected and cached as they come."""
     rows = {sha: cache.get(sha) for sha, _ in files}
     todo = [(sha, path) for sha, path in files if rows[sha] is None]
     if on_progress and len(files) > len(todo):

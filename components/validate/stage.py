@@ -33,7 +33,7 @@ from tqdm import tqdm
 from components import report
 from components.config import AssumeDpi, ModelsParams, ValidateParams
 from components.errors import EaselError
-from components.fsutil import ParquetRowGroups, atomic_dir, atomic_write_json, stage_table_chunks
+from components.fsutil import ArchivedFile, ParquetRowGroups, atomic_dir, atomic_write_json, stage_table_chunks
 from components.images import thumbnail
 from components.sharding import Shard, share, stable_hash
 from components.validate.dedupe import Candidate, choose_kept, hash_groups
@@ -187,38 +187,53 @@ def metadata_table(
 
 
 def inspect_files(
-    files: pd.DataFrame, download_dir: Path, params: ValidateParams, bar: tqdm, pool: ProcessPoolExecutor | None
+    files: pd.DataFrame,
+    download_dir: Path,
+    cache: InspectionCache,
+    bar: tqdm,
+    pool: ProcessPoolExecutor | None,
+    archived: dict[str, ArchivedFile] | None = None,
 ) -> dict[str, dict]:
-    """{sha256: metadata row} of distinct files (columns sha256, path), through the inspection cache."""
-    cache = InspectionCache(params.cache_dir, params.max_image_pixels)
-    pairs = [(sha, str(download_dir / path)) for sha, path in zip(files["sha256"], files["path"], strict=True)]
-    return inspect_cached(pairs, cache, pool, bar.update)
+    """{sha256: metadata row} of distinct files (columns sha256, path), through the inspection
+    cache; read from `archived` ({path relative to the project: where its bytes lie}) if given."""
+    where = [(download_dir / path).as_posix() for path in files["path"]]
+    sources = [archived[w] for w in where] if archived is not None else where
+    return inspect_cached(list(zip(files["sha256"], sources, strict=True)), cache, pool, bar.update)
 
 
 def inspect_shard(
-    params: ValidateParams, download_dir: Path, shard: Shard, progress: bool = True, files: set[str] | None = None
+    params: ValidateParams,
+    download_dir: Path,
+    shard: Shard,
+    progress: bool = True,
+    archived: dict[str, ArchivedFile] | None = None,
 ) -> tuple[int, int]:
     """Shard K/N of the stage's decoding: inspects this shard's distinct files into the inspection
-    cache and writes no output. The share is every N-th distinct file by sha256, or exactly `files`
-    (paths relative to the project, as `download_dir` is) where the flow handed the shard its share.
-    Returns (files in the shard, files inspected now)."""
+    cache and writes no output. The share is every N-th distinct file by sha256, or exactly the
+    files `archived` names (paths relative to the project, as `download_dir` is), read in place from
+    the archives the flow handed the shard. Returns (files in the shard, files inspected now)."""
     manifest = read_manifest(download_dir, params)
-    if files is None:
+    if archived is None:
         mine = shard_share(manifest, shard)
     else:
         ok = manifest[manifest["status"] == "ok"].drop_duplicates("sha256")
-        where = pd.Series([(download_dir / path).as_posix() for path in ok["path"]], index=ok.index, dtype=object)
-        mine = ok[where.isin(files)]
-        unknown = files - set(where)
-        if unknown:
-            raise EaselError(f"validate shard {shard[0]}/{shard[1]}: {sorted(unknown)[0]} is not a downloaded file")
-    cache = InspectionCache(params.cache_dir, params.max_image_pixels)
-    before = sum(cache.get(sha) is None for sha in mine["sha256"])
+        downloaded = {(download_dir / path).as_posix(): sha for path, sha in zip(ok["path"], ok["sha256"], strict=True)}
+        for path, file in sorted(archived.items()):
+            if path not in downloaded:
+                raise EaselError(f"validate shard {shard[0]}/{shard[1]}: {path} is not a downloaded file")
+            if file.sha256 != downloaded[path]:
+                raise EaselError(
+                    f"validate shard {shard[0]}/{shard[1]}: {path} was handed with another sha256 than "
+                    "the manifest's; refused"
+                )
+        mine = ok[[(download_dir / path).as_posix() in archived for path in ok["path"]]]
     with (
+        InspectionCache(params.cache_dir, params.max_image_pixels) as cache,
         tqdm(total=len(mine), desc="validate", unit="img", disable=not progress) as bar,
         inspection_pool(params.workers) as pool,
     ):
-        inspect_files(mine, download_dir, params, bar, pool)
+        before = sum(cache.get(sha) is None for sha in mine["sha256"])
+        inspect_files(mine, download_dir, cache, bar, pool, archived)
     return len(mine), before
 
 
@@ -232,10 +247,10 @@ def shard_files(params: ValidateParams, download_dir: Path, root: Path, shard: S
     """The image files (relative to `root`, a shard's folder holding the stage's other inputs) that
     shard K/N reads, with their sha256: its share (every file without a shard) of the distinct
     files not in the inspection cache yet."""
-    cache = InspectionCache(root / params.cache_dir, params.max_image_pixels)
     mine = shard_share(read_manifest(root / download_dir, params), shard)
     pairs = zip(mine["sha256"], mine["path"], strict=True)
-    return {(download_dir / path).as_posix(): sha for sha, path in pairs if cache.get(sha) is None}
+    with InspectionCache(root / params.cache_dir, params.max_image_pixels) as cache:
+        return {(download_dir / path).as_posix(): sha for sha, path in pairs if cache.get(sha) is None}
 
 
 def dpi_policies(table: pd.DataFrame, params: ValidateParams) -> list[str]:
@@ -287,13 +302,14 @@ def judge_chunks(
     rows = 0
     try:
         with (
+            InspectionCache(params.cache_dir, params.max_image_pixels) as cache,
             tqdm(total=facts.ok, desc="validate", unit="img", disable=not progress) as bar,
             inspection_pool(params.workers) as pool,  # started once, not per chunk
         ):
             for chunk in manifest_chunks(download_dir):
                 ok = chunk[chunk["status"] == "ok"]
                 files = ok.drop_duplicates("sha256")
-                info = inspect_files(files, download_dir, params, bar, pool)
+                info = inspect_files(files, download_dir, cache, bar, pool)
                 bar.update(len(ok) - len(files))
                 table = metadata_table(ok, info, params, firsts, facts.captioned_sources)
                 reasons = runner.run(table) if len(table) else []
@@ -303,6 +319,7 @@ def judge_chunks(
                 live_rows.append(passed + rows)
                 live_hashes.append(np.array([int(h, 16) for h in table["phash"].iloc[passed]], dtype=np.uint64))
                 rows += len(table)
+            cache.compact()  # this run's rows and those shards and earlier runs added, in one file again
         spill.finish()
     finally:
         firsts.close()
