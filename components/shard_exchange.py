@@ -41,6 +41,7 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import BinaryIO
 
 from components.config import Params, StorageParams, load_params
 from components.errors import EaselError
@@ -320,13 +321,42 @@ def _download(exchange: Exchange, root: Path, files: dict[str, str], what: str) 
     return len(todo)
 
 
-def _pack(folder: Path, files: dict[str, str], pack: Path) -> str:
-    """Write `files` (paths in `folder`) into one uncompressed tar at `pack`; its sha256. One object
-    per shard instead of one per file: per request, S3 costs more than the bytes."""
-    with tarfile.open(pack, "w", format=tarfile.PAX_FORMAT) as tar:
-        for path in sorted(files):
-            tar.add(folder / path, arcname=path, recursive=False)
-    return sha256_file(pack)
+class _Hashed:
+    """A file read or written through it is hashed on the way (sha256): tarfile reads each member
+    and writes the archive through one, so that packing reads every byte once."""
+
+    def __init__(self, fh: BinaryIO) -> None:
+        self.fh, self.digest, self.position = fh, hashlib.sha256(), 0
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.fh.read(size)
+        self.digest.update(data)
+        return data
+
+    def write(self, data: bytes) -> int:
+        self.digest.update(data)
+        self.position += len(data)
+        return self.fh.write(data)
+
+    def tell(self) -> int:
+        return self.position
+
+
+def _pack(folder: Path, paths: Sequence[str], pack: Path) -> tuple[dict[str, str], str]:
+    """Write the files `paths` (in `folder`) into one uncompressed tar at `pack`, reading each once:
+    ({path: sha256}, the archive's sha256). One object per shard instead of one per file: per
+    request, S3 costs more than the bytes."""
+    files: dict[str, str] = {}
+    with open(pack, "wb") as raw:
+        out = _Hashed(raw)
+        with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tar:
+            for path in sorted(paths):
+                info = tar.gettarinfo(folder / path, arcname=path)
+                with open(folder / path, "rb") as fh:
+                    member = _Hashed(fh)
+                    tar.addfile(info, member)  # exactly info.size bytes, the ones hashed
+                files[path] = member.digest.hexdigest()
+    return files, out.digest.hexdigest()
 
 
 def _archive_members(
@@ -431,16 +461,16 @@ def _image_folders(stage: str, params: Params) -> tuple[str, ...]:
 def _publish_packed(
     exchange: Exchange,
     folder: Path,
-    files: dict[str, str],
+    paths: Sequence[str],
     key: str,
     what: str,
     held: dict[str, str] | None = None,
     archives: Sequence[str] = (),
 ) -> None:
-    """`files` (paths in `folder`: sha256) as one archive object, with the listing `key` naming it;
-    the listing also names `held`, files that the `archives` already in the exchange hold."""
-    archives = list(archives)
-    if files:
+    """The files `paths` (in `folder`) as one archive object, with the listing `key` naming it and
+    their sha256s; the listing also names `held`, files that the `archives` already in the exchange hold."""
+    archives, files = list(archives), {}
+    if paths:
         # In the folder's git-ignored scratch folder, never in a cache that is handed over: a
         # hand-out that is killed leaves no stray archive among the user's files.
         scratch = folder / ".easel"
@@ -448,7 +478,8 @@ def _publish_packed(
         fd, pack = tempfile.mkstemp(dir=scratch, prefix="shard-pack.", suffix=".tmp")
         os.close(fd)
         try:
-            archives.append(_pack(folder, files, Path(pack)))
+            files, packed = _pack(folder, paths, Path(pack))
+            archives.append(packed)
             _upload(exchange, folder, {Path(pack).relative_to(folder).as_posix(): archives[-1]}, what)
         finally:
             Path(pack).unlink(missing_ok=True)
@@ -514,7 +545,7 @@ def publish_stage_inputs(exchange: Exchange, stage: str, project_dir: Path | str
     for shard, (held, archives, fresh) in enumerate(dealt):
         what = f"{stage} shard {shard}/{shards} images"
         key = _images_listing(exchange, stage, shard, shards)
-        _publish_packed(exchange, project_dir, _hash_files(project_dir, fresh), key, what, held, archives)
+        _publish_packed(exchange, project_dir, fresh, key, what, held, archives)
         listed += len(held) + len(fresh)
     return listed
 
@@ -560,8 +591,10 @@ def publish_shard_results(exchange: Exchange, stage: str, shard: int, shards: in
     """Hand back the cache files this shard wrote (new, or changed from its inputs); returns how many."""
     params = load_params(folder / "params.yaml")
     inputs = _get_listing(exchange, exchange.listing(stage, "inputs"), f"{stage} inputs")
-    now = _hash_files(folder, [rel for rel in SHARD_CACHES[stage](params) if (folder / rel).exists()])
-    written = {path: sha for path, sha in now.items() if inputs.get(path) != sha}
+    caches = [rel for rel in SHARD_CACHES[stage](params) if (folder / rel).exists()]
+    now = [path for rel in caches for path in _files_under(folder, rel)]
+    # Only a file the inputs hold needs hashing here, to see if it changed; the others are hashed as they are packed.
+    written = [path for path in now if path not in inputs or sha256_file(folder / path) != inputs[path]]
     what = f"{stage} shard {shard}/{shards} results"
     _publish_packed(exchange, folder, written, exchange.listing(stage, shard_listing_name(shard, shards)), what)
     return len(written)
