@@ -1,4 +1,6 @@
-"""Writes that never leave a half-written file or folder behind: temp path, fsync, rename."""
+"""Files, safely: writes that never leave a half-written file or folder behind (temp path, fsync,
+rename), stage tables read in chunks, files read in place inside archives, and paths from listings
+kept inside their folder."""
 
 from __future__ import annotations
 
