@@ -14,6 +14,7 @@ own share is also measured (its process's CPU time) and shown apart: on a cluste
 The outputs of A and B are checked to be equal.
 
     .venv/bin/python -m benchmarks.shard_overhead --urls 2000 --shards 2
+    .venv/bin/python -m benchmarks.shard_overhead --urls 400 --seeds 64 --stages evaluate   # one stage
 """
 
 from __future__ import annotations
@@ -74,6 +75,10 @@ def main() -> None:
     parser.add_argument("--latency", type=float, default=0.05, help="seconds the image server adds to a response")
     parser.add_argument("--seeds", type=int, default=4, help="evaluate.seeds: images per prompt and model")
     parser.add_argument("--work", type=Path, default=REPO / ".easel" / "bench" / "shard_overhead")
+    parser.add_argument(
+        "--stages", nargs="+", choices=STAGES, default=list(STAGES),
+        help="the stages to measure; the others run in one process in both projects, unmeasured",
+    )  # fmt: skip
     args = parser.parse_args()
 
     import dask
@@ -146,6 +151,10 @@ def main() -> None:
             if stage == "evaluate":  # one training, in A; B gets the same model
                 repro_stage("train", single)
                 shutil.copytree(single / "data" / "train", sharded / "data" / "train")
+            if stage not in args.stages:
+                repro_stage(stage, single)
+                repro_stage(stage, sharded)
+                continue
 
             s3_before, cpu_before, wall_before = process_cpu_s(s3.pid()), machine_cpu_s(), time.perf_counter()
             repro_stage(stage, single)
@@ -191,7 +200,8 @@ def main() -> None:
         different = [name for name in expected if expected[name] != got[name]]
         print(f"outputs equal: {not different}" + (f" (differ: {different})" if different else ""))
         table = pd.DataFrame(rows)
-        print(f"\n{args.urls} URLs, {args.shards} shards, evaluate seeds {args.seeds}\n")
+        measured = " ".join(args.stages)
+        print(f"\n{args.urls} URLs, {args.shards} shards, evaluate seeds {args.seeds}, measured: {measured}\n")
         print(table.drop(columns=["shard summaries"]).to_markdown(index=False, floatfmt=".2f"))
         print()
         for row in rows:

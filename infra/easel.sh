@@ -50,9 +50,21 @@ install_lock() {
 }
 
 # What the stages, flows and tests import: imported once at setup, which also writes their bytecode.
-WARM_IMPORTS="import components.cli, torch, torchvision, diffusers, transformers, accelerate, open_clip, timm, \
+# The project's own modules are imported where they are there: the Docker image sets up before it
+# copies the project in.
+WARM_IMPORTS="import torch, torchvision, diffusers, transformers, accelerate, open_clip, timm, \
 great_expectations, pandas, pyarrow, scipy.stats, matplotlib.pyplot, skimage, boto3, prefect, prefect_dask, \
-dvc.repo, dvclive, pytest, hypothesis"
+dvc.repo, dvclive, pytest, hypothesis
+if __import__('os').path.isfile('components/cli.py'): import components.cli"
+# Packages whose modules load lazily, when a stage builds or loads a model or writes a table or a
+# report (diffusers' and transformers' model classes, torch.distributed under accelerate, pyarrow's
+# Parquet): compiled whole at setup (about 10 s here). Without it, every stage process of a venv that
+# does not write bytecode (PYTHONDONTWRITEBYTECODE, a read-only image) compiled about 600 modules.
+LAZY_PACKAGES="diffusers transformers torch torchvision huggingface_hub dvc dulwich markdown_it mdurl PIL pyarrow \
+pandas boto3 s3transfer tqdm matplotlib"
+COMPILE_PACKAGES="import compileall, importlib.util, os, sys
+for name in sys.argv[1:]:
+    compileall.compile_dir(os.path.dirname(importlib.util.find_spec(name).origin), quiet=2, workers=0)"
 
 setup() {
   case "${EASEL_INSTALLER:-uv}" in
@@ -72,11 +84,13 @@ setup() {
   # The lock pins every package, so nothing is resolved; --no-deps on the project keeps it that way.
   # No bytecode pass over 5 GB of packages (about half of a cold pip install): the import check below
   # writes it for what Easel imports (also where PYTHONDONTWRITEBYTECODE is set, which would
-  # otherwise leave every later import compiling).
+  # otherwise leave every later import compiling), and LAZY_PACKAGES for what its stages load later.
   install_lock
   pip_install --no-deps --no-build-isolation -e "$ROOT"
   env -u PYTHONDONTWRITEBYTECODE "$VENV/bin/python" -c "$WARM_IMPORTS" \
     || { echo "easel.sh: the environment in .venv does not import; see the pip output above" >&2; exit 1; }
+  # shellcheck disable=SC2086 # one package name per word
+  "$VENV/bin/python" -c "$COMPILE_PACKAGES" $LAZY_PACKAGES
   echo "$want" > "$STAMP"
 }
 

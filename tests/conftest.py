@@ -31,11 +31,27 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Each xdist worker's share starts with its slow tests (each runs the pipeline through a user's
     interface, up to about three minutes) and ends with short ones, so that the workers do not end
     with one idle while the other runs a long test to the end. xdist's worksteal hands worker k the
-    k-th contiguous 1/N of this list and a worker that runs dry steals from the end of another's."""
+    k-th contiguous 1/N of this list (N - k shares of what is left) and a worker that runs dry
+    steals the second half of another's queue.
+
+    The tests that start from the session's finished pipeline all go first in the first share: a
+    session fixture is made once per worker, and that one is a whole run of the six stages (about
+    50 s here), made twice when its tests were dealt over both workers."""
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-    slow = [item for item in items if item.get_closest_marker("slow")]
-    fast = [item for item in items if not item.get_closest_marker("slow")]
-    items[:] = [item for k in range(workers) for item in slow[k::workers] + fast[k::workers]]
+    if workers < 2:
+        return
+    finished = [item for item in items if "finished_pipeline" in getattr(item, "fixturenames", ())]
+    slow = [item for item in items if item.get_closest_marker("slow") and item not in finished]
+    fast = [item for item in items if not item.get_closest_marker("slow") and item not in finished]
+    shares = [finished] + [slow[k :: workers - 1] for k in range(workers - 1)]
+    left = len(items)
+    for k, share in enumerate(shares):
+        take = max(left // (workers - k) - len(share), 0)
+        share.extend(fast[:take])
+        del fast[:take]
+        left -= len(share)
+    shares[-1].extend(fast)
+    items[:] = [item for share in shares for item in share]
 
 
 def _free(port: int) -> bool:

@@ -2,6 +2,7 @@
 paired comparisons with a bootstrap CI, cached images."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -265,6 +266,39 @@ def test_evaluate_against_base_is_reproducible_and_reports(tmp_path, tiny_models
     html = (tmp_path / "eval" / "report.html").read_text()
     assert "cosine similarity" in html and html.count("<img") >= 12
     assert "Candidate vs base" in (tmp_path / "eval" / "report.md").read_text()
+
+
+def test_an_evaluate_shard_reads_only_the_models_it_generates_with(tmp_path, tiny_models, monkeypatch):
+    """Two models on two shards: each shard fingerprints the folder of its own model only (a
+    fingerprint reads every file: about 7 GB for SDXL), and after both shards the stage generates
+    nothing and scores what a single process scores. The fingerprint is wrapped to see which
+    folders it reads, and still computes."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    import components.evaluate.models as model_sources
+    from components.evaluate.stage import generate_shard
+
+    candidate = shutil.copytree(tiny_models / "sdxl", tmp_path / "candidate")
+    weights = candidate / "unet" / "diffusion_pytorch_model.safetensors"
+    save_file({k: v + 0.01 for k, v in load_file(weights).items()}, weights)  # "trained": another model
+    params = tiny_evaluate_params(tmp_path, write_prompts(tmp_path), compare_with=["base"])
+    models = tiny_params(tiny_models)
+    fingerprint, read = model_sources.model_fingerprint, []
+    monkeypatch.setattr(model_sources, "model_fingerprint", lambda folder: read.append(folder) or fingerprint(folder))
+    for k, own in enumerate([candidate, tiny_models / "sdxl"]):
+        read.clear()
+        assert generate_shard(params, models, candidate, (k, 2), progress=False) == (6, 6)  # 3 prompts x 2 seeds
+        assert [Path(folder).resolve() for folder in read] == [own.resolve()]
+
+    cached = sorted((tmp_path / "cache").rglob("*"))
+    run_evaluate(params, models, candidate, progress=False)
+    assert sorted((tmp_path / "cache").rglob("*")) == cached  # nothing generated again
+    sharded = pd.read_csv(tmp_path / "eval" / "scores.csv")
+    single = params.model_copy(update={"cache_dir": str(tmp_path / "single-cache"), "out_dir": str(tmp_path / "one")})
+    run_evaluate(single, models, candidate, progress=False)
+    pd.testing.assert_frame_equal(sharded, pd.read_csv(tmp_path / "one" / "scores.csv"))
 
 
 def test_production_comes_from_the_registry_and_its_images_are_cached(tmp_path, tiny_models, s3_server, monkeypatch):

@@ -5,6 +5,7 @@ import importlib.util
 import os
 import re
 import subprocess
+import sysconfig
 
 from tests.conftest import REPO
 
@@ -80,3 +81,34 @@ def test_an_unknown_installer_is_refused_in_one_line_before_anything_is_installe
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == ["easel.sh: EASEL_INSTALLER must be uv or pip; got 'conda'"]
     assert (stamp.read_bytes() if stamp.exists() else None) == before  # the installed venv is left as it was
+
+
+def shell_variable(script: str, name: str) -> str:
+    """The value of a double-quoted assignment in a bash script, as bash reads it (backslash-newline
+    inside double quotes joins the lines)."""
+    return re.search(rf'^{name}="(.*?)"$', script, re.S | re.M).group(1).replace("\\\n", "")
+
+
+def test_the_setup_s_bytecode_step_runs_before_the_project_is_copied_in(tmp_path):
+    """The Docker image sets up with only pyproject.toml and the package markers of the project in
+    place: the import check and the compile step must not need the project's own modules (the import
+    check once imported components.cli, which is not there yet), and a package named for the compile
+    step must exist."""
+    script = (REPO / "infra/easel.sh").read_text()
+    for marker in ("components/__init__.py", "flows/__init__.py"):
+        (tmp_path / marker).parent.mkdir()
+        (tmp_path / marker).write_text("")
+    # The suite's venv, without its .pth files (-S): its editable install of this project would find
+    # the whole of components/ here; the image's finds the folder above.
+    python = [str(REPO / ".venv/bin/python"), "-S"]
+    env = os.environ | {"PYTHONPATH": sysconfig.get_paths()["purelib"]}
+    warm = subprocess.run([*python, "-c", shell_variable(script, "WARM_IMPORTS")], cwd=tmp_path, env=env)
+    assert warm.returncode == 0
+    packages = shell_variable(script, "LAZY_PACKAGES").split()
+    assert "diffusers" in packages and "transformers" in packages
+    compile_step = subprocess.run(
+        [*python, "-c", shell_variable(script, "COMPILE_PACKAGES"), *packages], cwd=tmp_path, env=env, timeout=600
+    )
+    assert compile_step.returncode == 0
+    module = importlib.util.find_spec("diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl")
+    assert os.path.isfile(module.cached)  # loaded only when a stage loads a pipeline

@@ -50,14 +50,17 @@ def test_evaluate_shards_load_as_few_models_as_the_batches_allow():
     jobs = [[{"key": f"{m}-{i}"} for i in range(10)] for m in ("candidate", "base")]
     expected = [batches(model_jobs, 4) for model_jobs in jobs]
     for n in range(1, 6):
-        mine = [shard_batches(jobs, 4, (k, n)) for k in range(n)]
+        mine = [
+            [[jobs[m][s] for s in slices] for m, slices in enumerate(shard_batches([10, 10], 4, (k, n)))]
+            for k in range(n)
+        ]
         for m in range(2):
             assert [b for k in range(n) for b in mine[k][m]] == expected[m]  # in order, none twice
         sizes = [sum(len(b) for per_model in shard for b in per_model) for shard in mine]
         assert max(sizes) - min(sizes) <= 4
         loads = sum(bool(per_model) for shard in mine for per_model in shard)
         assert loads <= 2 + n - 1
-    assert [[bool(per_model) for per_model in shard_batches(jobs, 4, (k, 2))] for k in range(2)] == [
+    assert [[bool(per_model) for per_model in shard_batches([10, 10], 4, (k, 2))] for k in range(2)] == [
         [True, False],
         [False, True],
     ]

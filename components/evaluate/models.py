@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import logging
 import re
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import cached_property, partial
 from pathlib import Path
 
 from components.config import REGISTRY_REF, ModelsParams, PanelModelParams, PromoteParams, StorageParams
@@ -26,11 +28,18 @@ REGISTRY_CACHE = Path(".easel/cache/registry")
 class ModelUnderTest:
     name: str  # candidate | production | base | a panel model's name
     ref: str  # a pipeline folder, a single-file checkpoint or a hub id
-    identity: str  # what the image cache and the leaderboard key on
+    # The identity, or what computes it from the weights: read when first asked for, so that an
+    # evaluate shard reads only the weights of the models it generates with.
+    identity_of: str | Callable[[], str] = field(compare=False, repr=False)
     version: str | None = None  # the registry version, for production and registry panel models
     # How a hub id or a single file is read (configs, VAE override); None: a diffusers folder, as it is.
     load_with: ModelsParams | None = None
     origin: str = ""  # what params.yaml named, for the leaderboard's `ref` column
+
+    @cached_property
+    def identity(self) -> str:
+        """What the image cache and the leaderboard key on."""
+        return self.identity_of if isinstance(self.identity_of, str) else self.identity_of()
 
 
 def single_file_identity(path: Path | str, config: str | None) -> str:
@@ -38,8 +47,12 @@ def single_file_identity(path: Path | str, config: str | None) -> str:
     return f"sha256:{sha256_file(path)}+config:{config}"
 
 
+def folder_identity(folder: Path) -> str:
+    return "sha256:" + model_fingerprint(folder)
+
+
 def candidate(model_dir: Path) -> ModelUnderTest:
-    return ModelUnderTest("candidate", str(model_dir), "sha256:" + model_fingerprint(model_dir), origin=str(model_dir))
+    return ModelUnderTest("candidate", str(model_dir), partial(folder_identity, model_dir), origin=str(model_dir))
 
 
 def base(models: ModelsParams) -> ModelUnderTest:
@@ -47,14 +60,15 @@ def base(models: ModelsParams) -> ModelUnderTest:
 
     models.require("sdxl")
     ref = resolve_ref(models.sdxl, "sdxl")
-    if Path(ref).is_dir():
-        identity = "sha256:" + model_fingerprint(Path(ref))
-    elif Path(ref).is_file():  # a single-file checkpoint, read with the configs of models.sdxl_config
-        identity = single_file_identity(ref, models.sdxl_config)
-    else:
-        identity = f"hub:{ref}@{models.revision or 'main'}:{models.variant or ''}"
-    if models.vae:
-        identity += f"+vae:{models.vae}"
+    vae = f"+vae:{models.vae}" if models.vae else ""
+
+    def identity() -> str:
+        if Path(ref).is_dir():
+            return folder_identity(Path(ref)) + vae
+        if Path(ref).is_file():  # a single-file checkpoint, read with the configs of models.sdxl_config
+            return single_file_identity(ref, models.sdxl_config) + vae
+        return f"hub:{ref}@{models.revision or 'main'}:{models.variant or ''}" + vae
+
     return ModelUnderTest("base", ref, identity, load_with=models, origin=models.sdxl or "")
 
 
@@ -117,7 +131,7 @@ def panel_model(
     if path.is_dir():
         if not (path / "model_index.json").is_file():
             raise ConfigError(f"{key}.ref: {entry.ref} is a folder but not a diffusers pipeline (no model_index.json)")
-        return ModelUnderTest(entry.name, str(path.resolve()), "sha256:" + model_fingerprint(path), origin=entry.ref)
+        return ModelUnderTest(entry.name, str(path.resolve()), partial(folder_identity, path), origin=entry.ref)
     if path.is_file():
         if path.suffix != ".safetensors":
             # A .ckpt or .pt is a pickle, which can run code when it is loaded.
@@ -130,7 +144,7 @@ def panel_model(
             )
         # As published: the file's own VAE, not the models.vae override meant for the base model.
         load_with = models.model_copy(update={"sdxl_config": config, "vae": None})
-        identity = single_file_identity(path, config)
+        identity = partial(single_file_identity, path, config)
         return ModelUnderTest(entry.name, str(path.absolute()), identity, load_with=load_with, origin=entry.ref)
     raise ConfigError(
         f"{key}.ref: {entry.ref!r} is not a diffusers folder, a .safetensors file or registry:<model_name>/<version>"

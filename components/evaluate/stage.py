@@ -312,14 +312,19 @@ def plan_evaluation(
     return EvaluationPlan(prompts, chosen, panel, earlier, prompt_sha, protocol, board)
 
 
-def shard_batches(jobs: list[list[dict]], batch_size: int, shard: Shard) -> list[list[list[dict]]]:
-    """Shard K/N's batches, per model (`jobs` holds each model's images in order): the batches a
-    fresh single-process run makes, each whole, so that every image comes out the same. The shards
-    take contiguous runs of the models' batches, as even as batches allow, so that a shard loads
-    as few models as it can: loading a pipeline costs more than a batch of tiny images."""
-    units = [(m, batch) for m, model_jobs in enumerate(jobs) for batch in batches(model_jobs, batch_size)]
+def shard_batches(sizes: list[int], batch_size: int, shard: Shard) -> list[list[slice]]:
+    """Shard K/N's batches, per model, as slices of that model's images (`sizes`: how many each
+    model has, in order): the batches a fresh single-process run makes, each whole, so that every
+    image comes out the same. The shards take contiguous runs of the models' batches, as even as
+    batches allow, so that a shard loads as few models as it can: loading a pipeline costs more
+    than a batch of tiny images."""
+    units = [
+        (m, slice(start, min(start + batch_size, size)))
+        for m, size in enumerate(sizes)
+        for start in range(0, size, batch_size)
+    ]
     mine = contiguous_share(units, shard)
-    return [[batch for m, batch in mine if m == model] for model in range(len(jobs))]
+    return [[batch for m, batch in mine if m == model] for model in range(len(sizes))]
 
 
 def generate_shard(
@@ -332,16 +337,20 @@ def generate_shard(
     promote: PromoteParams | None = None,
 ) -> tuple[int, int]:
     """Shard K/N of the stage's generation, for every model it scores: fills the image cache and
-    writes no output (the stage scores and reports). Returns (images in the shard, generated now)."""
+    writes no output (the stage scores and reports). Returns (images in the shard, generated now).
+    Only the models the shard generates with are read (their fingerprints, their weights)."""
     plan = plan_evaluation(params, models, model_dir, storage, promote)
     cache = ImageCache(params.cache_dir)
-    jobs = [plan_images(m, plan.prompts, params, models) for m in plan.scored]
-    mine = shard_batches(jobs, params.batch_size, shard)
+    images_per_model = len(plan.prompts) * len(params.seeds)  # plan_images' rows: every (prompt, seed)
+    mine = shard_batches([images_per_model] * len(plan.scored), params.batch_size, shard)
     generated = 0
-    for model, model_batches in zip(plan.scored, mine, strict=True):
-        todo = [b for b in model_batches if any(not cache.has(j["key"]) for j in b)]
+    for model, slices in zip(plan.scored, mine, strict=True):
+        if not slices:
+            continue
+        jobs = plan_images(model, plan.prompts, params, models)
+        todo = [jobs[s] for s in slices if any(not cache.has(j["key"]) for j in jobs[s])]
         generated += generate_batches(model, todo, params, models, cache, progress)
-    return sum(len(b) for model_batches in mine for b in model_batches), generated
+    return sum(s.stop - s.start for slices in mine for s in slices), generated
 
 
 def run_evaluate(
