@@ -81,7 +81,8 @@ SHARD_MODELS = {
     "evaluate": ("sdxl", "sdxl_config", "vae", "clip_model", "clip_pretrained", "aesthetic"),
 }
 
-# Image folders a shard does not fetch whole: it gets an archive of the files its share reads (`shard_needs`).
+# Image folders a shard does not fetch whole: it gets an archive of the files its share reads
+# (`validate_needs`, `caption_needs`).
 SHARD_IMAGES: dict[str, Callable[[Params], list[str]]] = {
     "validate": lambda p: [f"{p.download.out_dir}/images"],
     "caption": lambda p: [f"{p.download.out_dir}/images", f"{p.validate_.out_dir}/images"],
@@ -100,16 +101,23 @@ ARCHIVE_DIR = ".easel/shard-archives"
 SHARES_FOLLOW = {"validate": "download"}
 
 
-def shard_needs(stage: str, params: Params, folder: Path, shard: tuple[int, int] | None) -> dict[str, str]:
-    """The image files shard K/N of `stage` reads (every shard's without a shard), found from its
-    other inputs in `folder` (the project's): {path: sha256}, the sha256 where the table gives it."""
-    if stage == "validate":
-        from components.validate.stage import shard_files
+def validate_needs(params: Params, folder: Path) -> dict[str, str]:
+    """The image files validate's shards read between them, found from the manifest in `folder`
+    (the project's): {path: sha256} of the distinct files not in the inspection cache yet."""
+    from components.validate.stage import shard_files
 
-        return shard_files(params.validate_, Path(params.download.out_dir), folder, shard)
-    from components.caption.stage import shard_files
+    return shard_files(params.validate_, Path(params.download.out_dir), folder, None)
 
-    return dict.fromkeys(shard_files(params.caption, Path(params.validate_.out_dir), folder, shard), "")
+
+def caption_needs(params: Params, folder: Path, shards: int) -> list[dict[str, str]]:
+    """The image files each of caption's `shards` shards reads, found from the accepted table in
+    `folder` (the project's), read once: [{path: ""}] (the table gives no sha256)."""
+    from components.caption.stage import files_by_shard
+
+    return [
+        dict.fromkeys(files, "")
+        for files in files_by_shard(params.caption, Path(params.validate_.out_dir), folder, shards)
+    ]
 
 
 @dataclass(frozen=True)
@@ -533,13 +541,12 @@ def publish_stage_inputs(exchange: Exchange, stage: str, project_dir: Path | str
     if not images:
         return listed
     if stage in SHARES_FOLLOW:
-        needed = shard_needs(stage, params, project_dir, None)
+        needed = validate_needs(params, project_dir)
         _check_images(f"{stage} images", needed, images, project_dir)
         dealt = deal_along_archives(needed, _handed_back(exchange, SHARES_FOLLOW[stage], shards), shards)
     else:
         dealt = []
-        for shard in range(shards):
-            needed = shard_needs(stage, params, project_dir, (shard, shards))
+        for shard, needed in enumerate(caption_needs(params, project_dir, shards)):
             _check_images(f"{stage} shard {shard}/{shards} images", needed, images, project_dir)
             dealt.append(({}, [], sorted(needed)))
     for shard, (held, archives, fresh) in enumerate(dealt):

@@ -98,3 +98,12 @@ def contiguous_share(items: Sequence[T], shard: Shard) -> list[T]:
 def stream_share(items: Iterable[T], shard: Shard | None) -> Iterator[T]:
     """`share` without a key, of items that come one at a time: every N-th, in order."""
     return iter(items) if shard is None else islice(items, shard[0], None, shard[1])
+
+
+def deal(items: Iterable[T], shards: int) -> list[list[T]]:
+    """Every shard's `stream_share` of `items` from one pass over them (a hand-out to N shards reads
+    its table once, not N times): item i goes to shard i mod N."""
+    dealt: list[list[T]] = [[] for _ in range(shards)]
+    for i, item in enumerate(items):
+        dealt[i % shards].append(item)
+    return dealt

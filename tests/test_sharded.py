@@ -16,7 +16,7 @@ import pandas as pd
 import pytest
 
 from components.errors import EaselError
-from components.sharding import batches, parse_shard, shard_of, share
+from components.sharding import batches, deal, parse_shard, shard_of, share, stream_share
 
 SHARDED = ("download", "validate", "caption", "evaluate")
 
@@ -39,6 +39,8 @@ def test_batched_work_is_dealt_in_whole_single_process_batches():
         assert sorted(map(tuple, union)) == sorted(map(tuple, batches(items, 4)))  # the same batches, none twice
         sizes = [sum(map(len, share(batches(items, 4), (k, n)))) for k in range(n)]
         assert max(sizes) - min(sizes) <= 4  # images per shard differ by at most one batch
+        # A hand-out deals every shard's share in one pass (one read of a table): the same shares.
+        assert deal(iter(batches(items, 4)), n) == [list(stream_share(batches(items, 4), (k, n))) for k in range(n)]
 
 
 def test_evaluate_shards_load_as_few_models_as_the_batches_allow():

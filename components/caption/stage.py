@@ -38,7 +38,7 @@ from components.fsutil import ParquetRowGroups, atomic_write_json, stage_table_c
 from components.images import load_rgb, thumbnail
 from components.models.loaders import default_device, dtype_for
 from components.sdxl.prompt_encoding import tokens_read
-from components.sharding import Shard, new_part_name, stream_batches, stream_share
+from components.sharding import Shard, deal, new_part_name, stream_batches, stream_share
 
 log = logging.getLogger(__name__)
 
@@ -268,11 +268,11 @@ def shard_rows(rows: Iterable, batch_size: int, shard: Shard) -> Iterator:
     return (r for batch in stream_share(stream_batches(rows, batch_size), shard) for r in batch)
 
 
-def shard_files(params: CaptionParams, validate_dir: Path, root: Path, shard: Shard) -> list[str]:
-    """The image files (relative to `root`, a shard's folder holding the stage's other inputs) that
-    shard K/N may read: those of its share of the batches."""
-    rows = accepted_rows(root / validate_dir)
-    return [Path(r.image_path).as_posix() for r in shard_rows(rows, params.batch_size, shard)]
+def files_by_shard(params: CaptionParams, validate_dir: Path, root: Path, shards: int) -> list[list[str]]:
+    """The image files (relative to `root`, the folder holding the stage's inputs) that each of
+    `shards` shards reads: those of its share of the batches (`shard_rows`), from one read of the table."""
+    dealt = deal(stream_batches(accepted_rows(root / validate_dir), params.batch_size), shards)
+    return [[Path(r.image_path).as_posix() for batch in share for r in batch] for share in dealt]
 
 
 @dataclass
