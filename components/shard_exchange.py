@@ -104,9 +104,9 @@ SHARES_FOLLOW = {"validate": "download"}
 def validate_needs(params: Params, folder: Path) -> dict[str, str]:
     """The image files validate's shards read between them, found from the manifest in `folder`
     (the project's): {path: sha256} of the distinct files not in the inspection cache yet."""
-    from components.validate.stage import shard_files
+    from components.validate.stage import files_to_inspect
 
-    return shard_files(params.validate_, Path(params.download.out_dir), folder, None)
+    return files_to_inspect(params.validate_, Path(params.download.out_dir), folder)
 
 
 def caption_needs(params: Params, folder: Path, shards: int) -> list[dict[str, str]]:

@@ -243,11 +243,11 @@ def shard_share(manifest: pd.DataFrame, shard: Shard | None) -> pd.DataFrame:
     return ok[ok["sha256"].isin(share(list(ok["sha256"]), shard, key=str))]
 
 
-def shard_files(params: ValidateParams, download_dir: Path, root: Path, shard: Shard | None) -> dict[str, str]:
-    """The image files (relative to `root`, a shard's folder holding the stage's other inputs) that
-    shard K/N reads, with their sha256: its share (every file without a shard) of the distinct
-    files not in the inspection cache yet."""
-    mine = shard_share(read_manifest(root / download_dir, params), shard)
+def files_to_inspect(params: ValidateParams, download_dir: Path, root: Path) -> dict[str, str]:
+    """The image files (relative to `root`, the folder holding the stage's inputs) that the shards
+    inspect between them, with their sha256: the distinct downloaded files not in the inspection
+    cache yet (the flow deals them to the shards, components.shard_exchange)."""
+    mine = shard_share(read_manifest(root / download_dir, params), None)
     pairs = zip(mine["sha256"], mine["path"], strict=True)
     with InspectionCache(root / params.cache_dir, params.max_image_pixels) as cache:
         return {(download_dir / path).as_posix(): sha for sha, path in pairs if cache.get(sha) is None}
