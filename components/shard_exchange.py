@@ -33,7 +33,6 @@ import functools
 import hashlib
 import json
 import os
-import shutil
 import tarfile
 import tempfile
 import uuid
@@ -46,6 +45,7 @@ from typing import BinaryIO
 from components.config import Params, StorageParams, load_params
 from components.errors import EaselError
 from components.fsutil import atomic_write_json, inside_folder, sha256_file
+from components.scratch import ScratchDir
 from components.sharding import share
 
 SHARD_DIR_ENV = "EASEL_SHARD_DIR"
@@ -567,16 +567,17 @@ def _check_images(what: str, needed: dict[str, str], images: tuple[str, ...], pr
 
 @contextlib.contextmanager
 def shard_folder(exchange: Exchange, stage: str, shard: int, shards: int) -> Iterator[Path]:
-    """A fresh folder for one shard, holding the stage's inputs; deleted when the shard ends."""
+    """A fresh folder for one shard, holding the stage's inputs; deleted when the shard ends, or by
+    the next shard on this worker should this one be killed (a preempted worker)."""
     root = Path(os.environ.get(SHARD_DIR_ENV) or Path(tempfile.gettempdir()) / "easel-shards")
     try:
-        root.mkdir(parents=True, exist_ok=True)
-        folder = Path(tempfile.mkdtemp(prefix=f"{exchange.run}-{stage}-{shard}of{shards}-", dir=root))
+        scratch = ScratchDir(f"{exchange.run}-{stage}-{shard}of{shards}", root)
     except OSError as exc:
         raise EaselError(
             f"{stage} shard {shard}/{shards}: cannot make its folder in {root} ({exc.strerror or exc}); "
             f"set {SHARD_DIR_ENV} to a writable folder on this worker"
         ) from None
+    folder = scratch.path
     try:
         inputs = _get_listing(exchange, exchange.listing(stage, "inputs"), f"{stage} inputs")
         what = f"{stage} shard {shard}/{shards} inputs"
@@ -591,7 +592,7 @@ def shard_folder(exchange: Exchange, stage: str, shard: int, shards: int) -> Ite
                 _unpack(exchange, folder, images, archives, what)
         yield folder
     finally:
-        shutil.rmtree(folder, ignore_errors=True)
+        scratch.cleanup()
 
 
 def publish_shard_results(exchange: Exchange, stage: str, shard: int, shards: int, folder: Path) -> int:

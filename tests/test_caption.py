@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 
 import pandas as pd
@@ -240,9 +241,13 @@ def test_a_file_that_no_longer_decodes_is_reported_and_skipped(tmp_path, tiny_mo
     assert "Skipped (could not be read)" in (tmp_path / "caption" / "report.html").read_text()
 
 
-def test_resume_after_a_kill(tmp_path, tiny_models):
-    """kill -9 mid-run, then run again: only what was missing is computed."""
+def test_resume_after_a_kill(tmp_path, tiny_models, monkeypatch):
+    """kill -9 mid-run, then run again: only what was missing is computed, and the killed run's
+    scratch index is removed."""
     _, validate = accepted_set(tmp_path, count=24)
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
     out = tmp_path / "caption"
     script = (
         "import sys, time; from pathlib import Path\n"
@@ -256,7 +261,7 @@ def test_resume_after_a_kill(tmp_path, tiny_models):
         f"stage.run_caption(CaptionParams(out_dir={str(out)!r}, batch_size=2), models_for(Path({str(tiny_models)!r})),"
         f" Path({str(validate)!r}), progress=False)\n"
     )
-    proc = subprocess.Popen([sys.executable, "-c", script], cwd=os.getcwd())
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=os.getcwd(), env={**os.environ, "TMPDIR": str(scratch)})
     cache = out / "cache.jsonl"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and (not cache.is_file() or len(cache.read_text().splitlines()) < 8):
@@ -265,9 +270,11 @@ def test_resume_after_a_kill(tmp_path, tiny_models):
     proc.wait()
     done = len(cache.read_text().splitlines())
     assert 8 <= done < 48 and not (out / "captions.parquet").exists()
+    assert [p.name.rsplit("-", 1)[0] for p in scratch.iterdir() if p.is_dir()] == ["easel-caption"]
     summary = run_caption(
         CaptionParams(out_dir=str(out), batch_size=2), models_for(tiny_models), validate, progress=False
     )
+    assert list(scratch.iterdir()) == []
     entries = []
     for line in cache.read_text().splitlines():
         try:

@@ -253,7 +253,12 @@ def test_kill_9_then_resume_ends_with_the_same_manifest(server, tmp_path):
 
     straight, killed = project("straight"), project("killed")
     subprocess.run(["easel", "download"], cwd=straight, check=True, capture_output=True)
-    proc = subprocess.Popen(["easel", "download"], cwd=killed, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    scratch = tmp_path / "tmp"  # the killed run's scratch (its URL index) stays behind here
+    scratch.mkdir()
+    env = {**os.environ, "TMPDIR": str(scratch)}
+    proc = subprocess.Popen(
+        ["easel", "download"], cwd=killed, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     journal = killed / "out" / "journal"
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:  # kill once some, not all, URLs are done
@@ -266,8 +271,10 @@ def test_kill_9_then_resume_ends_with_the_same_manifest(server, tmp_path):
     assert not (killed / "out" / "manifest.parquet").exists()
     done_before = sum(p.read_text().count("\n") for p in journal.glob("*.jsonl"))
     assert 20 <= done_before < 150
-    resumed = subprocess.run(["easel", "download"], cwd=killed, check=True, capture_output=True, text=True)
+    assert [p.name.rsplit("-", 1)[0] for p in scratch.iterdir() if p.is_dir()] == ["easel-download"]
+    resumed = subprocess.run(["easel", "download"], cwd=killed, env=env, check=True, capture_output=True, text=True)
     assert f"fetched {150 - done_before} now" in resumed.stdout  # only what was missing
+    assert list(scratch.iterdir()) == []  # the resumed run removed the killed run's scratch, then its own
     a = pd.read_parquet(straight / "out" / "manifest.parquet")
     b = pd.read_parquet(killed / "out" / "manifest.parquet")
     pd.testing.assert_frame_equal(a, b)

@@ -18,7 +18,6 @@ import json
 import logging
 import os
 import sqlite3
-import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +36,7 @@ from components.errors import EaselError
 from components.fsutil import ParquetRowGroups, atomic_write_json, stage_table_chunks
 from components.images import load_rgb, thumbnail
 from components.models.loaders import default_device, dtype_for
+from components.scratch import ScratchDir
 from components.sdxl.prompt_encoding import tokens_read
 from components.sharding import Shard, deal, new_part_name, stream_batches, stream_share
 
@@ -85,8 +85,8 @@ class CaptionCache:
             self.files.append(self.path)
         self._written = self.files.index(self.path)
         self._fds: dict[int, int] = {}
-        self._scratch = tempfile.TemporaryDirectory(prefix="easel-caption-")
-        self.db = sqlite3.connect(Path(self._scratch.name) / "index.sqlite")
+        self._scratch = ScratchDir("caption")
+        self.db = sqlite3.connect(self._scratch.path / "index.sqlite")
         # A scratch index, rebuilt from the journal on every run: no durability needed.
         self.db.executescript(
             """

@@ -21,7 +21,6 @@ import dataclasses
 import json
 import logging
 import multiprocessing
-import tempfile
 import time
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor, wait
@@ -40,6 +39,7 @@ from components.download.store import ImageStore
 from components.download.worker import RECORD_FIELDS, fetch_in_process, fetch_into, init_process, read_url_file
 from components.errors import EaselError
 from components.fsutil import ParquetRowGroups, atomic_write_json
+from components.scratch import ScratchDir
 from components.sharding import in_shard
 
 log = logging.getLogger(__name__)
@@ -276,12 +276,12 @@ def run_download(
         s3_settings, list_keys = _s3_access(storage)
     url_sources, archive_sources = split_sources(params.sources)
     ImageStore(out_dir / "images").remove_partials()
-    with tempfile.TemporaryDirectory(prefix="easel-download-") as scratch:
-        index = UrlIndex(Path(scratch) / "index.sqlite")
+    with ScratchDir("download") as scratch:
+        index = UrlIndex(scratch / "index.sqlite")
         try:
             src_columns = _index_sources(index, url_sources, list_keys, params.allow_empty)
             index.load_journal(out_dir / "journal")
-            todo_file = Path(scratch) / "todo.jsonl"
+            todo_file = scratch / "todo.jsonl"
             todo = _write_todo(index, shard, out_dir, todo_file)
             workers = max(1, min(params.workers, todo // MIN_URLS_PER_WORKER))
             urls = index.url_count()

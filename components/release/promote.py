@@ -8,7 +8,6 @@ alias untouched.
 
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 
 from components import report
@@ -26,6 +25,7 @@ from components.release.gate import (
     judge,
     unchanged_record,
 )
+from components.scratch import ScratchDir
 
 COMMENT_MARKER = "<!-- easel-eval-gate -->"
 
@@ -114,12 +114,12 @@ def run_promote(
     summary_path = Path(evaluate.out_dir) / "summary.json"
     files = {"evaluation_summary.json": summary_path, "decision.json": Path(promote.out_dir) / "decision.json"}
     files |= {name: path for name, path in (extras or {}).items() if path.is_file()}
-    with tempfile.TemporaryDirectory(prefix="easel-export-") as scratch:
+    with ScratchDir("export") as scratch:
         if promote.export_single_file:  # the same model as one file, beside the folder in the version
             from components.models.single_file import export_single_file
 
             single = export_single_file(
-                model_dir, Path(scratch) / f"{promote.model_name}.safetensors", promote.export_single_file
+                model_dir, scratch / f"{promote.model_name}.safetensors", promote.export_single_file
             )
             files |= {p.name: p for p in (single, single.with_suffix(".md")) if p.is_file()}
         manifest = registry.publish(

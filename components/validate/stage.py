@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import logging
 import sqlite3
-import tempfile
 from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
@@ -35,6 +34,7 @@ from components.config import AssumeDpi, ModelsParams, ValidateParams
 from components.errors import EaselError
 from components.fsutil import ArchivedFile, ParquetRowGroups, atomic_dir, atomic_write_json, stage_table_chunks
 from components.images import thumbnail
+from components.scratch import ScratchDir
 from components.sharding import Shard, share, stable_hash
 from components.validate.dedupe import Candidate, choose_kept, hash_groups
 from components.validate.inspect import EMPTY_ROW, InspectionCache, inspect_cached, inspection_pool
@@ -596,8 +596,8 @@ def run_validate(
     if params.curate.enabled and models is None:
         raise EaselError("validate: curation is enabled but no models were given for the aesthetic scorer")
     facts = manifest_facts(download_dir, params)
-    with tempfile.TemporaryDirectory(prefix="easel-validate-") as scratch, atomic_dir(out_dir) as tmp:
-        judged = judge_chunks(params, download_dir, facts, Path(scratch), tmp / "data_docs", progress)
+    with ScratchDir("validate") as scratch, atomic_dir(out_dir) as tmp:
+        judged = judge_chunks(params, download_dir, facts, scratch, tmp / "data_docs", progress)
         near = (
             near_duplicate_verdicts(judged, params.near_duplicates.max_distance)
             if (params.near_duplicates.enabled)

@@ -1,0 +1,76 @@
+"""Scratch folders (components/scratch.py): a killed run's folder is removed by the next run, a live
+run's never, and the sweep touches nothing but its own lock files and real folders."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+
+from components.scratch import ScratchDir, remove_abandoned
+
+HOLD_SCRATCH = (
+    "import sys, time\n"
+    "from components.scratch import ScratchDir\n"
+    "scratch = ScratchDir(sys.argv[2], sys.argv[1])\n"
+    "(scratch.path / 'index.sqlite').write_bytes(b'x' * 4096)\n"
+    "print(scratch.path, flush=True)\n"
+    "time.sleep(120)\n"
+)
+
+
+def holding_scratch(root, kind):
+    """A process that made a scratch folder in `root` and is still using it; and that folder."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", HOLD_SCRATCH, str(root), kind], stdout=subprocess.PIPE, text=True, cwd=os.getcwd()
+    )
+    return proc, proc.stdout.readline().strip()
+
+
+def test_a_killed_run_s_scratch_goes_with_the_next_run_and_a_live_run_s_stays(tmp_path):
+    root = tmp_path / "tmp"
+    killed, killed_folder = holding_scratch(root, "download")
+    alive, alive_folder = holding_scratch(root, "caption")
+    try:
+        os.kill(killed.pid, signal.SIGKILL)
+        killed.wait()
+        assert (root / os.path.basename(killed_folder) / "index.sqlite").is_file()  # kill -9 cleans nothing up
+
+        with ScratchDir("validate", root) as mine:
+            assert mine.is_dir() and mine.name.startswith("easel-validate-")
+            assert not os.path.exists(killed_folder)
+            assert os.path.isfile(os.path.join(alive_folder, "index.sqlite"))  # its owner still uses it
+        assert not mine.exists()
+    finally:
+        alive.kill()
+        alive.wait()
+    assert remove_abandoned(root) == 1
+    assert sorted(os.listdir(root)) == []
+
+
+def test_the_sweep_follows_no_symlink_and_leaves_other_files(tmp_path):
+    root, precious = tmp_path / "tmp", tmp_path / "precious"
+    root.mkdir()
+    precious.mkdir()
+    (precious / "keep.txt").write_text("the user's")
+    (root / ".easel-a.lock").write_text("")  # an abandoned lock whose "folder" is a symlink
+    (root / "easel-a").symlink_to(precious)
+    (root / ".easel-b.lock").symlink_to(precious / "keep.txt")  # a lock file that is a symlink
+    (root / "easel-c").mkdir()  # a folder with no lock: not a scratch folder of this module
+    (root / ".other.lock").write_text("")
+
+    assert remove_abandoned(root) == 1
+    assert (precious / "keep.txt").read_text() == "the user's"
+    assert sorted(os.listdir(root)) == [".easel-b.lock", ".other.lock", "easel-a", "easel-c"]
+
+
+def test_a_scratch_folder_is_removed_when_its_run_fails(tmp_path):
+    root = tmp_path / "tmp"
+    try:
+        with ScratchDir("export", root) as scratch:
+            (scratch / "model.safetensors").write_bytes(b"\0" * 1024)
+            raise RuntimeError("the upload failed")
+    except RuntimeError:
+        pass
+    assert os.listdir(root) == []
