@@ -4,6 +4,8 @@ uv installs the lock in about a fifth of pip's time (a cold install here: 18 s a
 it does not read pip's configuration. A machine whose packages come from a mirror or a local wheel
 folder says so to pip (pip.conf, PIP_* variables), so the sources pip is configured with are handed
 to uv as arguments: index URL, extra index URLs, find-links, trusted hosts, and the CA bundle.
+uv hard-links the packages from its cache where the two share a filesystem, and copies them
+where they do not (`link_mode`; a UV_LINK_MODE of the user's wins).
 
     python infra/uv_install.py VENV_PYTHON UV REQUIREMENTS
 
@@ -16,6 +18,8 @@ import ast
 import os
 import subprocess
 import sys
+from collections.abc import Mapping
+from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 # pip's setting -> uv's argument; values may hold several whitespace-separated entries.
@@ -63,6 +67,30 @@ def without_credentials(argument: str) -> str:
     return urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))
 
 
+def same_filesystem(a: Path, b: Path) -> bool:
+    """Whether two paths (made or not yet) lie on one filesystem: that of their nearest existing folders."""
+
+    def device(path: Path) -> int:
+        path = path.absolute()
+        while not path.exists():
+            path = path.parent
+        return path.stat().st_dev
+
+    return device(a) == device(b)
+
+
+def link_mode(uv: str, python: str, environ: Mapping[str, str]) -> str:
+    """How uv puts the packages from its cache into the venv: the user's UV_LINK_MODE if set; hard
+    links where the cache and the venv share a filesystem (copies there would write the 6.4 GB of
+    unpacked wheels twice, doubling a fresh setup's disk use); copies where they do not (uv's hard
+    links would fail there, and it would warn before copying)."""
+    if environ.get("UV_LINK_MODE"):
+        return environ["UV_LINK_MODE"]
+    cache = subprocess.run([uv, "cache", "dir"], capture_output=True, text=True, check=False).stdout.strip()
+    venv = Path(python).parent.parent
+    return "hardlink" if cache and same_filesystem(Path(cache), venv) else "copy"
+
+
 def main() -> int:
     python, uv, requirements = sys.argv[1:4]
     arguments, environment = uv_arguments(pip_settings(python))
@@ -73,8 +101,7 @@ def main() -> int:
         "--index-strategy", "unsafe-best-match",
         *arguments,
     ]  # fmt: skip
-    # copy: the uv cache is often on another filesystem than the venv, where hard links fail noisily.
-    env = os.environ | {"UV_LINK_MODE": "copy"} | environment
+    env = os.environ | {"UV_LINK_MODE": link_mode(uv, python, os.environ)} | environment
     status = subprocess.run(command, env=env, check=False).returncode
     if status:
         print("uv_install.py: " + " ".join(without_credentials(a) for a in command), file=sys.stderr)

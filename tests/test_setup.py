@@ -4,8 +4,14 @@ configured to find packages, and the Docker image copies every file the setup re
 import importlib.util
 import os
 import re
+import shutil
 import subprocess
+import sys
 import sysconfig
+import tempfile
+from pathlib import Path
+
+import pytest
 
 from tests.conftest import REPO
 
@@ -112,3 +118,57 @@ def test_the_setup_s_bytecode_step_runs_before_the_project_is_copied_in(tmp_path
     assert compile_step.returncode == 0
     module = importlib.util.find_spec("diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl")
     assert os.path.isfile(module.cached)  # loaded only when a stage loads a pipeline
+
+
+def tiny_wheel(folder) -> str:
+    """A one-module wheel, made here: the package uv installs in the link-mode test."""
+    import base64
+    import hashlib
+    import zipfile
+
+    files = {
+        "tinypkg/__init__.py": b"VALUE = 1\n",
+        "tinypkg-1.0.dist-info/METADATA": b"Metadata-Version: 2.1\nName: tinypkg\nVersion: 1.0\n",
+        "tinypkg-1.0.dist-info/WHEEL": b"Wheel-Version: 1.0\nGenerator: easel-tests\nRoot-Is-Purelib: true\n"
+        b"Tag: py3-none-any\n",
+    }
+    record = "".join(
+        f"{name},sha256={base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b'=').decode()},{len(data)}\n"
+        for name, data in files.items()
+    )
+    files["tinypkg-1.0.dist-info/RECORD"] = (record + "tinypkg-1.0.dist-info/RECORD,,\n").encode()
+    wheel = folder / "tinypkg-1.0-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as zf:
+        for name, data in files.items():
+            zf.writestr(name, data)
+    return wheel.as_uri()
+
+
+def test_uv_links_the_packages_from_its_cache_where_it_can_and_copies_them_elsewhere(tmp_path):
+    """A fresh setup with uv's cache on the venv's filesystem holds the unpacked wheels once (hard
+    links), not twice; with the cache on another filesystem (/dev/shm, a tmpfs) it copies, silently."""
+    uv = shutil.which("uv", path=str(REPO / ".venv/bin"))
+    if uv is None:  # then the setup never runs uv_install.py
+        pytest.skip("this venv was set up with EASEL_INSTALLER=pip; uv is not in it")
+    requirements = tmp_path / "requirements.txt"
+    requirements.write_text(f"tinypkg @ {tiny_wheel(tmp_path)}\n")
+    caches = {"same": tmp_path / "uv-cache"}
+    shm = Path("/dev/shm")
+    if shm.is_dir() and shm.stat().st_dev != tmp_path.stat().st_dev:
+        caches["other"] = Path(tempfile.mkdtemp(dir=shm)) / "uv-cache"
+    links = {}
+    try:
+        for name, cache in caches.items():
+            venv = tmp_path / f"venv-{name}"
+            subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+            env = {k: v for k, v in os.environ.items() if k != "UV_LINK_MODE"} | {"UV_CACHE_DIR": str(cache)}
+            done = subprocess.run(
+                [sys.executable, str(REPO / "infra/uv_install.py"), str(venv / "bin/python"), uv, str(requirements)],
+                env=env, capture_output=True, text=True, check=True,
+            )  # fmt: skip
+            assert "hardlink" not in done.stderr  # no "failed to hardlink; falling back to copy" warning
+            links[name] = next(venv.glob("lib/python*/site-packages/tinypkg/__init__.py")).stat().st_nlink
+    finally:
+        if "other" in caches:
+            shutil.rmtree(caches["other"].parent, ignore_errors=True)
+    assert links == {"same": 2, "other": 1} if "other" in caches else {"same": 2}
