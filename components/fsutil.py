@@ -216,22 +216,6 @@ def atomic_dir(path: Path | str) -> Iterator[Path]:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def clean_stale_temps(folder: Path | str) -> int:
-    """Remove leftovers of interrupted atomic writes (.name.*.tmp) in a folder. Returns the count."""
-    folder = Path(folder)
-    removed = 0
-    if not folder.is_dir():
-        return 0
-    for entry in folder.iterdir():
-        if entry.name.startswith(".") and (entry.name.endswith(".tmp") or ".old-" in entry.name):
-            if entry.is_dir():
-                shutil.rmtree(entry, ignore_errors=True)
-            else:
-                entry.unlink(missing_ok=True)
-            removed += 1
-    return removed
-
-
 def sha256_file(path: Path | str, chunk: int = 1 << 20) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as fh:

@@ -3,6 +3,7 @@ checkpoints, caches, EMA, validation, and a saved pipeline that reloads and gene
 
 import json
 import math
+import multiprocessing
 import random
 
 import numpy as np
@@ -409,6 +410,7 @@ def test_cached_latents_and_text_embeddings_train_the_same(tmp_path, tiny_models
         update={"out_dir": str(tmp_path / "again"), "dataloader_num_workers": 1, "cache_memory_mb": 0}
     )
     run_train(again, models, captions, progress=False)
+    assert multiprocessing.active_children() == []  # the DataLoader's worker ended with the training
     c = unet_weights(tmp_path / "again" / "model")
     assert max((b[k] - c[k]).abs().max().item() for k in b) < 1e-6
     assert sorted(p.relative_to(tmp_path / "cache") for p in (tmp_path / "cache").rglob("*.safetensors")) == files
