@@ -479,18 +479,13 @@ def _publish_packed(
     their sha256s; the listing also names `held`, files that the `archives` already in the exchange hold."""
     archives, files = list(archives), {}
     if paths:
-        # In the folder's git-ignored scratch folder, never in a cache that is handed over: a
-        # hand-out that is killed leaves no stray archive among the user's files.
-        scratch = folder / ".easel"
-        scratch.mkdir(exist_ok=True)
-        fd, pack = tempfile.mkstemp(dir=scratch, prefix="shard-pack.", suffix=".tmp")
-        os.close(fd)
-        try:
-            files, packed = _pack(folder, paths, Path(pack))
+        # In the folder's git-ignored .easel, never in a cache that is handed over; a scratch folder,
+        # so that the archive of a hand-out that is killed goes with the next hand-out.
+        with ScratchDir("shard-pack", folder / ".easel") as scratch:
+            pack = scratch / "pack.tar"
+            files, packed = _pack(folder, paths, pack)
             archives.append(packed)
-            _upload(exchange, folder, {Path(pack).relative_to(folder).as_posix(): archives[-1]}, what)
-        finally:
-            Path(pack).unlink(missing_ok=True)
+            _upload(exchange, folder, {pack.relative_to(folder).as_posix(): archives[-1]}, what)
     _put_listing(exchange, key, (held or {}) | files, what, archives)
 
 
