@@ -9,6 +9,7 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -18,10 +19,22 @@ from typing import Any
 from components.errors import EaselError
 
 
+def writer_tag() -> str:
+    """Who writes a temp file, in its name (`<pid>@<host>`): a run that removes what killed runs left
+    behind (components/scratch.py: remove_abandoned_temps) must not remove the temp file of a run
+    that is still writing, a shard's beside it, say."""
+    return f"{os.getpid()}@{socket.gethostname()}"
+
+
+def temp_beside(path: Path) -> tuple[int, str]:
+    """A new temp file beside `path`, `.<name>.<pid>@<host>.XXXXXXXX.tmp`: (open descriptor, its path)."""
+    return tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{writer_tag()}.", suffix=".tmp")
+
+
 def atomic_write_bytes(path: Path | str, data: bytes, mode: int | None = None) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = temp_beside(path)
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
@@ -51,7 +64,7 @@ def atomic_write_parquet(path: Path | str, frame) -> None:
     """Write a pandas DataFrame as Parquet through a temp file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = temp_beside(path)
     os.close(fd)
     try:
         frame.to_parquet(tmp, index=False)
@@ -91,7 +104,7 @@ class ParquetRowGroups:
         import pyarrow.parquet as pq
 
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
+        fd, tmp = temp_beside(self.path)
         os.close(fd)
         self._tmp, self.schema = Path(tmp), schema
         self._writer = pq.ParquetWriter(tmp, schema)
@@ -200,7 +213,7 @@ def atomic_dir(path: Path | str) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.{writer_tag()}.", suffix=".tmp"))
     try:
         yield tmp
     except BaseException:

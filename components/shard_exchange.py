@@ -44,7 +44,7 @@ from typing import BinaryIO
 
 from components.config import Params, StorageParams, load_params
 from components.errors import EaselError
-from components.fsutil import atomic_write_json, inside_folder, sha256_file
+from components.fsutil import atomic_write_json, inside_folder, sha256_file, temp_beside
 from components.scratch import ScratchDir
 from components.sharding import share
 
@@ -315,7 +315,7 @@ def _download(exchange: Exchange, root: Path, files: dict[str, str], what: str) 
             # Streamed to a temp file beside the target (a model's weights do not fit in memory), checked, renamed.
             target = targets[path]
             target.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+            fd, tmp = temp_beside(target)
             os.close(fd)
             try:
                 _get_object(client, exchange, files[path], tmp, f"the object for {path}")
@@ -447,7 +447,7 @@ def _place_archived(exchange: Exchange, folder: Path, files: dict[str, str], arc
 def _write_checked(stream, target: Path, sha256: str, source: str) -> None:
     """Copy `stream` to `target` through a temp file beside it, renamed only if its sha256 matches."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    fd, tmp = temp_beside(target)
     try:
         with os.fdopen(fd, "wb") as out:
             got = _copy_hashed(stream, out)

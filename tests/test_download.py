@@ -342,26 +342,41 @@ def test_per_host_rate_spaces_requests(server, tmp_path):
     assert len(arrivals) == 8 and min(gaps) >= 0.09
 
 
-def test_cleanup_spares_the_partial_files_of_live_writers(tmp_path):
-    """A shard starting up removes what killed runs left, not what another shard is writing."""
+def test_a_run_removes_what_killed_runs_half_wrote_and_spares_live_writers(server, tmp_path):
+    """A run (a shard, say) starting up removes the temp files that killed runs left in the folder
+    DVC keeps (an image, the manifest), not those another run is still writing, nor another
+    host's recent ones."""
     import os
     import socket
     import subprocess
     import sys
+    import time
 
-    from components.download.store import ImageStore
+    from components.fsutil import writer_tag
 
-    folder = tmp_path / "images" / "ab"
-    folder.mkdir(parents=True)
-    host = socket.gethostname()
-    writing = folder / f".{host}.{os.getpid()}.k3j2.part"  # this process: alive
+    out, host = tmp_path / "out", socket.gethostname()
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    killed = folder / f".{host}.{dead.pid}.a8c1.part"
-    for path in (writing, killed):
-        path.write_bytes(b"half an image")
-    assert ImageStore(tmp_path / "images").remove_partials() == 1
-    assert writing.exists() and not killed.exists()
+    (out / "images" / "ab").mkdir(parents=True)
+    left = {
+        "killed image": out / "images" / "ab" / f".{dead.pid}@{host}.a8c1b2d3.part",
+        "killed manifest": out / f".manifest.parquet.{dead.pid}@{host}.q1w2e3r4.tmp",
+        "old, of another host": out / ".manifest.parquet.77@elsewhere.z9y8x7w6.tmp",
+    }
+    kept = {
+        "live image": out / "images" / "ab" / f".{writer_tag()}.k3j2h1g0.part",
+        "live manifest": out / f".manifest.parquet.{writer_tag()}.m4n5b6v7.tmp",
+        "recent, of another host": out / ".manifest.parquet.78@elsewhere.p0o9i8u7.tmp",
+        "the user's dotfile": out / ".keep",
+    }
+    for path in [*left.values(), *kept.values()]:
+        path.write_bytes(b"half written")
+    hour_ago = time.time() - 2 * 3600
+    os.utime(left["old, of another host"], (hour_ago, hour_ago))
+
+    run_download(params_for(tmp_path, [f"{server.url}/red.png"]), progress=False)
+    assert [name for name, path in left.items() if path.exists()] == []
+    assert [name for name, path in kept.items() if not path.exists()] == []
 
 
 def test_timeouts_name_the_wait_that_ran_out(server, tmp_path):

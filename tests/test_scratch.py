@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 
-from components.scratch import ScratchDir, remove_abandoned
+from components.fsutil import writer_tag
+from components.scratch import ScratchDir, remove_abandoned_scratch, remove_abandoned_temps
 
 HOLD_SCRATCH = (
     "import sys, time\n"
@@ -45,7 +47,7 @@ def test_a_killed_run_s_scratch_goes_with_the_next_run_and_a_live_run_s_stays(tm
     finally:
         alive.kill()
         alive.wait()
-    assert remove_abandoned(root) == 1
+    assert remove_abandoned_scratch(root) == 1
     assert sorted(os.listdir(root)) == []
 
 
@@ -60,7 +62,7 @@ def test_the_sweep_follows_no_symlink_and_leaves_other_files(tmp_path):
     (root / "easel-c").mkdir()  # a folder with no lock: not a scratch folder of this module
     (root / ".other.lock").write_text("")
 
-    assert remove_abandoned(root) == 1
+    assert remove_abandoned_scratch(root) == 1
     assert (precious / "keep.txt").read_text() == "the user's"
     assert sorted(os.listdir(root)) == [".easel-b.lock", ".other.lock", "easel-a", "easel-c"]
 
@@ -74,3 +76,39 @@ def test_a_scratch_folder_is_removed_when_its_run_fails(tmp_path):
     except RuntimeError:
         pass
     assert os.listdir(root) == []
+
+
+def test_abandoned_temps_go_and_the_rest_stays(tmp_path):
+    """remove_abandoned_temps: a dead writer's temp file and atomic_dir folder go, at any depth it
+    is asked to look; a live writer's, a link's target, and files not named as temps stay."""
+    host = socket.gethostname()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "keep.txt").write_text("the user's")
+    out = tmp_path / "out"
+    (out / "sub" / "deeper").mkdir(parents=True)
+    gone = [
+        out / f".manifest.parquet.{dead.pid}@{host}.abcd1234.tmp",
+        out / "sub" / f".report.html.{dead.pid}@{host}.efgh5678.tmp",
+    ]
+    for path in gone:
+        path.write_text("half")
+    (out / f".validate.{dead.pid}@{host}.ijkl9012.tmp").mkdir()  # atomic_dir's folder
+    gone.append(out / f".validate.{dead.pid}@{host}.ijkl9012.tmp")
+    (out / f".link.{dead.pid}@{host}.mnop3456.tmp").symlink_to(precious)  # the link goes, not its target
+    gone.append(out / f".link.{dead.pid}@{host}.mnop3456.tmp")
+    stays = [
+        out / f".manifest.parquet.{writer_tag()}.qrst7890.tmp",
+        out / "sub" / "deeper" / f".x.{dead.pid}@{host}.uvwx1234.tmp",  # below the depth asked for
+        out / ".manifest.parquet.tmp",
+        out / "notes.tmp",
+    ]
+    for path in stays:
+        path.write_text("keep")
+
+    assert remove_abandoned_temps(out, depth=2) == 4
+    assert [p for p in gone if os.path.lexists(p)] == []
+    assert [p for p in stays if not p.exists()] == []
+    assert (precious / "keep.txt").read_text() == "the user's"

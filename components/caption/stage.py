@@ -36,7 +36,7 @@ from components.errors import EaselError
 from components.fsutil import ParquetRowGroups, atomic_write_json, stage_table_chunks
 from components.images import load_rgb, thumbnail
 from components.models.loaders import default_device, dtype_for
-from components.scratch import ScratchDir
+from components.scratch import ScratchDir, remove_abandoned_temps
 from components.sdxl.prompt_encoding import tokens_read
 from components.sharding import Shard, deal, new_part_name, stream_batches, stream_share
 
@@ -249,6 +249,7 @@ def caption_shard(
     accepted_chunks(validate_dir)  # checks the table now: a missing or broken one is said first
     captioners = build_captioners(params, models)
     keys = [c.key for c in captioners]
+    remove_abandoned_temps(params.out_dir)
     with CaptionCache(Path(params.out_dir) / "cache.jsonl", part=new_part_name(shard[0])) as cache:
 
         def lacks(r) -> bool:
@@ -385,6 +386,7 @@ def run_caption(
 ) -> CaptionSummary:
     out_dir = Path(params.out_dir)
     accepted_chunks(validate_dir)  # checks the table now: a missing or broken one is said first
+    remove_abandoned_temps(out_dir)  # DVC keeps this folder: a killed run's half-written table goes
     captioners = build_captioners(params, models)
     keys = {c.name: c.key for c in captioners}
     with CaptionCache(out_dir / "cache.jsonl") as cache:

@@ -35,11 +35,10 @@ from components.download.archives import split_sources
 from components.download.fetch import TRANSIENT_STATUSES, FetchSettings
 from components.download.index import UrlIndex
 from components.download.sources import refuse_empty, source_chunks
-from components.download.store import ImageStore
 from components.download.worker import RECORD_FIELDS, fetch_in_process, fetch_into, init_process, read_url_file
 from components.errors import EaselError
 from components.fsutil import ParquetRowGroups, atomic_write_json
-from components.scratch import ScratchDir
+from components.scratch import ScratchDir, remove_abandoned_temps
 from components.sharding import in_shard
 
 log = logging.getLogger(__name__)
@@ -275,7 +274,9 @@ def run_download(
             raise EaselError("download: s3:// sources need the storage settings")
         s3_settings, list_keys = _s3_access(storage)
     url_sources, archive_sources = split_sources(params.sources)
-    ImageStore(out_dir / "images").remove_partials()
+    # DVC keeps this folder between runs: what killed runs left half-written in it (an image, the
+    # manifest, an archive's index) goes now, before DVC would keep it with the folder.
+    remove_abandoned_temps(out_dir, depth=3)
     with ScratchDir("download") as scratch:
         index = UrlIndex(scratch / "index.sqlite")
         try:

@@ -9,12 +9,10 @@ from __future__ import annotations
 
 import hashlib
 import os
-import socket
 import tempfile
-import time
 from pathlib import Path
 
-STALE_PARTIAL_S = 3600  # a partial file of another machine older than this is abandoned
+from components.fsutil import writer_tag
 
 EXTENSIONS = {
     "jpeg": "jpg",
@@ -42,9 +40,9 @@ class ImageStore:
         if target.is_file() and target.stat().st_size == len(data):
             return sha, rel
         target.parent.mkdir(parents=True, exist_ok=True)
-        # The writer's host and pid in the name: a run cleaning up after a killed one must not
+        # The writer's pid and host in the name: a run cleaning up after a killed one must not
         # delete the partial files of a run that is still writing (another shard, say).
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{socket.gethostname()}.{os.getpid()}.", suffix=".part")
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{writer_tag()}.", suffix=".part")
         try:
             with os.fdopen(fd, "wb") as fh:
                 fh.write(data)
@@ -53,30 +51,3 @@ class ImageStore:
             Path(tmp).unlink(missing_ok=True)
             raise
         return sha, rel
-
-    def remove_partials(self) -> int:
-        """Delete temp files left by killed runs; those of live writers stay."""
-        count = 0
-        if self.root.is_dir():
-            for part in self.root.glob("*/.*.part"):
-                if _abandoned(part):
-                    part.unlink(missing_ok=True)
-                    count += 1
-        return count
-
-
-def _abandoned(part: Path) -> bool:
-    host, _, rest = part.name[1 : -len(".part")].rpartition(".")[0].rpartition(".")
-    pid = rest if host else ""
-    if host == socket.gethostname() and pid.isdigit():
-        try:
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
-            return True  # its writer is gone
-        except PermissionError:
-            return False
-        return False
-    try:
-        return time.time() - part.stat().st_mtime > STALE_PARTIAL_S
-    except FileNotFoundError:
-        return False
