@@ -27,6 +27,28 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("EASEL_NO_PROGRESS", "1")
 
 
+# The suite's temp folders (tiny models, images, S3 and DVC data, Prefect databases) peaked at about
+# 1.3 GB over a run (benchmarks/RESULTS.md, "CI as a fresh machine", stop 37); with room to spare.
+MIN_FREE_GB = float(os.environ.get("EASEL_TEST_MIN_FREE_GB", "3"))
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Too little disk stops the run in one line, before any test: a full disk otherwise shows as a
+    hundred scattered errors (it did, on a CI machine whose /tmp had filled up)."""
+    if hasattr(session.config, "workerinput"):  # an xdist worker: the controller checked
+        return
+    import tempfile
+
+    folder = tempfile.gettempdir()
+    free = shutil.disk_usage(folder).free / 1e9
+    if free < MIN_FREE_GB:
+        pytest.exit(
+            f"the tests need about {MIN_FREE_GB:g} GB free in {folder} (TMPDIR) for their temp folders; "
+            f"{free:.1f} GB is free there (EASEL_TEST_MIN_FREE_GB sets the need)",
+            returncode=2,
+        )
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Each xdist worker's share starts with its slow tests (each runs the pipeline through a user's
     interface, up to about three minutes) and ends with short ones, so that the workers do not end
