@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from components.config import STAGES
-from components.errors import EaselError, GateRejected
+from components.plumbing.errors import EaselError, GateRejected
 
 NOT_CURRENT_EXIT = 3  # `easel registry is-current`: the model is not the one the alias points at
 
@@ -102,7 +102,7 @@ def cmd_validate(args) -> int:
 
         archived = None
         if args.archived:
-            from components.fsutil import read_archive_index
+            from components.plumbing.fsutil import read_archive_index
 
             archived = read_archive_index(args.archived)
         files, now = inspect_shard(params.validate_, Path(params.download.out_dir), shard, _progress(args), archived)
@@ -229,7 +229,7 @@ def cmd_evaluate(args) -> int:
 
 def cmd_gate(args) -> int:
     """The gate alone: decide and record, publish nothing (the PR eval gate runs this)."""
-    from components.fsutil import atomic_write_text
+    from components.plumbing.fsutil import atomic_write_text
     from components.release.promote import pr_comment, raise_unless_promoted, run_gate
 
     params = _load(args)
@@ -346,7 +346,7 @@ def cmd_export(args) -> int:
 
 
 def cmd_sample_source(args) -> int:
-    from components import procs
+    from components.plumbing import procs
     from components.sample_source import SampleSite, build_site
 
     params = _load(args)
@@ -434,7 +434,7 @@ def cmd_registry(args) -> int:
         count = len(manifest["files"]) + len(manifest.get("extras", []))
         print(f"{name}/{version}{f' ({ref})' if record else ''}: whole, {count} files read back and hashed")
     elif args.action == "is-current":
-        from components.fsutil import model_fingerprint
+        from components.plumbing.fsutil import model_fingerprint
 
         alias_name = args.alias or params.promote.alias
         model_dir = Path(args.ref) if args.ref else Path(params.train.out_dir) / "model"

@@ -17,7 +17,7 @@ from typing import Any, Literal, get_args
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
-from components.errors import ConfigError
+from components.plumbing.errors import ConfigError
 
 DEFAULT_PARAMS = Path("params.yaml")
 # The pipeline's stages in order (dvc.yaml, the CLI and the flows all follow it), and where their metrics go.

@@ -13,9 +13,9 @@ import time
 from pathlib import Path
 
 from components.config import load_params
-from components.errors import EaselError
-from components.numbers import lookup, number_at, read_json, text_at
 from components.pipeline import read_metrics
+from components.plumbing.errors import EaselError
+from components.plumbing.numbers import lookup, number_at, read_json, text_at
 
 
 def _say(message: str) -> None:

@@ -18,9 +18,9 @@ from typing import TYPE_CHECKING
 
 from components import report
 from components.config import STAGES
-from components.errors import TEMPORARY, ConfigError, EaselError
-from components.numbers import number_at, read_json
-from components.procs import CommandTimedOut, run_captured
+from components.plumbing.errors import TEMPORARY, ConfigError, EaselError
+from components.plumbing.numbers import number_at, read_json
+from components.plumbing.procs import CommandTimedOut, run_captured
 
 if TYPE_CHECKING:
     from components.shard_exchange import Exchange
@@ -36,7 +36,7 @@ class StageRun:
     shards: list[ShardRun] = field(default_factory=list)  # the shard runs before it, when it was sharded
 
 
-# The exit codes of `easel promote` that are verdicts, not errors (components.errors).
+# The exit codes of `easel promote` that are verdicts, not errors (components.plumbing.errors).
 GATE_VERDICTS = {3: "reject", 4: "inconclusive"}
 
 
@@ -270,7 +270,7 @@ def dvc_push(project_dir: Path | str, timeout_s: float | None = None) -> str:
 
 
 def read_metrics(project_dir: Path | str) -> dict[str, object]:
-    """Each stage's metrics file as parsed JSON (any shape: read values through components.numbers)."""
+    """Each stage's metrics file as parsed JSON (any shape: read values through components.plumbing.numbers)."""
     from components.config import reporting_params
 
     folder = Path(project_dir) / reporting_params(Path(project_dir) / "params.yaml").metrics_dir

@@ -26,9 +26,9 @@ from pathlib import Path
 from typing import ClassVar
 
 from components.config import NotifyParams, PrefectServerParams
-from components.errors import EaselError
-from components.fsutil import atomic_write_bytes
-from components.procs import LoopbackService
+from components.plumbing.errors import EaselError
+from components.plumbing.fsutil import atomic_write_bytes
+from components.plumbing.procs import LoopbackService
 
 # A Prefect client that finds no PREFECT_API_URL starts a temporary server and waits this long for
 # it; Prefect's 20 s default is shorter than a first migration takes on a cold 2-core machine.

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from components.errors import EaselError
-from components.fsutil import sha256_file
+from components.plumbing.errors import EaselError
+from components.plumbing.fsutil import sha256_file
 
 # "Examples of Commonly Used Negative Prompts" from the user's SDXL fine-tuning guide.
 NEGATIVE_PRESETS: dict[str, str] = {

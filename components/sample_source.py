@@ -19,7 +19,7 @@ from pathlib import Path
 
 from PIL import Image, ImageFilter
 
-from components.fsutil import atomic_dir, atomic_write_json
+from components.plumbing.fsutil import atomic_dir, atomic_write_json
 
 SITE_VERSION = 1
 TV_PREFIX_PATH = "/t/p/w600_and_h900_bestv2"

@@ -43,9 +43,9 @@ from pathlib import Path, PurePosixPath
 from typing import BinaryIO
 
 from components.config import Params, StorageParams, load_params
-from components.errors import EaselError
-from components.fsutil import atomic_write_json, inside_folder, sha256_file, temp_beside
-from components.scratch import ScratchDir
+from components.plumbing.errors import EaselError
+from components.plumbing.fsutil import atomic_write_json, inside_folder, sha256_file, temp_beside
+from components.plumbing.scratch import ScratchDir
 from components.sharding import share
 
 SHARD_DIR_ENV = "EASEL_SHARD_DIR"
@@ -434,7 +434,7 @@ def _unpack(exchange: Exchange, root: Path, files: dict[str, str], archives: lis
 def _place_archived(exchange: Exchange, folder: Path, files: dict[str, str], archives: list[str], what: str) -> None:
     """Fetch the archive objects that hold `files` into the shard's folder, and write the index
     (HANDED_IMAGES) of where each file's bytes lie in them: the shard reads them in place
-    (`components.fsutil.read_archive_index`), and no file is created per image."""
+    (`components.plumbing.fsutil.read_archive_index`), and no file is created per image."""
     with contextlib.ExitStack() as held:
         found = _archive_members(exchange, files, archives, folder / ARCHIVE_DIR, what, held, keep=True)
         index = {

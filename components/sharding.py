@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from itertools import islice
 from typing import TypeVar
 
-from components.errors import EaselError
+from components.plumbing.errors import EaselError
 
 Shard = tuple[int, int]  # (K, N): shard K of N, 0 <= K < N
 T = TypeVar("T")

@@ -22,9 +22,9 @@ from pathlib import Path
 from typing import ClassVar
 
 from components.config import S3_ENDPOINT_ENV, StorageParams, check_s3_endpoint
-from components.errors import EaselError
-from components.fsutil import atomic_write_bytes
-from components.procs import LoopbackService
+from components.plumbing.errors import EaselError
+from components.plumbing.fsutil import atomic_write_bytes
+from components.plumbing.procs import LoopbackService
 
 ENDPOINT_ENV = S3_ENDPOINT_ENV
 MAX_VOLUMES = 2000  # volumes the embedded server may create (see EmbeddedS3.start)

@@ -17,7 +17,6 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.states import Completed, State
 
 from components.config import StageName
-from components.errors import EaselError
 from components.pipeline import (
     SHARDED_STAGES,
     ShardRun,
@@ -36,6 +35,7 @@ from components.pipeline import (
     run_summary_markdown,
     stage_is_current,
 )
+from components.plumbing.errors import EaselError
 from components.shard_exchange import (
     Exchange,
     close_exchange,

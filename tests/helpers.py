@@ -126,7 +126,7 @@ def write_evaluation(
     import json
 
     from components.evaluate.stats import score_summary
-    from components.fsutil import model_fingerprint, sha256_file
+    from components.plumbing.fsutil import model_fingerprint, sha256_file
 
     folder.mkdir(parents=True, exist_ok=True)
     if scores is None:
@@ -176,7 +176,7 @@ def tiny_evaluate_params(tmp_path, prompts, **overrides):
 
 def put_in_production(s3_settings, bucket: str, model_dir, name: str = "posters"):
     """Publish `model_dir` to the registry in `bucket` and point production at it, as a promote would."""
-    from components.fsutil import model_fingerprint
+    from components.plumbing.fsutil import model_fingerprint
     from components.release.registry import Registry
     from components.storage import ensure_bucket, make_client
 

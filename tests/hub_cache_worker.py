@@ -54,9 +54,9 @@ def main(out_dir: Path, laion_url: str) -> dict:
     from safetensors.torch import load_file
 
     from components.caption.tagger import WDTagger
-    from components.errors import EaselError
     from components.models import hub_cache as hc
     from components.models.loaders import load_blip, load_sdxl_parts, load_sdxl_pipeline, load_vae
+    from components.plumbing.errors import EaselError
     from components.scoring import ImageTextScorer
 
     manifest = json.loads((out_dir / hc.MANIFEST).read_text())

@@ -16,7 +16,7 @@ from components.caption import run_caption
 from components.caption.merge import clip_token_count, merge_caption, normalize_tag
 from components.caption.tagger import select_tags
 from components.config import CaptionParams, TaggerParams
-from components.errors import EaselError
+from components.plumbing.errors import EaselError
 from tests.helpers import accepted_set
 from tests.test_models import tiny_params
 

@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 from components.config import load_params
-from components.errors import ConfigError
+from components.plumbing.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -12,7 +12,7 @@ from components.config import DownloadParams
 from components.download import run_download
 from components.download.fetch import TRANSIENT_STATUSES, parse_retry_after, sniff_image_type
 from components.download.sources import join_url, read_source
-from components.errors import EaselError
+from components.plumbing.errors import EaselError
 from tests.http_fixtures import RED, MisbehavingServer
 
 
@@ -352,7 +352,7 @@ def test_a_run_removes_what_killed_runs_half_wrote_and_spares_live_writers(serve
     import sys
     import time
 
-    from components.fsutil import writer_tag
+    from components.plumbing.fsutil import writer_tag
 
     out, host = tmp_path / "out", socket.gethostname()
     dead = subprocess.Popen([sys.executable, "-c", "pass"])

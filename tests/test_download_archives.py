@@ -29,7 +29,7 @@ from hypothesis import strategies as st
 from components.config import DownloadParams, StorageParams
 from components.download import archives, run_download
 from components.download.archives import expand_braces, unsafe_name, webdataset_key
-from components.errors import ConfigError, EaselError
+from components.plumbing.errors import ConfigError, EaselError
 from tests.http_fixtures import png_bytes
 
 REPO = Path(__file__).resolve().parents[1]

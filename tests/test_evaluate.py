@@ -11,9 +11,9 @@ import scipy.stats
 import torch
 
 from components.config import PromoteParams, StorageParams
-from components.errors import EaselError
 from components.evaluate import run_evaluate
 from components.evaluate.stats import bootstrap_mean_ci, paired_comparison, summarize
+from components.plumbing.errors import EaselError
 from components.prompts import NEGATIVE_PRESETS, load_prompt_set
 from components.scoring import ImageTextScorer
 from tests.helpers import put_in_production, tiny_evaluate_params
@@ -257,7 +257,7 @@ def test_evaluate_against_base_is_reproducible_and_reports(tmp_path, tiny_models
     assert vs_base["mean_diff"] == 0 and vs_base["win_rate"] == 0.5  # the same weights: no difference
     metrics = json.loads((tmp_path / "m.json").read_text())
     assert metrics["model_fingerprint"] == first.summary["model_fingerprint"]
-    from components.fsutil import sha256_file
+    from components.plumbing.fsutil import sha256_file
 
     written = json.loads((tmp_path / "eval" / "summary.json").read_text(), parse_constant=pytest.fail)  # strict JSON
     assert written["scores_sha256"] == sha256_file(tmp_path / "eval" / "scores.csv")  # bound to the gate's input

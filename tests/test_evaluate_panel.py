@@ -14,12 +14,12 @@ import pytest
 import yaml
 
 from components.config import EvaluateParams, ModelsParams, PanelModelParams, StorageParams, load_params
-from components.errors import ConfigError, EaselError
 from components.evaluate import leaderboard, run_evaluate
 from components.evaluate.models import panel_model
 from components.evaluate.stats import summarize
 from components.models import single_file as sf
 from components.models.tiny import build_tiny_sdxl
+from components.plumbing.errors import ConfigError, EaselError
 from tests.helpers import (
     evaluation_scores,
     make_model,

@@ -145,8 +145,8 @@ def test_a_stage_past_its_time_limit_is_stopped_and_the_run_times_out(harness, p
 def test_transient_and_deterministic_failures_are_told_apart():
     from prefect.states import Failed
 
-    from components.errors import TEMPORARY, ConfigError
     from components.pipeline import StageFailed, is_transient
+    from components.plumbing.errors import TEMPORARY, ConfigError
     from components.storage import StorageUnavailable
     from flows.pipeline import transient_only
 

@@ -31,7 +31,7 @@ from components.evaluate.stats import (
     one_sided_alpha,
     prompts_needed,
 )
-from components.numbers import strict_json
+from components.plumbing.numbers import strict_json
 from components.release.gate import GateInputs, decision_record, gather_inputs, judge
 from components.release.promote import pr_comment
 from tests.helpers import evaluation_scores, make_model, sdxl_gate_params, write_evaluation, write_prompts
@@ -73,7 +73,7 @@ def edit_summary(e, change) -> None:
 
 def rebind_scores(e) -> None:
     """Record the current scores.csv's sha256 in the summary, as a consistent (if wrong) job would."""
-    from components.fsutil import sha256_file
+    from components.plumbing.fsutil import sha256_file
 
     edit_summary(e, lambda s: s.update(scores_sha256=sha256_file(e.dir / "scores.csv")))
 

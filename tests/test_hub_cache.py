@@ -18,9 +18,9 @@ import pytest
 import yaml
 
 from components.config import ModelsParams
-from components.errors import EaselError
 from components.models import hub_cache as hc
 from components.models import loaders
+from components.plumbing.errors import EaselError
 from tests.helpers import self_signed_cert
 
 REPO = Path(__file__).resolve().parents[1]

@@ -9,8 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from components.errors import ConfigError
 from components.models.loaders import load_sdxl_pipeline
+from components.plumbing.errors import ConfigError
 from components.sdxl.generation import GenerationSettings, generate
 from components.sdxl.prompt_encoding import chunks_needed, encode_prompts, split_chunks
 from components.train import run_train

@@ -8,10 +8,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from components.config import ModelsParams
-from components.errors import EaselError
-from components.fsutil import sha256_file
 from components.models.aesthetic import AestheticMLP, load_aesthetic_mlp
 from components.models.loaders import load_blip, load_open_clip, load_sdxl_parts, load_sdxl_pipeline, resolve_ref
+from components.plumbing.errors import EaselError
+from components.plumbing.fsutil import sha256_file
 from tests.helpers import pickle_payload
 
 

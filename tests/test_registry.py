@@ -8,8 +8,8 @@ import threading
 import pytest
 
 from components.config import EvaluateParams, PromoteParams, StorageParams
-from components.errors import EaselError, GateRejected
-from components.fsutil import sha256_file
+from components.plumbing.errors import EaselError, GateRejected
+from components.plumbing.fsutil import sha256_file
 from components.release.promote import run_gate, run_promote
 from components.release.registry import ConcurrentAliasUpdate, Registry
 from components.storage import EmbeddedS3, StorageUnavailable, make_client
@@ -316,7 +316,7 @@ def test_the_model_fingerprint_is_the_model_not_its_folder(tmp_path, tiny_models
     import json
     import shutil
 
-    from components.fsutil import model_fingerprint
+    from components.plumbing.fsutil import model_fingerprint
 
     a = shutil.copytree(tiny_models / "sdxl", tmp_path / "a" / "model")
     b = shutil.copytree(tiny_models / "sdxl", tmp_path / "elsewhere" / "b" / "model")
@@ -370,7 +370,7 @@ def test_gc_racing_a_resumed_publish_leaves_a_whole_version(project, s3_server, 
     them there, goes on. gc spares the version (its publish holds a lease), and files that vanish anyway
     (a gc that listed them before the lease was taken) are put back before the manifest is written."""
     import components.release.registry as registry_module
-    from components.fsutil import dir_manifest, manifest_digest
+    from components.plumbing.fsutil import dir_manifest, manifest_digest
 
     registry = registry_of(project, s3_server)
     model = make_model(project["tmp"] / "m", b"m" * 1000)

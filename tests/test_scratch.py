@@ -1,4 +1,4 @@
-"""Scratch folders (components/scratch.py): a killed run's folder is removed by the next run, a live
+"""Scratch folders (components/plumbing/scratch.py): a killed run's folder is removed by the next run, a live
 run's never, and the sweep touches nothing but its own lock files and real folders."""
 
 from __future__ import annotations
@@ -9,12 +9,12 @@ import socket
 import subprocess
 import sys
 
-from components.fsutil import writer_tag
-from components.scratch import ScratchDir, remove_abandoned_scratch, remove_abandoned_temps
+from components.plumbing.fsutil import writer_tag
+from components.plumbing.scratch import ScratchDir, remove_abandoned_scratch, remove_abandoned_temps
 
 HOLD_SCRATCH = (
     "import sys, time\n"
-    "from components.scratch import ScratchDir\n"
+    "from components.plumbing.scratch import ScratchDir\n"
     "scratch = ScratchDir(sys.argv[2], sys.argv[1])\n"
     "(scratch.path / 'index.sqlite').write_bytes(b'x' * 4096)\n"
     "print(scratch.path, flush=True)\n"

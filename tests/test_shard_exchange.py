@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from components.errors import EaselError
-from components.fsutil import read_archive_index
+from components.plumbing.errors import EaselError
+from components.plumbing.fsutil import read_archive_index
 from components.shard_exchange import (
     ARCHIVE_DIR,
     HANDED_IMAGES,

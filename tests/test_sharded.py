@@ -15,7 +15,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from components.errors import EaselError
+from components.plumbing.errors import EaselError
 from components.sharding import batches, deal, parse_shard, shard_of, share, stream_share
 
 SHARDED = ("download", "validate", "caption", "evaluate")

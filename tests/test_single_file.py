@@ -16,12 +16,12 @@ from safetensors import safe_open
 
 from components.cli import main
 from components.config import ModelsParams
-from components.errors import ConfigError, EaselError
 from components.evaluate.models import base as base_model
-from components.fsutil import sha256_file
 from components.models import single_file as sf
 from components.models.hub_cache import SmallSizes, small_sdxl
 from components.models.loaders import load_sdxl_parts, load_sdxl_pipeline
+from components.plumbing.errors import ConfigError, EaselError
+from components.plumbing.fsutil import sha256_file
 from components.sdxl.generation import GenerationSettings, generate
 from components.train import run_train
 from components.train.cache import folder_identity

@@ -126,7 +126,7 @@ def test_the_default_waits_bound_a_hanging_endpoint_to_30_seconds(monkeypatch, t
 
 
 def test_a_malformed_endpoint_is_refused_before_any_call(monkeypatch):
-    from components.errors import ConfigError
+    from components.plumbing.errors import ConfigError
 
     with pytest.raises(ConfigError, match=r"EASEL_S3_ENDPOINT='not-a-url' is not an http\(s\) URL"):
         external(monkeypatch, "not-a-url") and ready_client(StorageParams(bucket="easel"))

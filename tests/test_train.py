@@ -15,8 +15,8 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from components.config import BucketParams, TrainParams
-from components.errors import EaselError
 from components.models.loaders import load_sdxl_pipeline
+from components.plumbing.errors import EaselError
 from components.train import run_train
 from components.train.data import (
     BucketBatchSampler,
@@ -333,7 +333,7 @@ def test_a_checkpoint_never_runs_what_its_files_say(tmp_path, tiny_models):
 def test_a_cache_file_that_is_not_safetensors_is_made_again_never_unpickled(tmp_path, tiny_models):
     """Latent and text-embedding cache files swapped for pickles (or cut short): each is encoded again,
     and the pickle never runs."""
-    from components.tensor_tree import check_safetensors
+    from components.plumbing.tensor_tree import check_safetensors
 
     captions, models = captioned_set(tmp_path), tiny_params(tiny_models)
     common = dict(max_train_steps=2, cache_latents=True, cache_text_embeddings=True)

@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from benchmarks.sdxl_hub_cache import write_sdxl_base
-from components.errors import ConfigError
+from components.plumbing.errors import ConfigError
 from components.train import run_train
 from components.train.loop import load_training_items, plan_run
 from components.train.plan import GB, checkpoint_bytes, filesystems, model_shapes, plan_training

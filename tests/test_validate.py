@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from components.config import ValidateParams
-from components.errors import EaselError
+from components.plumbing.errors import EaselError
 from components.validate import run_validate
 from components.validate.dedupe import near_duplicate_groups
 from components.validate.inspect import hamming

@@ -32,11 +32,11 @@ from components.caption.blip import BlipCaptioner
 from components.caption.merge import clip_comma_id, clip_token_ids, merge_caption
 from components.caption.tagger import WDTagger, select_tags
 from components.config import CaptionParams, ModelsParams
-from components.errors import EaselError
-from components.fsutil import ParquetRowGroups, atomic_write_json, stage_table_chunks
 from components.images import load_rgb, thumbnail
 from components.models.loaders import default_device, dtype_for
-from components.scratch import ScratchDir, remove_abandoned_temps
+from components.plumbing.errors import EaselError
+from components.plumbing.fsutil import ParquetRowGroups, atomic_write_json, stage_table_chunks
+from components.plumbing.scratch import ScratchDir, remove_abandoned_temps
 from components.sdxl.prompt_encoding import tokens_read
 from components.sharding import Shard, deal, new_part_name, stream_batches, stream_share
 
@@ -288,7 +288,7 @@ class CaptionSummary:
 
 
 class CaptionTable:
-    """captions.parquet, written a chunk of rows at a time (components.fsutil.ParquetRowGroups: a
+    """captions.parquet, written a chunk of rows at a time (components.plumbing.fsutil.ParquetRowGroups: a
     failed run leaves the previous table), with what the metrics and the report need: running
     sums and the first REPORT_CARDS rows."""
 

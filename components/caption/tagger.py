@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 from components.config import ModelsParams, TaggerParams
-from components.errors import EaselError
+from components.plumbing.errors import EaselError
 
 GENERAL, CHARACTER, RATING = 0, 4, 9
 # Probabilities at or above this are cached (a real tag list has ~10,000 tags); thresholds may

@@ -85,8 +85,8 @@ from components.download.fetch import (
 from components.download.sources import IMAGE_SUFFIXES, _frame
 from components.download.store import ImageStore
 from components.download.worker import RECORD_FIELDS, record_for
-from components.errors import ConfigError, EaselError
-from components.fsutil import atomic_write_json
+from components.plumbing.errors import ConfigError, EaselError
+from components.plumbing.fsutil import atomic_write_json
 
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar", ".zip")
 CAPTION_SUFFIXES = (".txt", ".caption", ".json")  # in the order a caption is taken from them

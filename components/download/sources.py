@@ -13,7 +13,7 @@ from pathlib import Path
 import pandas as pd
 
 from components.config import SourceParams
-from components.errors import EaselError
+from components.plumbing.errors import EaselError
 
 FORMATS = {
     ".csv": "csv",

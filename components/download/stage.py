@@ -36,9 +36,9 @@ from components.download.fetch import TRANSIENT_STATUSES, FetchSettings
 from components.download.index import UrlIndex
 from components.download.sources import refuse_empty, source_chunks
 from components.download.worker import RECORD_FIELDS, fetch_in_process, fetch_into, init_process, read_url_file
-from components.errors import EaselError
-from components.fsutil import ParquetRowGroups, atomic_write_json
-from components.scratch import ScratchDir, remove_abandoned_temps
+from components.plumbing.errors import EaselError
+from components.plumbing.fsutil import ParquetRowGroups, atomic_write_json
+from components.plumbing.scratch import ScratchDir, remove_abandoned_temps
 from components.sharding import in_shard
 
 log = logging.getLogger(__name__)
@@ -123,7 +123,7 @@ def manifest_schema(columns: list[str]):
 
 class ManifestPass:
     """Goes over the manifest's rows a chunk at a time: counts outcomes and distinct images and,
-    with `path`, writes the chunks as Parquet row groups (components.fsutil.ParquetRowGroups: a
+    with `path`, writes the chunks as Parquet row groups (components.plumbing.fsutil.ParquetRowGroups: a
     failed run leaves the previous manifest)."""
 
     def __init__(self, columns: list[str], index: UrlIndex, path: Path | None) -> None:

@@ -12,7 +12,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from components.fsutil import writer_tag
+from components.plumbing.fsutil import writer_tag
 
 EXTENSIONS = {
     "jpeg": "jpg",

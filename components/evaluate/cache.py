@@ -13,7 +13,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from components.fsutil import atomic_write_bytes
+from components.plumbing.fsutil import atomic_write_bytes
 
 
 def image_key(model_id: str, prompt: str, negative: str, seed: int, settings_key: str) -> str:

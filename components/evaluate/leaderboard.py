@@ -32,9 +32,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from components.errors import EaselError
 from components.evaluate.stats import AESTHETIC_STATS
-from components.fsutil import atomic_write_text
+from components.plumbing.errors import EaselError
+from components.plumbing.fsutil import atomic_write_text
 
 # The guide's column names, in its order.
 GUIDE_COLUMNS = (

@@ -16,8 +16,8 @@ from functools import cached_property, partial
 from pathlib import Path
 
 from components.config import REGISTRY_REF, ModelsParams, PanelModelParams, PromoteParams, StorageParams
-from components.errors import ConfigError
-from components.fsutil import model_fingerprint, sha256_file
+from components.plumbing.errors import ConfigError
+from components.plumbing.fsutil import model_fingerprint, sha256_file
 
 log = logging.getLogger(__name__)
 

@@ -24,12 +24,12 @@ from tqdm import tqdm
 
 from components import report
 from components.config import EVALUATE_ROLES, EvaluateParams, ModelsParams, PromoteParams, StorageParams
-from components.errors import EaselError
 from components.evaluate import leaderboard
 from components.evaluate import models as model_sources
 from components.evaluate.cache import ImageCache, image_key
 from components.evaluate.stats import AESTHETIC_STATS, score_summary, summarize
-from components.fsutil import atomic_dir, atomic_write_bytes, atomic_write_json, atomic_write_text
+from components.plumbing.errors import EaselError
+from components.plumbing.fsutil import atomic_dir, atomic_write_bytes, atomic_write_json, atomic_write_text
 from components.prompts import load_prompt_set, prompt_set_hash
 from components.scoring import AESTHETIC_DEFINITION, CLIP_SCORE_DEFINITION, ImageTextScorer
 from components.sdxl.generation import GenerationSettings, generate

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from components.errors import EaselError
+from components.plumbing.errors import EaselError
 
 HIDDEN = (1024, 128, 64, 16)
 DROPOUT = (0.2, 0.2, 0.1, 0.0)
@@ -56,7 +56,7 @@ def load_aesthetic_mlp(path: Path | str, expected_input: int | None = None, sha2
     `expected_input` is the CLIP embedding width; a mismatch (e.g. ViT-B-32 weights with an
     L/14 predictor) is an error, not a silently wrong score.
     """
-    from components.fsutil import sha256_file
+    from components.plumbing.fsutil import sha256_file
 
     path = Path(path)
     if not path.is_file():

@@ -51,7 +51,7 @@ from pathlib import Path
 
 import torch
 
-from components.fsutil import atomic_dir, atomic_write_json
+from components.plumbing.fsutil import atomic_dir, atomic_write_json
 
 SDXL_BASE = "stabilityai/stable-diffusion-xl-base-1.0"
 SDXL_VAE_FP16_FIX = "madebyollin/sdxl-vae-fp16-fix"

@@ -20,8 +20,8 @@ from typing import Any
 import torch
 
 from components.config import ModelsParams
-from components.errors import ConfigError, EaselError
 from components.models.single_file import is_single_file, load_single_file_pipeline
+from components.plumbing.errors import ConfigError, EaselError
 
 log = logging.getLogger(__name__)
 
@@ -313,7 +313,7 @@ def fetch_to_cache(url: str, expected_sha256: str | None = None) -> Path:
     With `expected_sha256` the download is checked before it is kept, and a cached copy is checked
     again before it is reused (a damaged copy is fetched again).
     """
-    from components.fsutil import sha256_file
+    from components.plumbing.fsutil import sha256_file
 
     name = hashlib.sha256(url.encode()).hexdigest()[:16] + "-" + Path(url.split("?")[0]).name
     target = CACHE_DIR / "weights" / name
@@ -340,7 +340,7 @@ def fetch_to_cache(url: str, expected_sha256: str | None = None) -> Path:
 def aesthetic_weights_path(models: ModelsParams) -> Path:
     """The LAION aesthetic weights: fetched over https into the Easel cache, or a local file. When
     models.aesthetic_sha256 is set, the file (downloaded or local) must have that sha256."""
-    from components.fsutil import sha256_file
+    from components.plumbing.fsutil import sha256_file
 
     models.require("aesthetic")
     ref = models.aesthetic

@@ -36,8 +36,8 @@ from typing import Any
 
 import torch
 
-from components.errors import EaselError
-from components.tensor_tree import check_safetensors
+from components.plumbing.errors import EaselError
+from components.plumbing.tensor_tree import check_safetensors
 
 log = logging.getLogger(__name__)
 
@@ -353,7 +353,7 @@ def read_pipeline_folder(folder: Path) -> dict[str, dict[str, torch.Tensor]]:
 
 def _config(path: Path) -> dict:
     """A JSON config file of the folder, or one EaselError naming it."""
-    from components.numbers import read_json
+    from components.plumbing.numbers import read_json
 
     value, problem = read_json(path)
     if problem or not isinstance(value, dict):
@@ -430,7 +430,7 @@ def export_single_file(model_dir: str | Path, dest: str | Path, precision: str =
     """
     from safetensors.torch import save_file
 
-    from components.fsutil import atomic_write_text
+    from components.plumbing.fsutil import atomic_write_text
 
     model_dir, dest = Path(model_dir), Path(dest)
     if precision not in PRECISIONS:

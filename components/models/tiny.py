@@ -20,7 +20,6 @@ from pathlib import Path
 
 import torch
 
-from components.fsutil import atomic_dir, atomic_write_json
 from components.models.aesthetic import AestheticMLP
 from components.models.tokenizers import (
     CLIP_CONTEXT_LENGTH,
@@ -28,6 +27,7 @@ from components.models.tokenizers import (
     save_clip_tokenizer,
     save_wordpiece_vocab,
 )
+from components.plumbing.fsutil import atomic_dir, atomic_write_json
 
 # Bump when the tiny architectures change, so stale builds are rebuilt.
 TINY_VERSION = 3

@@ -33,8 +33,8 @@ from components.evaluate.stats import (
     prompts_needed,
     summarize,
 )
-from components.fsutil import sha256_file
-from components.numbers import MISSING, describe, lookup, number_at, read_json, text_at
+from components.plumbing.fsutil import sha256_file
+from components.plumbing.numbers import MISSING, describe, lookup, number_at, read_json, text_at
 
 PASS, FAIL, INCONCLUSIVE = "pass", "fail", "inconclusive"
 VERDICT_EXIT_CODES = {"promote": 0, "unchanged": 0, "reject": 3, "inconclusive": 4}
@@ -112,8 +112,8 @@ def gather_inputs(
 ) -> GateInputs:
     """Read and hash what the gate looks at; whatever cannot be read is recorded, never raised.
     `production_problem`: why the version in production is not whole (the registry checked it)."""
-    from components.errors import EaselError
-    from components.fsutil import model_fingerprint
+    from components.plumbing.errors import EaselError
+    from components.plumbing.fsutil import model_fingerprint
     from components.prompts import load_prompt_set
 
     summary, summary_problem = read_json(summary_path)
@@ -514,7 +514,7 @@ def unchanged_record(
 
     Comparing a model with itself has nothing to measure (every paired difference is zero); the
     question a pull request that does not touch the model asks is only "is it still that model?".
-    Both fingerprints are of weights and meaningful config (components.fsutil.model_fingerprint):
+    Both fingerprints are of weights and meaningful config (components.plumbing.fsutil.model_fingerprint):
     production's as its manifest recorded it when it was published, the candidate's computed now.
     """
     if not production_fingerprint or production_fingerprint != model_fingerprint:

@@ -12,8 +12,9 @@ from pathlib import Path
 
 from components import report
 from components.config import EvaluateParams, GateParams, PromoteParams, StorageParams
-from components.errors import GateInconclusive, GateRejected
-from components.fsutil import atomic_write_json, atomic_write_text, model_fingerprint
+from components.plumbing.errors import GateInconclusive, GateRejected
+from components.plumbing.fsutil import atomic_write_json, atomic_write_text, model_fingerprint
+from components.plumbing.scratch import ScratchDir
 from components.release.gate import (
     PASS,
     VERDICT_MEANING,
@@ -25,7 +26,6 @@ from components.release.gate import (
     judge,
     unchanged_record,
 )
-from components.scratch import ScratchDir
 
 COMMENT_MARKER = "<!-- easel-eval-gate -->"
 

@@ -28,8 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from components.config import PICKLE_SUFFIXES
-from components.errors import EaselError
-from components.fsutil import atomic_dir, dir_manifest, manifest_digest, sha256_file
+from components.plumbing.errors import EaselError
+from components.plumbing.fsutil import atomic_dir, dir_manifest, manifest_digest, sha256_file
 from components.storage import S3Settings, storage_errors
 
 ALIAS_HISTORY = 20

@@ -18,9 +18,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from components.errors import EaselError
 from components.images import load_rgb
-from components.tensor_tree import check_safetensors
+from components.plumbing.errors import EaselError
+from components.plumbing.tensor_tree import check_safetensors
 from components.train.data import ImageCaption, resize_and_crop, to_tensor
 
 
@@ -124,11 +124,11 @@ def folder_identity(ref: str) -> str:
     """A model folder's (or single-file checkpoint's) content fingerprint, or a hub reference as given."""
     path = Path(ref)
     if path.is_dir():
-        from components.fsutil import model_fingerprint
+        from components.plumbing.fsutil import model_fingerprint
 
         return "sha256:" + model_fingerprint(path)
     if path.is_file():
-        from components.fsutil import sha256_file
+        from components.plumbing.fsutil import sha256_file
 
         return "sha256:" + sha256_file(path)
     return f"hub:{ref}"

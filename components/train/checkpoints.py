@@ -31,9 +31,9 @@ from typing import Any
 import torch
 
 from components.config import ModelsParams, TrainParams
-from components.errors import EaselError
-from components.fsutil import atomic_write_json
-from components.tensor_tree import check_safetensors, load_tree, save_tree
+from components.plumbing.errors import EaselError
+from components.plumbing.fsutil import atomic_write_json
+from components.plumbing.tensor_tree import check_safetensors, load_tree, save_tree
 
 MARKER = "easel_checkpoint.json"
 UNET_FILE = "unet.safetensors"

@@ -22,10 +22,10 @@ from pathlib import Path
 import torch
 
 from components.config import ModelsParams, TrainParams
-from components.errors import ConfigError, EaselError
-from components.fsutil import atomic_dir, atomic_write_json, atomic_write_text, read_stage_table
 from components.images import read_header
 from components.models.loaders import dtype_for, load_sdxl_frozen, load_sdxl_parts
+from components.plumbing.errors import ConfigError, EaselError
+from components.plumbing.fsutil import atomic_dir, atomic_write_json, atomic_write_text, read_stage_table
 from components.sdxl.prompt_encoding import chunks_needed, common_chunk_count
 from components.train import checkpoints
 from components.train.cache import LatentCache, TextEmbeddingCache, folder_identity

@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from components.errors import EaselError
+from components.plumbing.errors import EaselError
 
 BF16_DROPPED_BITS = 16  # bf16 is the top 16 bits of an fp32 number
 

@@ -23,7 +23,7 @@ import torch
 from transformers.optimization import Adafactor as TransformersAdafactor
 
 from components.config import TrainParams
-from components.errors import EaselError
+from components.plumbing.errors import EaselError
 from components.train.memory import RoundingNoise
 
 

@@ -45,7 +45,7 @@ from pathlib import Path
 import torch
 
 from components.config import ModelsParams, TrainParams
-from components.errors import ConfigError
+from components.plumbing.errors import ConfigError
 from components.train.memory import ema_horizon_steps
 
 GB = 1e9

@@ -24,9 +24,9 @@ import PIL
 from PIL import Image
 from scipy.fft import dctn
 
-from components.fsutil import ArchivedFile
 from components.images import DEFAULT_MAX_PIXELS, dpi_from_info, open_guarded, to_8bit
-from components.numbers import strict_json
+from components.plumbing.fsutil import ArchivedFile
+from components.plumbing.numbers import strict_json
 
 EXIF_ORIENTATION = 0x0112
 HASH_SIZE = 8  # a 64-bit pHash

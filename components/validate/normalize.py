@@ -10,8 +10,8 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
-from components.fsutil import atomic_write_bytes
 from components.images import open_guarded, to_rgb
+from components.plumbing.fsutil import atomic_write_bytes
 
 PLAIN_MODES = ("RGB", "L")
 

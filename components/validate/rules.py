@@ -16,7 +16,7 @@ from pathlib import Path
 import pandas as pd
 
 from components.config import AssumeDpi, ValidateParams
-from components.errors import EaselError
+from components.plumbing.errors import EaselError
 
 
 @dataclass(frozen=True)

@@ -31,10 +31,10 @@ from tqdm import tqdm
 
 from components import report
 from components.config import AssumeDpi, ModelsParams, ValidateParams
-from components.errors import EaselError
-from components.fsutil import ArchivedFile, ParquetRowGroups, atomic_dir, atomic_write_json, stage_table_chunks
 from components.images import thumbnail
-from components.scratch import ScratchDir
+from components.plumbing.errors import EaselError
+from components.plumbing.fsutil import ArchivedFile, ParquetRowGroups, atomic_dir, atomic_write_json, stage_table_chunks
+from components.plumbing.scratch import ScratchDir
 from components.sharding import Shard, share, stable_hash
 from components.validate.dedupe import Candidate, choose_kept, hash_groups
 from components.validate.inspect import EMPTY_ROW, InspectionCache, inspect_cached, inspection_pool

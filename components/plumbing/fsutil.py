@@ -16,12 +16,12 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from components.errors import EaselError
+from components.plumbing.errors import EaselError
 
 
 def writer_tag() -> str:
     """Who writes a temp file, in its name (`<pid>@<host>`): a run that removes what killed runs left
-    behind (components/scratch.py: remove_abandoned_temps) must not remove the temp file of a run
+    behind (components/plumbing/scratch.py: remove_abandoned_temps) must not remove the temp file of a run
     that is still writing, a shard's beside it, say."""
     return f"{os.getpid()}@{socket.gethostname()}"
 
@@ -55,7 +55,7 @@ def atomic_write_text(path: Path | str, text: str) -> None:
 
 def atomic_write_json(path: Path | str, data: Any) -> None:
     """Strict JSON (RFC 8259): a NaN or infinity is written as null, never as a bare NaN token."""
-    from components.numbers import strict_json
+    from components.plumbing.numbers import strict_json
 
     atomic_write_text(path, json.dumps(strict_json(data), indent=2, sort_keys=False, allow_nan=False) + "\n")
 
@@ -174,7 +174,7 @@ def stage_table_chunks(
 @contextlib.contextmanager
 def _reading_stage_input(path: Path, stage: str, upstream: str) -> Iterator[None]:
     """A missing or unreadable stage input: one EaselError saying to run `upstream` (again)."""
-    from components.errors import EaselError
+    from components.plumbing.errors import EaselError
 
     if not path.is_file():
         raise EaselError(f"{stage}: {path} not found; run the {upstream} stage first")
@@ -195,7 +195,7 @@ def _check_stage_input(
     columns: list[str],
     rows: int,
 ) -> None:
-    from components.errors import EaselError
+    from components.plumbing.errors import EaselError
 
     missing = [c for c in required if c not in columns]
     if missing:

@@ -31,7 +31,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from components.procs import pid_alive
+from components.plumbing.procs import pid_alive
 
 PREFIX = "easel-"  # every scratch folder's name starts with this; the sweep looks at no other name
 LOCK_SUFFIX = ".lock"

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar, Self
 
-from components.fsutil import atomic_write_bytes
+from components.plumbing.fsutil import atomic_write_bytes
 
 
 def port_open(port: int, host: str = "127.0.0.1") -> bool:

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from components.errors import EaselError
+from components.plumbing.errors import EaselError
 
 # Markers for what JSON cannot say by itself. A dict with other keys (or non-string keys) is stored
 # as a list of pairs under ITEMS, so a saved dict can never be mistaken for a marker.
