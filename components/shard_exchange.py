@@ -391,7 +391,7 @@ def _archive_members(
                 tmp = str(path) + ".tmp"
                 held.callback(Path(tmp).unlink, missing_ok=True)
             else:
-                fd, tmp = tempfile.mkstemp(dir=into, prefix=".shard-archive.", suffix=".tmp")
+                fd, tmp = tempfile.mkstemp(dir=into, prefix="shard-archive.", suffix=".tar")
                 os.close(fd)
                 path = Path(tmp)
                 held.callback(path.unlink, missing_ok=True)
@@ -423,8 +423,9 @@ def _unpack(exchange: Exchange, root: Path, files: dict[str, str], archives: lis
     targets, missing = _missing(root, files, source)
     if not missing:
         return 0
-    with contextlib.ExitStack() as held:
-        found = _archive_members(exchange, {p: files[p] for p in missing}, archives, root, what, held)
+    # The archives go to a scratch folder in the git-ignored .easel: a killed hand-out's go with the next one.
+    with ScratchDir("shard-archives", root / ".easel") as scratch, contextlib.ExitStack() as held:
+        found = _archive_members(exchange, {p: files[p] for p in missing}, archives, scratch, what, held)
         for path in missing:
             _, tar, member = found[path]
             _write_checked(tar.extractfile(member), targets[path], files[path], source)
