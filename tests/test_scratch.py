@@ -112,3 +112,25 @@ def test_abandoned_temps_go_and_the_rest_stays(tmp_path):
     assert [p for p in gone if os.path.lexists(p)] == []
     assert [p for p in stays if not p.exists()] == []
     assert (precious / "keep.txt").read_text() == "the user's"
+
+
+def test_a_folder_written_whole_first_removes_what_a_killed_writing_of_it_left(tmp_path):
+    """fsutil.atomic_dir: a killed run's temp folder and moved-aside old folder beside the output
+    (a whole model, for a save killed midway) go when the output is next written; a live writer's stay."""
+    from components.plumbing.fsutil import atomic_dir
+
+    host = socket.gethostname()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    left = [tmp_path / f".model.{dead.pid}@{host}.abcd1234.tmp", tmp_path / f".model.{dead.pid}@{host}.old.tmp"]
+    live = tmp_path / f".model.{writer_tag()}.efgh5678.tmp"
+    for folder in [*left, live]:
+        folder.mkdir()
+        (folder / "unet.safetensors").write_bytes(b"\0" * 64)
+    with atomic_dir(tmp_path / "model") as out:
+        (out / "unet.safetensors").write_bytes(b"new")
+    assert (tmp_path / "model" / "unet.safetensors").read_bytes() == b"new"
+    assert [p for p in left if p.exists()] == [] and live.is_dir()
+    with atomic_dir(tmp_path / "model") as out:  # replacing it leaves nothing beside it
+        (out / "unet.safetensors").write_bytes(b"newer")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["model", live.name])

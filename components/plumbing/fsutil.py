@@ -5,6 +5,7 @@ kept inside their folder."""
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import json
 import os
@@ -209,10 +210,16 @@ def atomic_dir(path: Path | str) -> Iterator[Path]:
     """Yield a temp folder beside `path`; on success it replaces `path` whole, on error it vanishes.
 
     The old folder is moved aside before the new one takes its name, so `path` is always either
-    the complete old output or the complete new one.
+    the complete old output or the complete new one. What a killed earlier writing of `path` left
+    beside it (its temp folder, a moved-aside old one: a whole model, say) is removed first.
     """
+    from components.plumbing.scratch import abandoned_temp  # scratch -> procs -> this module
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    for left in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        if abandoned_temp(left):
+            shutil.rmtree(left, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.{writer_tag()}.", suffix=".tmp"))
     try:
         yield tmp
@@ -221,7 +228,7 @@ def atomic_dir(path: Path | str) -> Iterator[Path]:
         raise
     old = None
     if path.exists():
-        old = path.with_name(f".{path.name}.old-{os.getpid()}")
+        old = path.with_name(f".{path.name}.{writer_tag()}.old.tmp")
         shutil.rmtree(old, ignore_errors=True)
         os.replace(path, old)
     os.replace(tmp, path)
