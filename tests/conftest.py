@@ -29,7 +29,7 @@ os.environ.setdefault("EASEL_NO_PROGRESS", "1")
 
 # The suite's temp folders (tiny models, images, S3 and DVC data, Prefect databases) peaked at about
 # 1.5 GB over a run (benchmarks/RESULTS.md, "CI as a fresh machine", stop 37); with room to spare.
-MIN_FREE_GB = float(os.environ.get("EASEL_TEST_MIN_FREE_GB", "3"))
+MIN_FREE_GB = 3.0
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:
@@ -37,13 +37,21 @@ def pytest_sessionstart(session: pytest.Session) -> None:
     hundred scattered errors (it did, on a CI machine whose /tmp had filled up)."""
     if hasattr(session.config, "workerinput"):  # an xdist worker: the controller checked
         return
+    import math
     import tempfile
 
+    setting = os.environ.get("EASEL_TEST_MIN_FREE_GB", str(MIN_FREE_GB))
+    try:
+        need = float(setting)
+    except ValueError:
+        need = math.nan
+    if not need >= 0:
+        pytest.exit(f"EASEL_TEST_MIN_FREE_GB must be a number of GB, 0 or more; got {setting!r}", returncode=2)
     folder = tempfile.gettempdir()
     free = shutil.disk_usage(folder).free / 1e9
-    if free < MIN_FREE_GB:
+    if free < need:
         pytest.exit(
-            f"the tests need about {MIN_FREE_GB:g} GB free in {folder} (TMPDIR) for their temp folders; "
+            f"the tests need about {need:g} GB free in {folder} (TMPDIR) for their temp folders; "
             f"{free:.1f} GB is free there (EASEL_TEST_MIN_FREE_GB sets the need)",
             returncode=2,
         )

@@ -174,13 +174,21 @@ def test_uv_links_the_packages_from_its_cache_where_it_can_and_copies_them_elsew
     assert links == {"same": 2, "other": 1} if "other" in caches else {"same": 2}
 
 
-def test_too_little_disk_for_the_tests_is_said_in_one_line_before_any_test(tmp_path):
-    """tests/conftest.py: pytest_sessionstart. A need above any disk's free space stands in for a full disk."""
-    env = os.environ | {"EASEL_TEST_MIN_FREE_GB": "1e9", "TMPDIR": str(tmp_path)}
+@pytest.mark.parametrize(
+    ("need", "said"),
+    [
+        ("1e9", "the tests need about 1e+09 GB free in {tmp} (TMPDIR)"),  # stands in for a full disk
+        ("lots", "EASEL_TEST_MIN_FREE_GB must be a number of GB, 0 or more; got 'lots'"),
+        ("-1", "EASEL_TEST_MIN_FREE_GB must be a number of GB, 0 or more; got '-1'"),
+    ],
+)
+def test_too_little_disk_for_the_tests_is_said_in_one_line_before_any_test(tmp_path, need, said):
+    """tests/conftest.py: pytest_sessionstart."""
+    env = os.environ | {"EASEL_TEST_MIN_FREE_GB": need, "TMPDIR": str(tmp_path)}
     run = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-n", "2", "tests/test_scratch.py"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert run.returncode == 2
-    assert f"the tests need about 1e+09 GB free in {tmp_path} (TMPDIR)" in run.stdout + run.stderr
+    assert said.format(tmp=tmp_path) in run.stdout + run.stderr
     assert "passed" not in run.stdout
