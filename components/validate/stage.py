@@ -247,8 +247,8 @@ def files_to_inspect(params: ValidateParams, download_dir: Path, root: Path) -> 
     """The image files (relative to `root`, the folder holding the stage's inputs) that the shards
     inspect between them, with their sha256: the distinct downloaded files not in the inspection
     cache yet (the flow deals them to the shards, components.shard_exchange)."""
-    mine = shard_share(read_manifest(root / download_dir, params), None)
-    pairs = zip(mine["sha256"], mine["path"], strict=True)
+    distinct = shard_share(read_manifest(root / download_dir, params), None)
+    pairs = zip(distinct["sha256"], distinct["path"], strict=True)
     with InspectionCache(root / params.cache_dir, params.max_image_pixels) as cache:
         return {(download_dir / path).as_posix(): sha for sha, path in pairs if cache.get(sha) is None}
 
